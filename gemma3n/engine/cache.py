@@ -1,0 +1,154 @@
+"""Preallocated KV cache and the per-step attention bookkeeping (positions, masks) shared by all layers.
+
+One slot per layer that computes its own K/V. Global slots hold the whole context; sliding slots are ring buffers
+of `window` entries. Layers that share K/V own no slot: they attend with the K/V their producer returned in the
+same forward pass. Sequence *indices* count every column including left padding (they place keys in the buffers
+and define the sliding window, as in the reference); *positions* count only real tokens (they feed RoPE), so a
+left-padded row computes exactly what the same sequence computes alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SLIDING = "sliding_attention"
+
+
+@dataclass
+class Step:
+    """What every layer needs for one forward call: RoPE positions and a boolean mask per attention type."""
+
+    positions: Tensor  # (B, T) int64, real-token positions
+    masks: dict[str, Tensor]  # type -> (B, 1, T, Tk) bool, True = may attend
+    new_tokens: int
+
+
+class _Slot:
+    """K/V storage of one layer: (B, H, capacity, D) for keys and values."""
+
+    def __init__(self, batch: int, heads: int, capacity: int, head_dim: int, dtype: torch.dtype, device):
+        shape = (batch, heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+
+class KVCache:
+    """The cache of one batch of sequences being generated together."""
+
+    def __init__(self, slot_types: list[str], batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 window: int | None, dtype: torch.dtype, device="cpu"):
+        self.slot_types, self.batch, self.max_len = list(slot_types), batch, max_len
+        self.window = window
+        ring = min(window, max_len) if window else max_len
+        self.slots = [
+            _Slot(batch, kv_heads, ring if t == SLIDING else max_len, head_dim, dtype, device) for t in slot_types
+        ]
+        self.length = 0  # sequence indices written so far
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # real token at index?
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.ring_index = torch.full((ring,), -1, dtype=torch.long, device=device)  # seq index held by each ring cell
+        self._step_ring_index: Tensor | None = None
+
+    # -- one forward call ------------------------------------------------------------------------------------------
+
+    def start(self, attention_mask: Tensor | None, new_tokens: int) -> Step:
+        """Register `new_tokens` columns (mask (B, T), 1 = real) and build positions and masks for them."""
+        start, end = self.length, self.length + new_tokens
+        if end > self.max_len:
+            raise ValueError(f"the sequence needs {end} positions but the cache holds {self.max_len}")
+        mask = _as_mask(attention_mask, self.batch, new_tokens, self.valid.device)
+        self.valid[:, start:end] = mask
+        positions = self.next_position[:, None] + mask.long().cumsum(-1) - 1
+        positions = positions.clamp(min=0)
+        self.next_position += mask.long().sum(-1)
+        q_index = torch.arange(start, end, device=self.valid.device)
+        masks = {}
+        for kind in set(self.slot_types):
+            k_index = self._key_index(kind, start, end)
+            masks[kind] = _attention_mask(q_index, k_index, self._key_valid(k_index), self._window_of(kind))
+        self.length = end
+        return Step(positions=positions, masks=masks, new_tokens=new_tokens)
+
+    def update(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new K/V (B, H, T, D) of `slot` and return the keys and values its queries attend to."""
+        s, t = self.slots[slot], k.shape[2]
+        start = self.length - t
+        if self.slot_types[slot] != SLIDING:
+            s.k[:, :, start:self.length] = k
+            s.v[:, :, start:self.length] = v
+            return s.k[:, :, :self.length], s.v[:, :, :self.length]
+        ring = s.k.shape[2]
+        if t == 1:  # decode: write first, then attend over the ring (its cell order does not matter)
+            s.k[:, :, start % ring] = k[:, :, 0]
+            s.v[:, :, start % ring] = v[:, :, 0]
+            return s.k, s.v
+        k_all, v_all = torch.cat((s.k, k), 2), torch.cat((s.v, v), 2)
+        keep = min(t, ring)
+        cells = torch.arange(self.length - keep, self.length, device=k.device) % ring
+        s.k[:, :, cells] = k[:, :, t - keep:]
+        s.v[:, :, cells] = v[:, :, t - keep:]
+        return k_all, v_all
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+
+    def _window_of(self, kind: str) -> int | None:
+        return self.window if kind == SLIDING else None
+
+    def _key_index(self, kind: str, start: int, end: int) -> Tensor:
+        """Sequence index of every key a query of this step sees, in the order `update` returns them."""
+        device = self.valid.device
+        if kind != SLIDING:
+            return torch.arange(0, end, device=device)
+        if self._step_ring_index is None or self._step_ring_index[0] != start:
+            # Compute the ring layout once per step (all sliding slots share it), then advance the ring.
+            ring = self.ring_index.numel()
+            before = self.ring_index.clone()
+            if end - start == 1:
+                self.ring_index[start % ring] = start
+                keys = self.ring_index.clone()
+            else:
+                keys = torch.cat((before, torch.arange(start, end, device=device)))
+                keep = min(end - start, ring)
+                cells = torch.arange(end - keep, end, device=device) % ring
+                self.ring_index[cells] = torch.arange(end - keep, end, device=device)
+            self._step_ring_index = (start, keys)
+        return self._step_ring_index[1]
+
+    def _key_valid(self, k_index: Tensor) -> Tensor:
+        """(B, Tk): key holds a real token."""
+        return (k_index >= 0)[None, :] & self.valid[:, k_index.clamp(min=0)]
+
+
+def _as_mask(attention_mask: Tensor | None, batch: int, t: int, device) -> Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, t, dtype=torch.bool, device=device)
+    if attention_mask.shape != (batch, t):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, t)}")
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _attention_mask(q_index: Tensor, k_index: Tensor, key_valid: Tensor, window: int | None) -> Tensor:
+    """(B, 1, Tq, Tk): causal, within the window, real keys only; every query also sees itself.
+
+    Seeing itself changes nothing for real tokens and keeps padded query rows finite (an all-masked row would
+    give NaN, and NaN values times zero weights would leak into real rows of later layers).
+    """
+    q, k = q_index[:, None], k_index[None, :]
+    allowed = (k <= q) & (k >= 0)
+    if window is not None:
+        allowed &= k > q - window
+    allowed = allowed[None] & key_valid[:, None, :]
+    allowed |= (k == q)[None]
+    return allowed[:, None]
+
+
+def ephemeral_step(attention_mask: Tensor | None, batch: int, t: int, slot_types: list[str], window: int | None,
+                   device) -> Step:
+    """A Step for a teacher-forced forward with no cache: keys are exactly this call's tokens."""
+    mask = _as_mask(attention_mask, batch, t, device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    idx = torch.arange(t, device=device)
+    masks = {kind: _attention_mask(idx, idx, mask, window if kind == SLIDING else None) for kind in set(slot_types)}
+    return Step(positions=positions, masks=masks, new_tokens=t)

@@ -1,0 +1,279 @@
+"""The Gemma 3n text decoder: AltUp streams, LAuReL, per-layer embeddings, KV sharing, sparse MLPs.
+
+Module and parameter names are the Hugging Face checkpoint names, so a state dict loads with a prefix strip.
+Equations and their sources: shared/docs/gemma3n-architecture.md section 2.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..config import SLIDING, TextConfig
+from ..engine.cache import KVCache, Step, ephemeral_step
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, gaussian_topk, gelu_tanh, normal_quantile, \
+    rms_norm_no_scale, softcap
+
+_INV_SQRT2 = 2.0 ** -0.5
+
+
+class Laurel(nn.Module):
+    """Low-rank augmented residual: x + norm(right(left(x)))."""
+
+    def __init__(self, dim: int, rank: int, eps: float):
+        super().__init__()
+        self.linear_left = nn.Linear(dim, rank, bias=False)
+        self.linear_right = nn.Linear(rank, dim, bias=False)
+        self.post_laurel_norm = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
+
+
+class MLP(nn.Module):
+    """GELU-gated MLP; sparse layers keep only gate activations above mean + z*std (Gaussian top-k)."""
+
+    def __init__(self, dim: int, hidden: int, sparsity: float):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.sparsity = sparsity
+        self.z = normal_quantile(sparsity) if sparsity > 0 else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x)
+        if self.sparsity > 0:
+            gate = gaussian_topk(gate, self.z)
+        return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+
+
+class AltUp(nn.Module):
+    """Alternating updates: predict all streams from the active one, then correct them with the layer's output."""
+
+    def __init__(self, dim: int, streams: int, eps: float):
+        super().__init__()
+        self.streams = streams
+        self.correct_output_scale = nn.Parameter(torch.ones(dim))
+        self.correction_coefs = nn.Linear(streams, streams, bias=False)
+        self.prediction_coefs = nn.Linear(streams, streams * streams, bias=False)
+        self.modality_router = nn.Linear(dim, streams, bias=False)
+        self.router_norm = RMSNorm(dim, eps)
+        self.router_input_scale = 1.0 / dim  # 1/D, not 1/sqrt(D); the reference holds it in the model dtype
+
+    def route(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, streams) router weights; tanh in float32 as the reference does."""
+        scale = torch.tensor(self.router_input_scale, dtype=x.dtype, device=x.device)
+        routed = self.modality_router(self.router_norm(x) * scale)
+        return torch.tanh(routed.float()).type_as(x)
+
+    def predict(self, x: Tensor) -> Tensor:
+        """x (S, B, T, D) -> predictions P_q = X_q + sum_p c[S*q + p] X_p."""
+        r = self.route(x[0])
+        coefs = self.prediction_coefs(r).unflatten(-1, (self.streams, self.streams))  # (B, T, q, p)
+        mixed = torch.matmul(x.permute(1, 2, 3, 0), coefs.transpose(-1, -2))  # (B, T, D, q)
+        return (mixed.permute(3, 0, 1, 2) + x).type_as(x)
+
+    def correct(self, predictions: Tensor, activated: Tensor) -> Tensor:
+        """C_q = P_q + (k_q + 1) * (activated - P_0), k from the router on the layer output."""
+        k = self.correction_coefs(self.route(activated)) + 1.0  # (B, T, S)
+        innovation = activated - predictions[0]
+        return (predictions + k.permute(2, 0, 1)[..., None] * innovation).type_as(activated)
+
+
+class Attention(nn.Module):
+    """GQA attention with q/k/v RMSNorms and scale 1; a shared layer has no K/V projections of its own."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, hd, \
+            cfg.rms_norm_eps
+        self.shares_kv = layer >= cfg.first_shared_layer
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        if not self.shares_kv:
+            self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+            self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> k, v (B, Hkv, T, hd)."""
+        shape = (*x.shape[:2], self.kv_heads, self.head_dim)
+        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = rms_norm_no_scale(self.v_proj(x).view(shape), self.eps).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        q = apply_rope(q, cos, sin)
+        k, v = kv
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    """One Gemma 3n layer: AltUp predict -> attention + LAuReL -> MLP -> AltUp correct -> per-layer input."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer, self.kind = layer, cfg.layer_types[layer]
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(d, cfg.intermediate_size[layer], cfg.activation_sparsity_pattern[layer])
+        self.input_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps)
+        self.post_feedforward_layernorm = RMSNorm(d, eps)
+        self.altup = AltUp(d, cfg.altup_num_inputs, eps)
+        self.laurel = Laurel(d, cfg.laurel_rank, eps)
+        self.per_layer_input_gate = nn.Linear(d, cfg.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = nn.Linear(cfg.hidden_size_per_layer_input, d, bias=False)
+        self.post_per_layer_input_norm = RMSNorm(d, eps)
+        self.correct_scale = cfg.altup_correct_scale
+
+    def forward(self, streams: Tensor, ple: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                kv_source) -> Tensor:
+        """streams (S, B, T, D), ple (B, T, P) -> streams. `kv_source(normed)` returns this layer's (K, V)."""
+        predictions = self.altup.predict(streams)
+        active = predictions[0]
+        normed = self.input_layernorm(active)
+        laurel = self.laurel(normed)
+        attn = self.self_attn(normed, *rope, mask, kv_source(normed))
+        x = (active + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
+        out = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        corrected = self.altup.correct(predictions, out)
+        gate = corrected[0]
+        if self.correct_scale:
+            gate = (gate * self.altup.correct_output_scale).type_as(out)
+        gate = gelu_tanh(self.per_layer_input_gate(gate)) * ple
+        injected = self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        return torch.cat((corrected[:1], corrected[1:] + injected), 0)
+
+
+def _match_rms(x: Tensor, target_rms: Tensor) -> Tensor:
+    """Rescale x to the given per-token RMS (the mean square of x is clamped at 1e-5)."""
+    return x * target_rms / torch.sqrt(torch.mean(x ** 2, dim=-1, keepdim=True).clamp(min=1e-5))
+
+
+class TextModel(nn.Module):
+    """Gemma3nTextModel: embeddings, PLE, AltUp stream set-up, the layers, the stream collapse and final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        d, p, n = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, n * p)
+        self.per_layer_model_projection = nn.Linear(d, n * p, bias=False)
+        self.per_layer_projection_norm = RMSNorm(p, cfg.rms_norm_eps)
+        self.altup_projections = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
+        self.altup_unembed_projections = nn.ModuleList(
+            nn.Linear(d, d, bias=False) for _ in range(cfg.altup_num_inputs - 1))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(n))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.rope = nn.ModuleDict({
+            SLIDING: RotaryEmbedding(cfg.head_dim, cfg.rope_local_base_freq),
+            "full_attention": RotaryEmbedding(cfg.head_dim, cfg.rope_theta),
+        })
+
+    # -- embeddings ------------------------------------------------------------------------------------------------
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Scaled token embeddings; the sqrt(D) scale is rounded to the weight dtype first, as the reference does."""
+        w = self.embed_tokens.weight
+        return F.embedding(input_ids, w) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+
+    def per_layer_tokens(self, input_ids: Tensor) -> Tensor:
+        """Token part of the per-layer embeddings (B, T, L, P); ids outside the PLE vocabulary use row 0."""
+        cfg = self.config
+        ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
+        w = self.embed_tokens_per_layer.weight
+        rows = F.embedding(ids, w) * torch.tensor(math.sqrt(cfg.hidden_size_per_layer_input), dtype=w.dtype)
+        return rows.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
+
+    def per_layer_inputs(self, embeds: Tensor, tokens: Tensor) -> Tensor:
+        """(projection of the embeddings, normed per layer slice + token part) / sqrt(2) -> (B, T, L, P)."""
+        cfg = self.config
+        proj = self.per_layer_model_projection(embeds)
+        proj = proj * torch.tensor(cfg.hidden_size ** -0.5, dtype=embeds.dtype)
+        proj = self.per_layer_projection_norm(proj.unflatten(-1, (cfg.num_hidden_layers, -1)))
+        return (proj + tokens) * torch.tensor(_INV_SQRT2, dtype=embeds.dtype)
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> final hidden states (B, T, D). `inputs_embeds` replaces the token embeddings (multimodal
+        merge) while the per-layer token part still comes from the ids."""
+        cfg = self.config
+        embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        ple = self.per_layer_inputs(embeds, self.per_layer_tokens(input_ids))
+        b, t = input_ids.shape
+        if cache is None:
+            step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, embeds.device)
+        else:
+            step = cache.start(attention_mask, t)
+        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache)))
+
+    def expand(self, x0: Tensor) -> Tensor:
+        """(B, T, D) -> (S, B, T, D): the embeddings plus projected copies rescaled to their RMS."""
+        target = torch.mean(x0 ** 2, dim=-1, keepdim=True) ** 0.5
+        return torch.stack([x0] + [_match_rms(proj(x0), target) for proj in self.altup_projections])
+
+    def collapse(self, streams: Tensor) -> Tensor:
+        """(S, B, T, D) -> (B, T, D): un-project streams 1.., rescale to stream 0's RMS, average all."""
+        target = torch.mean(streams[0] ** 2, dim=-1, keepdim=True) ** 0.5
+        parts = [streams[0]] + [_match_rms(proj(streams[i + 1]), target)
+                                for i, proj in enumerate(self.altup_unembed_projections)]
+        return torch.mean(torch.stack(parts), dim=0)
+
+    def run_layers(self, streams: Tensor, ple: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+        ropes = {kind: rope(step.positions, streams.dtype) for kind, rope in self.rope.items()}
+        produced: dict[int, tuple[Tensor, Tensor]] = {}
+        producer_of = self.config.kv_producer
+        for i, layer in enumerate(self.layers):
+            rope = ropes[layer.kind]
+
+            def kv_source(normed: Tensor, i=i, layer=layer, rope=rope):
+                if producer_of[i] != i:
+                    return produced[producer_of[i]]
+                k, v = layer.self_attn.project_kv(normed, *rope)
+                kv = cache.update(i, k, v) if cache is not None else (k, v)
+                produced[i] = kv
+                return kv
+
+            streams = layer(streams, ple[:, :, i], rope, step.masks[layer.kind], kv_source)
+        return streams
+
+
+class CausalLM(nn.Module):
+    """Text model + tied LM head + final soft-cap; the module names follow `Gemma3nForCausalLM`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        return KVCache(list(cfg.layer_types[:cfg.num_kv_slots]), batch, max_len, cfg.num_key_value_heads,
+                       cfg.head_dim, cfg.sliding_window, dtype, self.model.embed_tokens.weight.device)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final hidden (B, T, D) -> float32 logits, soft-capped.
+
+        Deliberate deviation: the reference soft-caps in the model dtype; we cap in float32 (identical in fp32,
+        slightly more precise in bf16, where the reference's tanh rounds to 8 mantissa bits)."""
+        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        return softcap(logits, self.config.final_logit_softcapping)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        hidden = self.model(input_ids, attention_mask, cache)
+        return self.head(hidden[:, -1:] if last_only else hidden)
