@@ -1,0 +1,63 @@
+"""Seeded tiny Gemma 3n checkpoints written by transformers' own save_pretrained (the real file layout)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+S, F = "sliding_attention", "full_attention"
+
+# Three decoders that together cover: sequences longer than the window, shared layers of both types, sparse and
+# dense layers, different widths per layer, a layer pattern that is not 4:1, and the default 4:1 pattern.
+TEXT_CONFIGS = {
+    "mixed": dict(
+        num_hidden_layers=6, layer_types=[S, F, S, F, S, F], intermediate_size=[96, 128, 64, 96, 160, 96],
+        activation_sparsity_pattern=[0.95, 0.0, 0.95, 0.0, 0.0, 0.0], num_kv_shared_layers=2, sliding_window=8,
+    ),
+    "four_to_one": dict(
+        num_hidden_layers=12, intermediate_size=128, num_kv_shared_layers=4, sliding_window=16,
+    ),
+    "multimodal": dict(
+        num_hidden_layers=5, layer_types=[S, F, S, S, F], intermediate_size=[64, 96, 128, 96, 64],
+        activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.95], num_kv_shared_layers=2, sliding_window=8,
+    ),
+}
+COMMON = dict(vocab_size=512, vocab_size_per_layer_input=480, hidden_size=64, hidden_size_per_layer_input=16,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, laurel_rank=8,
+              max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+def randomize(model: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Give every parameter random values: the reference zero-initialises some, which would hide bugs.
+
+    scale 0.3 makes every term matter (and the model chaotic); a small scale gives a well-conditioned model
+    like a trained one, for precision comparisons."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g) * scale
+            p.copy_(noise + 1.0 if p.dim() == 1 and "norm" in name else noise)
+    return model.eval()
+
+
+def text_config(name: str) -> dict:
+    return {**COMMON, **TEXT_CONFIGS[name]}
+
+
+def build_reference(name: str, seed: int = 0, scale: float = 0.3):
+    """The reference model (transformers) for one tiny config, randomised."""
+    from transformers import (Gemma3nConfig, Gemma3nForCausalLM, Gemma3nForConditionalGeneration,
+                              Gemma3nTextConfig)
+    if name == "multimodal":
+        audio = dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                     sscp_conv_channel_size=[8, 4])
+        vision = dict(architecture="mobilenetv5_base", hidden_size=64)
+        cfg = Gemma3nConfig(text_config=text_config(name), audio_config=audio, vision_config=vision)
+        return randomize(Gemma3nForConditionalGeneration(cfg), seed, scale)
+    return randomize(Gemma3nForCausalLM(Gemma3nTextConfig(**text_config(name))), seed, scale)
+
+
+def save_reference(model, folder: Path, max_shard_size: str | None = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return folder
