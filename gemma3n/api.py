@@ -12,6 +12,8 @@ from .checkpoint.hub import looks_like_hub_id, resolve_cached
 from .checkpoint.safetensors import Checkpoint, CheckpointError
 from .checkpoint.weights import assemble, resolve_dtype, text_key_map
 from .config import ConfigError, ModelConfig
+from .engine import generate as engine
+from .engine.sampling import SamplingParams
 
 
 def text_model_class(config: ModelConfig):
@@ -68,14 +70,32 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
         lm = lm.to(device)
-    return Model(lm, config, path)
+    return Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path))
+
+
+def _load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None for a folder that ships none (ids in, ids out still work)."""
+    from .processor.tokenizer import Tokenizer
+    if path.is_dir():
+        return Tokenizer.from_pretrained_dir(path) if (path / "tokenizer.json").exists() else None
+    return Tokenizer.from_gguf(path)
+
+
+def _generation_defaults(path: Path) -> SamplingParams:
+    """generation_config.json when the checkpoint has one; otherwise greedy, as transformers does."""
+    config = path / "generation_config.json" if path.is_dir() else None
+    if config is not None and config.exists():
+        return SamplingParams.from_generation_config(config)
+    return SamplingParams(temperature=0.0)
 
 
 class Model:
     """A loaded model: teacher-forced logits and generation."""
 
-    def __init__(self, lm: nn.Module, config: ModelConfig, path: Path):
-        self.lm, self.config, self.path = lm, config, path
+    def __init__(self, lm: nn.Module, config: ModelConfig, path: Path, tokenizer=None,
+                 defaults: SamplingParams | None = None):
+        self.lm, self.config, self.path, self.tokenizer = lm, config, path, tokenizer
+        self.defaults = defaults or SamplingParams(temperature=0.0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,21 +120,97 @@ class Model:
         return self.lm(ids, mask)
 
     @torch.inference_mode()
-    def generate(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0,
-                 attention_mask=None) -> torch.Tensor:
-        """Token ids in ([1, T] LongTensor) -> the new ids ([1, N]); greedy when temperature is 0."""
-        ids = _as_ids(input_ids, self.device)
+    def generate(self, inputs, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None, stop=None,
+                 stream: bool = False, attention_mask=None):
+        """Continue a prompt.
+
+        - token ids ([B, T] LongTensor) -> the new ids [B, N] (rows that stop early are padded with the pad id
+          after their stop id, as transformers does); greedy when temperature is 0;
+        - a string or chat messages -> the answer text, or with stream=True an iterator of text pieces.
+        Unset sampling arguments come from the checkpoint's generation_config.json (greedy if it has none).
+        """
+        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                      stop=stop)
+        if isinstance(inputs, (str, list)) and not _is_id_list(inputs):
+            ids = self.encode_prompt(inputs)
+            if stream:
+                return engine.stream(self.lm, ids, params, self.tokenizer, self.stop_ids())
+            return engine.generate(self.lm, ids, params, self.tokenizer, self.stop_ids()).text
+        ids = _as_ids(inputs, self.device)
         self._check_ids(ids)
-        if temperature != 0:
-            raise NotImplementedError("sampling is not available in this build yet; use temperature=0")
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
-        return greedy_ids(self.lm, ids, mask, max_new_tokens, set(self.config.eos_token_id),
-                          self.config.text.pad_token_id)
+        if params.greedy and not params.stop:
+            return greedy_ids(self.lm, ids, mask, params.max_new_tokens, self.stop_ids(),
+                              self.config.text.pad_token_id)
+        rows = engine.generate_ids(self.lm, ids, params, self.stop_ids(), attention_mask=mask,
+                                   tokenizer=self.tokenizer)
+        width = max(map(len, rows), default=0)
+        pad = self.config.text.pad_token_id
+        return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
+
+    def complete(self, prompt, **sampling) -> "engine.Generation":
+        """Like generate() for text, but returns the full record: text, token counts, finish reason, timings."""
+        params = self.sampling_params(**sampling)
+        return engine.generate(self.lm, self.encode_prompt(prompt), params, self.tokenizer, self.stop_ids())
+
+    def stream(self, prompt, **sampling) -> "engine.TextIterator":
+        """Text pieces as they are generated; afterwards `.generation` holds the full record."""
+        params = self.sampling_params(**sampling)
+        return engine.stream(self.lm, self.encode_prompt(prompt), params, self.tokenizer, self.stop_ids())
+
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The checkpoint's defaults with the given (non-None) settings applied."""
+        from dataclasses import replace
+        chosen = {k: (tuple([v] if isinstance(v, str) else v) if k == "stop" else v)
+                  for k, v in overrides.items() if v is not None}
+        return replace(self.defaults, **chosen)
+
+    def stop_ids(self) -> set[int]:
+        """End-of-sequence ids from the config and generation config, plus <end_of_turn> for chat models."""
+        ids = set(self.config.eos_token_id) | set(self.defaults.stop_token_ids)
+        if self.tokenizer is not None and self.tokenizer.chat_template:
+            end_of_turn = self.tokenizer.token_to_id("<end_of_turn>")
+            if end_of_turn is not None:
+                ids.add(end_of_turn)
+        return ids
+
+    # -- prompts ---------------------------------------------------------------------------------------------------
+
+    def processor(self, messages, add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
+        """HF-format chat messages -> {"input_ids", "attention_mask"} ([1, T] tensors)."""
+        ids = self.encode_prompt(messages, add_generation_prompt)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def encode_prompt(self, prompt, add_generation_prompt: bool = True) -> torch.Tensor:
+        """A string or chat messages -> [1, T] ids. A string is wrapped as one user turn when the checkpoint has a
+        chat template, and completed as raw text (after BOS) when it has none."""
+        from .processor.chat import render_chat
+        tok = self._require_tokenizer()
+        if isinstance(prompt, str) and not tok.chat_template:
+            ids = tok.encode(prompt, add_special_tokens=True)
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
+                               bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
+            ids = tok.encode(text, add_special_tokens=False)  # the template writes <bos> itself
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json, so text prompts cannot be encoded; pass token ids")
+        return self.tokenizer
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         vocab = self.config.text.vocab_size
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
             raise ValueError(f"token ids must lie in [0, {vocab}); got {int(ids.min())}..{int(ids.max())}")
+
+
+def _is_id_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
 
 
 def _as_ids(input_ids, device) -> torch.Tensor:
