@@ -1,0 +1,141 @@
+"""The Gemma 3 text decoder (`Gemma3ForCausalLM`): a plain pre/post-norm transformer.
+
+What differs from Gemma 3n (text.py): norms scale by (1 + weight), attention logits are scaled by
+query_pre_attn_scalar**-0.5, global layers may scale RoPE positions linearly, values are not normed, and there is no
+AltUp, LAuReL, per-layer embedding, activation sparsity or KV sharing. Module and parameter names are the Hugging
+Face names, so a checkpoint loads with `load_state_dict` after stripping nothing but `lm_head.weight` (tied).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..config import FULL, SLIDING, Gemma3TextConfig
+from ..engine.cache import KVCache, ephemeral_step
+from .layers import RMSNorm, RotaryEmbedding, apply_rope, softcap
+from .text import MLP
+
+# Gemma 3 checkpoints store norm weights as (scale - 1); RMSNorm adds this offset back.
+_NORM_OFFSET = 1.0
+
+
+class Attention(nn.Module):
+    """GQA attention with q/k RMSNorms (1 + w) and scale query_pre_attn_scalar**-0.5.
+
+    `attn_logit_softcapping` is deliberately not applied: Gemma 3 replaced it by the q/k norms, transformers'
+    Gemma3Attention ignores the field and llama.cpp's converter rejects it, so honouring it would break parity.
+    """
+
+    def __init__(self, cfg: Gemma3TextConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=_NORM_OFFSET)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=_NORM_OFFSET)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, store) -> Tensor:
+        """x (B, T, D) -> (B, T, D). `store(k, v)` writes the new K/V to the cache and returns what to attend to."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        k, v = store(apply_rope(k, cos, sin), v)
+        q = apply_rope(q, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DecoderLayer(nn.Module):
+    """x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
+
+    def __init__(self, cfg: Gemma3TextConfig, layer: int):
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.kind = cfg.layer_types[layer]
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(d, cfg.intermediate_size, sparsity=0.0)
+        self.input_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
+        self.post_attention_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
+        self.post_feedforward_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, store) -> Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), *rope, mask, store))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class TextModel(nn.Module):
+    """Gemma3TextModel: scaled token embeddings, the layers, the final norm."""
+
+    def __init__(self, cfg: Gemma3TextConfig):
+        super().__init__()
+        if cfg.hidden_activation != "gelu_pytorch_tanh":
+            raise ValueError(f"config: hidden_activation {cfg.hidden_activation!r} is not supported for Gemma 3 "
+                             "(every released checkpoint uses 'gelu_pytorch_tanh')")
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=_NORM_OFFSET)
+        # Linear RoPE scaling applies to the global layers only (transformers' rope_parameters[full_attention]).
+        self.rope = nn.ModuleDict({
+            SLIDING: RotaryEmbedding(cfg.head_dim, cfg.rope_local_base_freq),
+            FULL: RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor),
+        })
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings times sqrt(D), the scale rounded to the weight dtype first as the reference does."""
+        w = self.embed_tokens.weight
+        return F.embedding(input_ids, w) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> final hidden states (B, T, D); `inputs_embeds` replaces the token embeddings."""
+        cfg = self.config
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        if cache is None:
+            step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, x.device)
+        else:
+            step = cache.start(attention_mask, t)
+        ropes = {kind: rope(step.positions, x.dtype) for kind, rope in self.rope.items()}
+        for i, layer in enumerate(self.layers):
+            def store(k: Tensor, v: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
+                return cache.update(i, k, v) if cache is not None else (k, v)
+
+            x = layer(x, ropes[layer.kind], step.masks[layer.kind], store)
+        return self.norm(x)
+
+
+class Gemma3CausalLM(nn.Module):
+    """Text model + tied LM head + optional final soft-cap; same interface as text.CausalLM."""
+
+    def __init__(self, cfg: Gemma3TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """One slot per layer; sliding layers get ring buffers of `sliding_window` entries."""
+        cfg, w = self.config, self.model.embed_tokens.weight
+        return KVCache(list(cfg.layer_types), batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
+                       cfg.sliding_window, dtype or w.dtype, w.device)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final hidden (B, T, D) -> float32 logits, soft-capped when the config asks.
+
+        As in text.CausalLM the cap is applied in float32 (the reference caps in the model dtype; equal in fp32)."""
+        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        return softcap(logits, self.config.final_logit_softcapping)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        hidden = self.model(input_ids, attention_mask, cache)
+        return self.head(hidden[:, -1:] if last_only else hidden)
