@@ -1,7 +1,6 @@
 """Public entry points: `load()` and `Model`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 from .checkpoint.hub import looks_like_hub_id, resolve_cached
 from .checkpoint.safetensors import Checkpoint, CheckpointError
 from .checkpoint.weights import assemble, resolve_dtype, text_key_map
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .engine import generate as engine
 from .engine.sampling import SamplingParams
 

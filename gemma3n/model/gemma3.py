@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 from ..config import FULL, SLIDING, Gemma3TextConfig
 from ..engine.cache import KVCache, ephemeral_step
-from .layers import RMSNorm, RotaryEmbedding, apply_rope, softcap
+from .causal_lm import TiedCausalLM
+from .layers import RMSNorm, RotaryEmbedding, apply_rope
 from .text import MLP
 
 # Gemma 3 checkpoints store norm weights as (scale - 1); RMSNorm adds this offset back.
@@ -114,28 +115,8 @@ class TextModel(nn.Module):
         return self.norm(x)
 
 
-class Gemma3CausalLM(nn.Module):
-    """Text model + tied LM head + optional final soft-cap; same interface as text.CausalLM."""
+class Gemma3CausalLM(TiedCausalLM):
+    """Text model + tied LM head + optional final soft-cap; one KV slot per layer."""
 
     def __init__(self, cfg: Gemma3TextConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = TextModel(cfg)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        """One slot per layer; sliding layers get ring buffers of `sliding_window` entries."""
-        cfg, w = self.config, self.model.embed_tokens.weight
-        return KVCache(list(cfg.layer_types), batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
-                       cfg.sliding_window, dtype or w.dtype, w.device)
-
-    def head(self, hidden: Tensor) -> Tensor:
-        """Final hidden (B, T, D) -> float32 logits, soft-capped when the config asks.
-
-        As in text.CausalLM the cap is applied in float32 (the reference caps in the model dtype; equal in fp32)."""
-        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
-        return softcap(logits, self.config.final_logit_softcapping)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
-        hidden = self.model(input_ids, attention_mask, cache)
-        return self.head(hidden[:, -1:] if last_only else hidden)
+        super().__init__(cfg, TextModel(cfg))

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 from ..config import SLIDING, TextConfig
 from ..engine.cache import KVCache, Step, ephemeral_step
+from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, apply_rope, gaussian_topk, gelu_tanh, normal_quantile, \
-    rms_norm_no_scale, softcap
+    rms_norm_no_scale
 
 _INV_SQRT2 = 2.0 ** -0.5
 
@@ -251,29 +252,12 @@ class TextModel(nn.Module):
         return streams
 
 
-class CausalLM(nn.Module):
+class CausalLM(TiedCausalLM):
     """Text model + tied LM head + final soft-cap; the module names follow `Gemma3nForCausalLM`."""
 
     def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = TextModel(cfg)
+        super().__init__(cfg, TextModel(cfg))
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        cfg = self.config
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return KVCache(list(cfg.layer_types[:cfg.num_kv_slots]), batch, max_len, cfg.num_key_value_heads,
-                       cfg.head_dim, cfg.sliding_window, dtype, self.model.embed_tokens.weight.device)
-
-    def head(self, hidden: Tensor) -> Tensor:
-        """Final hidden (B, T, D) -> float32 logits, soft-capped.
-
-        Deliberate deviation: the reference soft-caps in the model dtype; we cap in float32 (identical in fp32,
-        slightly more precise in bf16, where the reference's tanh rounds to 8 mantissa bits)."""
-        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
-        return softcap(logits, self.config.final_logit_softcapping)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
-        hidden = self.model(input_ids, attention_mask, cache)
-        return self.head(hidden[:, -1:] if last_only else hidden)
+    def cache_slot_types(self) -> list[str]:
+        """Only the layers before the first shared one own a slot; the rest read their producer's."""
+        return list(self.config.layer_types[:self.config.num_kv_slots])
