@@ -128,7 +128,8 @@ def decode_image(data: bytes, where: str, settings: ServerSettings) -> Any:
     except APIError:
         raise
     except Exception as e:  # PIL raises many types for broken or unknown files
-        raise bad_request(f"{where}: the data is not a readable image ({type(e).__name__}: {e}); "
+        reason = str(e).split(" <_io.")[0]  # PIL names the BytesIO object, which means nothing to the client
+        raise bad_request(f"{where}: the data is not a readable image ({reason}); "
                           "send a PNG, JPEG, GIF or WebP", param=where) from None
     return image
 

@@ -176,11 +176,11 @@ class Scheduler:
             if piece:
                 job.emit("text", piece)
         if seq.done:
+            del self.running[seq]  # before "done": a client that has its answer sees the server idle
             tail = stream.finish()
             if tail:
                 job.emit("text", tail)
             job.emit("done", Result(stream.text, seq.prompt_tokens, seq.sampled, seq.finish_reason))
-            del self.running[seq]
 
     def _step_solo(self, solo: _Solo) -> None:
         try:

@@ -112,8 +112,9 @@ def validate(cls: type[_Strict], data: Any) -> Any:
     try:
         request = cls.model_validate(data)
     except ValidationError as e:
-        problems = [f"{_where(err['loc'])}: {_explain(err)}" for err in e.errors()[:5]]
-        raise bad_request("invalid request: " + "; ".join(problems), param=_where(e.errors()[0]["loc"])) from None
+        errors = _most_specific(e.errors())
+        problems = list(dict.fromkeys(f"{_where(err['loc'])}: {_explain(err)}" for err in errors))[:4]
+        raise bad_request("invalid request: " + "; ".join(problems), param=_where(errors[0]["loc"])) from None
     _refuse_unsupported(request)
     return request
 
@@ -126,15 +127,29 @@ def _refuse_unsupported(request: _Strict) -> None:
         raise bad_request("response_format other than {\"type\": \"text\"} is not supported", param="response_format")
 
 
+def _most_specific(errors: list[dict]) -> list[dict]:
+    """A union field reports one error per branch: keep the deepest ones (a list of parts that failed inside says
+    more than "not a string")."""
+    locs = [tuple(p for p in err["loc"] if not _is_branch(p)) for err in errors]
+    return [err for err, loc in zip(errors, locs)
+            if not any(len(other) > len(loc) and other[:len(loc)] == loc for other in locs)]
+
+
+def _is_branch(part) -> bool:
+    """pydantic names union branches in locations ('str', 'list[...]', 'function-after[...]'): not fields."""
+    return isinstance(part, str) and (part == "str" or part.startswith(("list[", "function-", "constrained-")))
+
+
 def _where(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content'; pydantic's union branch names are dropped."""
+    """('messages', 0, 'content', 'list[...]', 1, 'input_audio', 'input_audio', 'format') ->
+    'messages[0].content[1].input_audio.format': branch names and repeated discriminator tags are dropped."""
+    parts = [p for p in loc if not _is_branch(p)]
     out = ""
-    for part in loc:
+    for i, part in enumerate(parts):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "function-after", "list[constrained-int]") or \
-                str(part).startswith(("list[", "function-")):
-            continue
+        elif i + 1 < len(parts) and parts[i + 1] == part:
+            continue  # the tag of a discriminated union, followed by the field of the same name
         else:
             out += f".{part}" if out else str(part)
     return out

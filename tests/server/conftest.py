@@ -48,6 +48,16 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "chat_template.jinja").write_text(GEMMA3N_CHAT_TEMPLATE)
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from intra-op threads, and their spinning on a busy machine slowed these
+    tests several-fold (as in tests/engine); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_served")
