@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import SLIDING, KVCache, Step
-from .generate import DEFAULT_CHUNK, _check_inputs, _device_of, _token_budget
+from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget
 from .sampling import Sampler, SamplingParams
 
 
@@ -140,6 +140,7 @@ class Sequence:
     sampler: Sampler
     history: Tensor  # (1, prompt + budget): prompt and sampled ids, for the repetition penalty
     prompt: Tensor  # (1, T) ids still to prefill (emptied as chunks are fed)
+    prompt_embeds: Tensor | None  # (1, T, D) their merged input embeddings (a prompt with media), or None
     cache: KVCache | None  # the prefill cache, handed to the batch when the prompt is in
     new_ids: list[int] = field(default_factory=list)
     sampled: int = 0  # tokens produced, stop ids included
@@ -175,9 +176,12 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.prefilling) + len(self.decoding)
 
-    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=()) -> Sequence:
-        """Queue one prompt ((T,) or (1, T) ids); raises ContextLengthError / ValueError at once for a bad one."""
+    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None
+            ) -> Sequence:
+        """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
+        raises ContextLengthError / ValueError at once for a bad one."""
         ids, _ = _check_inputs(input_ids, None, self.device)
+        embeds = _check_embeds(inputs_embeds, ids)
         if ids.shape[0] != 1:
             raise ValueError(f"ContinuousBatch.add takes one prompt, got {ids.shape[0]} rows")
         length = ids.shape[1]
@@ -187,7 +191,7 @@ class ContinuousBatch:
         with torch.inference_mode():
             cache = self.model.new_cache(1, length + budget)
         seq = Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
-                       prompt=ids, cache=cache,
+                       prompt=ids, prompt_embeds=embeds, cache=cache,
                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
         self.prefilling.append(seq)
         return seq
@@ -213,7 +217,11 @@ class ContinuousBatch:
             return []
         seq = self.prefilling[0]
         chunk, seq.prompt = seq.prompt[:, :self.chunk_size], seq.prompt[:, self.chunk_size:]
-        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True)[:, -1].float()
+        extra = {}
+        if seq.prompt_embeds is not None:  # the same slices as Decoder._prefill passes
+            extra["inputs_embeds"] = seq.prompt_embeds[:, :self.chunk_size]
+            seq.prompt_embeds = seq.prompt_embeds[:, self.chunk_size:] if seq.prompt.shape[1] else None
+        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
         if seq.prompt.shape[1]:
             return []
         self.prefilling.pop(0)
@@ -264,7 +272,7 @@ class ContinuousBatch:
 
 
 def _release(seq: Sequence) -> bool:
-    seq.cache = None
+    seq.cache = seq.prompt_embeds = None
     return False
 
 

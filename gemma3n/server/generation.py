@@ -44,17 +44,16 @@ class Generator:
         self._check_model(req.model)
         params = self._params(req, req.requested_tokens(), self.settings.max_tokens)
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
-        prompt = await asyncio.to_thread(self._chat_prompt, converted)
-        job = Job(params, messages=prompt) if converted.has_media else Job(params, ids=prompt)
-        return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
-                                   req.include_usage)
+        ids, media = await asyncio.to_thread(self._chat_prompt, converted)
+        return await self._respond(request, Job(params, ids, media), Reply(self.settings.model_name, chat=True),
+                                   req.stream, req.include_usage)
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
         params = self._params(req, req.max_tokens, 16)  # OpenAI's default for text completions
         ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
-        return await self._respond(request, Job(params, ids=ids), Reply(self.settings.model_name, chat=False),
+        return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
                                    req.stream, req.include_usage)
 
     async def audio(self, request: Request, translate: bool) -> Response:
@@ -77,25 +76,27 @@ class Generator:
         messages = [{"role": "user", "content": [{"type": "audio", "audio": data},
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
         converted = Converted(messages=messages, audios=1, media=["audio"])
-        prompt = await asyncio.to_thread(self._chat_prompt, converted)
-        result = await self._collect(request, self._submit(Job(params, messages=prompt)))
+        ids, media = await asyncio.to_thread(self._chat_prompt, converted)
+        result = await self._collect(request, self._submit(Job(params, ids, media)))
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
 
     # -- prompts (run in worker threads) ---------------------------------------------------------------------------
 
-    def _chat_prompt(self, converted: Converted):
-        """Token ids for a text-only chat; the HF messages (checked) for one with media."""
+    def _chat_prompt(self, converted: Converted) -> tuple[torch.Tensor, dict]:
+        """(prompt ids, the processor's media tensors) for a chat; the media towers run later, in the scheduler."""
         if converted.has_media:
-            self._check_media(converted)
-            return converted.messages
-        try:
-            ids = self.model.encode_prompt(converted.messages)
-        except REQUEST_ERRORS as e:
-            raise bad_request(str(e), param="messages") from None
+            media = self._process_media(converted)
+            ids = media.pop("input_ids")
+            media.pop("attention_mask", None)
+        else:
+            try:
+                ids, media = self.model.encode_prompt(converted.messages), {}
+            except REQUEST_ERRORS as e:
+                raise bad_request(str(e), param="messages") from None
         self._check_length(ids.shape[1])
-        return ids
+        return ids, media
 
     def _completion_prompt(self, prompt) -> torch.Tensor:
         if isinstance(prompt, list) and isinstance(prompt[0], int):
@@ -113,22 +114,25 @@ class Generator:
         self._check_length(len(ids))
         return torch.tensor([ids], dtype=torch.long)
 
-    def _check_media(self, converted: Converted) -> None:
-        """Refuse media the model cannot take, before the request waits in the queue."""
-        for kind, section, key in (("image", "vision", "pixel_values"), ("audio", "audio", "input_features")):
-            if kind not in converted.media:
-                continue
-            if getattr(self.model.config, section, None) is None:
+    def _process_media(self, converted: Converted) -> dict:
+        """The processor's tensors for a chat with media; refuses media the model cannot take before the request
+        waits in the queue."""
+        for kind, section in (("image", "vision"), ("audio", "audio")):
+            if kind in converted.media and (getattr(self.model, "multimodal", None) is None
+                                            or getattr(self.model.config, section, None) is None):
                 raise bad_request(f"the model {self.settings.model_name!r} is text-only (its checkpoint has no "
                                   f"{section} encoder), so it cannot take {kind} input", code="unsupported_media")
         try:
             inputs = self.model.processor(converted.messages)
         except REQUEST_ERRORS as e:
             raise bad_request(f"the model cannot take this input: {e}", code="unsupported_media") from None
+        except ImportError as e:  # a preprocessor this build does not have yet
+            raise bad_request(f"this build of gemma3n cannot read this media yet ({e})",
+                              code="unsupported_media") from None
         for kind, key in (("image", "pixel_values"), ("audio", "input_features")):
             if kind in converted.media and inputs.get(key) is None:
                 raise bad_request(f"this build of gemma3n cannot read {kind} input yet", code="unsupported_media")
-        self._check_length(int(inputs["input_ids"].shape[-1]))
+        return dict(inputs)
 
     def _check_length(self, tokens: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.context - 1)

@@ -104,3 +104,23 @@ def test_context_is_checked_when_added(model, prompt):
     assert (seq.finish_reason, len(seq.new_ids)) == ("length", 3)
     with pytest.raises(ValueError, match="one prompt"):
         batch.add(torch.ones(2, 3, dtype=torch.long), _greedy(5))
+
+
+def test_prompt_embeddings_are_fed_like_the_decoder_feeds_them(model, prompt):
+    # Stand-in for a media merge: perturbed embeddings for part of the prompt, prefilled across chunks.
+    ids = prompt(11, seed=4)
+    with torch.no_grad():
+        embeds = model.model.embed(ids)
+        embeds[:, 3:7] += torch.randn(embeds[:, 3:7].shape, generator=torch.Generator().manual_seed(0),
+                                      dtype=embeds.dtype)
+    alone = generate_ids(model, ids, _greedy(20), inputs_embeds=embeds, chunk_size=4)[0]
+    assert alone != generate_ids(model, ids, _greedy(20), chunk_size=4)[0]  # the embeddings matter
+    batch = ContinuousBatch(model, chunk_size=4)
+    other = batch.add(prompt(5), _greedy(20))
+    batch.step()
+    media = batch.add(ids, _greedy(20), inputs_embeds=embeds)
+    while len(batch):
+        batch.step()
+    assert media.new_ids == alone and other.new_ids == generate_ids(model, prompt(5), _greedy(20))[0]
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        batch.add(ids, _greedy(5), inputs_embeds=embeds[:, :5])

@@ -127,5 +127,5 @@ def alone(model):
             ids = torch.tensor([model.tokenizer.encode(prompt, add_special_tokens=True)])
         else:
             ids = model.encode_prompt(prompt)
-        return generate(model.lm, ids, params, model.tokenizer, model.stop_ids())
+        return generate(model.decoder, ids, params, model.tokenizer, model.stop_ids())
     return run
