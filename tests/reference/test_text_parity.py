@@ -60,7 +60,9 @@ def test_cached_decode_equals_full_forward(reference_checkpoint, name):
     """Prefill + one token at a time through the cache gives the logits of the full teacher-forced forward."""
     _, folder = reference_checkpoint(name)
     ids = torch.randint(0, 512, (1, 50), generator=torch.Generator().manual_seed(3))
-    for model, tol in ((float64(folder), 1e-10), (gemma3n.load(folder), 1e-4)):
+    # fp32: decode steps take the sparse MLP path, which sums in another order than the full forward's dense one;
+    # these chaotic random models amplify that rounding to ~1e-4 (float64 shows the cache itself is exact).
+    for model, tol in ((float64(folder), 1e-10), (gemma3n.load(folder), 3e-4)):
         full = model.logits(ids)
         cache = model.lm.new_cache(1, 50)
         steps = [model.lm(ids[:, :7], None, cache)]
