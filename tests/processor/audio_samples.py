@@ -68,3 +68,32 @@ def encode_m4a(samples: np.ndarray, rate: int) -> bytes:
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue()
+
+
+def make_video(path: Path, seconds: float = 3.0, fps: int = 10, size: tuple[int, int] = (64, 48),
+               tone_hz: float | None = 440.0, codec: str = "mpeg4") -> Path:
+    """A small video whose frame k shows k in binary as 8 stripes (so a frame tells its index), plus a sine
+    tone as its sound track (none if tone_hz is None)."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
+        audio = container.add_stream("aac", rate=16_000, layout="mono") if tone_hz else None
+        for k in range(int(seconds * fps)):
+            rgb = np.zeros((size[1], size[0], 3), np.uint8)
+            for bit in range(8):  # the frame index in binary: 8 black / white stripes, robust to the codec
+                rgb[:, bit * size[0] // 8: (bit + 1) * size[0] // 8] = 255 * ((k >> bit) & 1)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = k, Fraction(1, fps)
+            container.mux(video.encode(frame))
+        container.mux(video.encode(None))
+        if audio is not None:
+            t = np.arange(int(seconds * 16_000)) / 16_000
+            tone = (0.4 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)[None, :]
+            frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            frame.sample_rate = 16_000
+            container.mux(audio.encode(frame))
+            container.mux(audio.encode(None))
+    return path
