@@ -67,12 +67,16 @@ class LocalRelativeAttention(nn.Module):
         # Window slot j holds key frame t + j - past, i.e. distance d = past - j (past .. -future).
         distances = torch.arange(self.past, -self.future - 1, -1, device=x.device)
         bias = self.relative_position_embedding(distances, q.dtype)  # (W, N, H)
-        k_padded = F.pad(k, (0, 0, 0, 0, self.past, self.future))  # (B, T + W - 1, N, H)
-        logits = torch.stack([(q * (k_padded[:, j: j + t] + bias[j])).sum(-1) for j in range(width)], -1)
-        logits = torch.tanh(logits / self.logit_cap) * self.logit_cap  # (B, T, N, W); capped before masking
+        # The dot products accumulate in float32 and are rounded once, as the reference's matmuls do in bf16;
+        # content and position terms are rounded separately and then added, as there.
+        q32, k_padded = q.float(), F.pad(k, (0, 0, 0, 0, self.past, self.future)).float()  # (B, T + W - 1, N, H)
+        content = torch.stack([(q32 * k_padded[:, j: j + t]).sum(-1) for j in range(width)], -1).to(q.dtype)
+        position = torch.einsum("btnh,wnh->btnw", q32, bias.float()).to(q.dtype)
+        logits = content + position  # (B, T, N, W)
+        logits = torch.tanh(logits / self.logit_cap) * self.logit_cap  # capped before masking
         key_valid = F.pad(~padding_mask, (self.past, self.future), value=False).unfold(1, width, 1)  # (B, T, W)
         logits = logits.masked_fill(~key_valid[:, :, None, :], torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
-        v_padded = F.pad(v, (0, 0, 0, 0, self.past, self.future))
+        probs = torch.softmax(logits.float(), dim=-1).to(v.dtype).float()
+        v_padded = F.pad(v, (0, 0, 0, 0, self.past, self.future)).float()
         out = sum(probs[..., j, None] * v_padded[:, j: j + t] for j in range(width))  # (B, T, N, H)
-        return out.reshape(b, t, -1)
+        return out.to(v.dtype).reshape(b, t, -1)

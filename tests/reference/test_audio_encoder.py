@@ -146,3 +146,29 @@ def test_missing_config_key_is_a_clear_error():
     del cfg["conf_attention_context_left"]
     with pytest.raises(ValueError, match="conf_attention_context_left"):
         build_audio_tower(cfg)
+
+
+def _as_loaded_in_bf16(reference):
+    """The reference as from_pretrained(dtype=bfloat16) leaves it: weights, q_scale and the clip bound in bf16,
+    the timescales and the soft-cap still float32 (checked on a saved tiny checkpoint)."""
+    reference.to(torch.bfloat16)
+    for module in reference.modules():
+        if isinstance(module, ref.Gemma3nAudioRelativePositionEmbedding):
+            n = module.channels // 2
+            step = torch.log(torch.tensor(1.0e4)).item() / max(n - 1, 1)
+            module.inv_timescales = torch.exp(torch.arange(n) * -step).float()[None, None]
+        if isinstance(module, ref.Gemma3nAudioAttention):
+            module.softcap = module.softcap.float()
+    return reference
+
+
+def test_bfloat16_encoder_equals_reference():
+    cfg, reference, ours = _pair(dict(TINY, hidden_size=64), seed=9, scale=0.1)
+    _as_loaded_in_bf16(reference)
+    ours.to(torch.bfloat16)
+    features, valid = _batch(cfg, [41, 30], seed=4)
+    with torch.no_grad():
+        expected = reference(features.bfloat16(), ~valid).last_hidden_state
+        got, _ = ours(features.bfloat16(), ~valid)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)  # same roundings in the same places: bit-identical
