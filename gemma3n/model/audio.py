@@ -29,6 +29,7 @@ class AudioConfig:
     input_feat_size: int
     num_heads: int
     num_layers: int
+    chunk_size: int
     context_left: int
     context_right: int
     logit_cap: float
@@ -52,6 +53,7 @@ class AudioConfig:
         return cls(
             hidden_size=int(need("hidden_size")), input_feat_size=int(need("input_feat_size")),
             num_heads=int(need("conf_num_attention_heads")), num_layers=int(need("conf_num_hidden_layers")),
+            chunk_size=int(need("conf_attention_chunk_size")),
             context_left=int(need("conf_attention_context_left")),
             context_right=int(need("conf_attention_context_right")),
             logit_cap=float(need("conf_attention_logit_cap")), conv_kernel_size=int(need("conf_conv_kernel_size")),
@@ -142,8 +144,8 @@ class ConformerAttention(nn.Module):
         super().__init__()
         self.clip = cfg.gradient_clipping
         self.pre_attn_norm = RMSNorm(cfg.hidden_size, _DEFAULT_NORM_EPS)
-        self.attn = LocalRelativeAttention(cfg.hidden_size, cfg.num_heads, cfg.context_left, cfg.context_right,
-                                           cfg.logit_cap)
+        self.attn = LocalRelativeAttention(cfg.hidden_size, cfg.num_heads, cfg.chunk_size, cfg.context_left,
+                                           cfg.context_right, cfg.logit_cap)
         self.post = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
         self.post_norm = RMSNorm(cfg.hidden_size, _DEFAULT_NORM_EPS)
 

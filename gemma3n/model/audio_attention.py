@@ -2,11 +2,11 @@
 frames, with a learned per-dimension query scale, a relative-position term from projected sinusoids, and a logit
 soft-cap.
 
-The reference computes this blockwise (queries in chunks of 12, keys as 24-frame contexts, a "relative shift"
-to line up the distance embeddings). Only the visibility rule matters for the result, so this computes the band
-directly: for each of the `left + right` distances d, logit[t, d] = q_t . (k_{t-d} + R[d]). It is exact for every
-valid query; queries on padded frames differ (they see no valid key at all), and the conformer block zeroes those
-frames right after attention, as the reference does.
+Computed by chunks, for speed: the queries of a chunk of `chunk` frames meet the `chunk + W - 1` frames around
+it in one matmul (W = past + 1 + future, the band width); the band of W keys each query may see is then read
+out of that score block with a strided view, so no "relative shift" is needed: the position term for band slot
+j is simply q . R[past - j]. The result is exact for every valid query; queries on padded frames (which see no
+valid key) get other arbitrary values than in the reference, and the conformer block zeroes them right after.
 """
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ class RelativePositionEmbedding(nn.Module):
 class LocalRelativeAttention(nn.Module):
     """Banded multi-head attention with relative positions and soft-capped logits (Gemma3nAudioAttention)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, context_left: int, context_right: int, logit_cap: float):
+    def __init__(self, hidden_size: int, num_heads: int, chunk: int, context_left: int, context_right: int,
+                 logit_cap: float):
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.num_heads, self.head_dim, self.chunk = num_heads, hidden_size // num_heads, chunk
         self.past = max(0, context_left - 1)  # the reference's "max past horizon": left context counts the frame
         self.future = context_right
         self.logit_cap = logit_cap
@@ -63,20 +64,38 @@ class LocalRelativeAttention(nn.Module):
         q_scale = torch.tensor(self.q_scale, dtype=torch.float32).to(x.dtype)
         q = self.q_proj(x).view(heads) * q_scale * F.softplus(self.per_dim_scale)
         k, v = self.k_proj(x).view(heads), self.v_proj(x).view(heads)
-        width = self.past + self.future + 1
-        # Window slot j holds key frame t + j - past, i.e. distance d = past - j (past .. -future).
+        width, chunks = self.past + self.future + 1, -(-t // self.chunk)
+        q_blocks = self._contexts(q, chunks, self.chunk, 0).permute(0, 2, 1, 4, 3)  # (B, N, U, c, H)
+        k_ctx = self._contexts(k, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 3, 4)  # (B,N,U,H,L)
+        v_ctx = self._contexts(v, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 4, 3)  # (B,N,U,L,H)
+        # Band slot j of query i is context frame i + j: distance d = past - j.
         distances = torch.arange(self.past, -self.future - 1, -1, device=x.device)
-        bias = self.relative_position_embedding(distances, q.dtype)  # (W, N, H)
-        # The dot products accumulate in float32 and are rounded once, as the reference's matmuls do in bf16;
-        # content and position terms are rounded separately and then added, as there.
-        q32, k_padded = q.float(), F.pad(k, (0, 0, 0, 0, self.past, self.future)).float()  # (B, T + W - 1, N, H)
-        content = torch.stack([(q32 * k_padded[:, j: j + t]).sum(-1) for j in range(width)], -1).to(q.dtype)
-        position = torch.einsum("btnh,wnh->btnw", q32, bias.float()).to(q.dtype)
-        logits = content + position  # (B, T, N, W)
+        bias = self.relative_position_embedding(distances, q.dtype).permute(1, 2, 0)[:, None]  # (N, 1, H, W)
+        # Content and position terms are rounded apart and then added, as in the reference (matters in bf16).
+        logits = _band(q_blocks @ k_ctx, width) + q_blocks @ bias  # (B, N, U, c, W)
         logits = torch.tanh(logits / self.logit_cap) * self.logit_cap  # capped before masking
-        key_valid = F.pad(~padding_mask, (self.past, self.future), value=False).unfold(1, width, 1)  # (B, T, W)
-        logits = logits.masked_fill(~key_valid[:, :, None, :], torch.finfo(logits.dtype).min)
-        probs = torch.softmax(logits.float(), dim=-1).to(v.dtype).float()
-        v_padded = F.pad(v, (0, 0, 0, 0, self.past, self.future)).float()
-        out = sum(probs[..., j, None] * v_padded[:, j: j + t] for j in range(width))  # (B, T, N, H)
-        return out.to(v.dtype).reshape(b, t, -1)
+        logits = logits.masked_fill(~self._key_valid(padding_mask, chunks, width), torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+        banded = probs.new_zeros(*probs.shape[:-1], self.chunk + width - 1)
+        _band(banded, width).copy_(probs)
+        out = banded @ v_ctx  # (B, N, U, c, H)
+        return out.permute(0, 2, 3, 1, 4).reshape(b, chunks * self.chunk, -1)[:, :t]
+
+    def _contexts(self, z: Tensor, chunks: int, length: int, before: int) -> Tensor:
+        """(B, T, ...) -> (B, U, ..., length): frames [u * chunk - before, u * chunk - before + length), zero-padded."""
+        after = chunks * self.chunk + length - self.chunk - before - z.shape[1]
+        pad = [0, 0] * (z.dim() - 2) + [before, after]
+        return F.pad(z, pad).unfold(1, length, self.chunk)
+
+    def _key_valid(self, padding_mask: Tensor, chunks: int, width: int) -> Tensor:
+        """(B, T) True = pad -> (B, 1, U, c, W): band slot j of query t holds a real frame."""
+        valid = F.pad(~padding_mask, (self.past, self.future + chunks * self.chunk - padding_mask.shape[1]),
+                      value=False)
+        return valid.unfold(1, width, 1).reshape(padding_mask.shape[0], 1, chunks, self.chunk, width)
+
+
+def _band(scores: Tensor, width: int) -> Tensor:
+    """(..., c, c + width - 1) contiguous -> view (..., c, width) of the entries (i, i + j)."""
+    *outer, rows, cols = scores.shape
+    strides = scores.stride()
+    return scores.as_strided((*outer, rows, width), (*strides[:-2], cols + 1, 1))
