@@ -208,9 +208,9 @@ class TextModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """ids (B, T) -> final hidden states (B, T, D). `inputs_embeds` replaces the token embeddings (multimodal
-        merge) while the per-layer token part still comes from the ids."""
+                inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """ids (B, T) -> final hidden states (B, T, D), or (B, 1, D) with `last_only`. `inputs_embeds` replaces the
+        token embeddings (multimodal merge) while the per-layer token part still comes from the ids."""
         cfg = self.config
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         ple = self.per_layer_inputs(embeds, self.per_layer_tokens(input_ids))
@@ -219,7 +219,7 @@ class TextModel(nn.Module):
             step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, embeds.device)
         else:
             step = cache.start(attention_mask, t)
-        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache)))
+        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache, last_only)))
 
     def expand(self, x0: Tensor) -> Tensor:
         """(B, T, D) -> (S, B, T, D): the embeddings plus projected copies rescaled to their RMS."""
@@ -233,11 +233,22 @@ class TextModel(nn.Module):
                                 for i, proj in enumerate(self.altup_unembed_projections)]
         return torch.mean(torch.stack(parts), dim=0)
 
-    def run_layers(self, streams: Tensor, ple: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+    def run_layers(self, streams: Tensor, ple: Tensor, step: Step, cache: KVCache | None,
+                   last_only: bool = False) -> Tensor:
+        """The decoder layers over the AltUp streams (S, B, T, D).
+
+        With `last_only`, the layers that only read another layer's K/V run on the last position alone: nothing
+        after them looks at the other positions, and every other part of a layer is position-wise, so the last
+        position's output is unchanged while prefill skips most of those layers' work."""
         ropes = {kind: rope(step.positions, streams.dtype) for kind, rope in self.rope.items()}
+        masks = dict(step.masks)
         produced: dict[int, tuple[Tensor, Tensor]] = {}
         producer_of = self.config.kv_producer
         for i, layer in enumerate(self.layers):
+            if last_only and producer_of[i] != i and streams.shape[2] > 1:
+                streams, ple = streams[:, :, -1:], ple[:, -1:]
+                ropes = {kind: (cos[:, -1:], sin[:, -1:]) for kind, (cos, sin) in ropes.items()}
+                masks = {kind: m[:, :, -1:] for kind, m in masks.items()}
             rope = ropes[layer.kind]
 
             def kv_source(normed: Tensor, i=i, layer=layer, rope=rope):
@@ -248,7 +259,7 @@ class TextModel(nn.Module):
                 produced[i] = kv
                 return kv
 
-            streams = layer(streams, ple[:, :, i], rope, step.masks[layer.kind], kv_source)
+            streams = layer(streams, ple[:, :, i], rope, masks[layer.kind], kv_source)
         return streams
 
 
