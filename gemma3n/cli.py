@@ -41,6 +41,10 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", "-i", action="append", default=[], help="image file (repeatable; shown in order)")
     p.add_argument("--audio", "-a", action="append", default=[], help="audio file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file: its frames and its sound track")
+    p.add_argument("--video-fps", type=float, default=1.0,
+                   help="video frames sampled per second, at the middle of each period (1)")
+    p.add_argument("--video-frames", type=int, default=16,
+                   help="at most this many frames per video, spread evenly when the rate gives more (16)")
     p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
 
 
@@ -78,7 +82,9 @@ def _load(args):
 
 def _media_parts(args) -> list[dict]:
     """--image / --audio / --video files as chat content parts, images first (the order the model cards use)."""
-    return ([{"type": "image", "path": f} for f in args.image] + [{"type": "video", "path": f} for f in args.video]
+    videos = [{"type": "video", "video": {"path": f, "fps": args.video_fps, "max_frames": args.video_frames}}
+              for f in args.video]
+    return ([{"type": "image", "path": f} for f in args.image] + videos
             + [{"type": "audio", "path": f} for f in args.audio])
 
 

@@ -73,6 +73,29 @@ def video_content(video: Video, with_audio: bool = True) -> list[dict]:
     return items
 
 
+def video_parts(source: Any, preprocessor: dict | None = None, allow_network: bool = False) -> list[dict]:
+    """A chat "video" part's payload -> content parts: per frame its time (text) and the frame (image), then the
+    sound track (audio) if there is one. The payload is a path / bytes, or a dict {"path" | "bytes": ...,
+    "fps": ..., "max_frames": ..., "size": ...} to change the sampling; frames default to the image processor's
+    size (768)."""
+    options = dict(source) if isinstance(source, dict) else {"path": source}
+    media = options.get("path", options.get("bytes"))
+    if isinstance(media, str) and media.startswith(("http://", "https://")):
+        raise VideoError(f"{media}: video URLs are not downloaded; download the file and pass its path")
+    video = load_video(media, fps=float(options.get("fps") or DEFAULT_FPS),
+                       max_frames=int(options.get("max_frames") or DEFAULT_MAX_FRAMES),
+                       size=options.get("size") or _image_size(preprocessor))
+    return video_content(video)
+
+
+def _image_size(preprocessor: dict | None) -> int:
+    """The square size the image processor resizes to (preprocessor_config's "size"), default 768."""
+    size = ((preprocessor or {}).get("image_processor") or {}).get("size") or {}
+    if isinstance(size, dict):
+        return int(size.get("height") or size.get("shortest_edge") or DEFAULT_SIZE)
+    return int(size)
+
+
 def _decode_frames(data, name: str, fps: float, max_frames: int, size: int | None):
     import av
 

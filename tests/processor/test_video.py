@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gemma3n.processor.video import VideoError, load_video, sample_times, video_content
+from gemma3n.processor.video import VideoError, load_video, sample_times, video_content, video_parts
 
 from .audio_samples import encode, make_video
 
@@ -77,3 +77,15 @@ def test_clear_errors(tmp_path):
     (tmp_path / "sound.ogg").write_bytes(encode(tone, 16_000, "ogg"))
     with pytest.raises(VideoError, match="no video stream"):
         load_video(tmp_path / "sound.ogg")
+
+
+def test_video_parts_for_the_processor(clip):
+    parts = video_parts(str(clip), {"image_processor": {"size": {"height": 32, "width": 32}}})
+    assert [p["type"] for p in parts] == ["text", "image"] * 3 + ["text", "audio"]
+    assert parts[1]["image"].size == (32, 32) and parts[-1]["audio"].dtype == np.float32
+    custom = video_parts({"path": str(clip), "fps": 2, "max_frames": 4, "size": 16})
+    assert [p["text"] for p in custom if p["type"] == "text"][:4] == [
+        "Frame at 0.4 s:", "Frame at 1.1 s:", "Frame at 1.9 s:", "Frame at 2.6 s:"]
+    assert custom[1]["image"].size == (16, 16)
+    with pytest.raises(VideoError, match="not downloaded"):
+        video_parts("https://example.com/v.mp4")
