@@ -6,7 +6,7 @@ No real Gemma 3n weights are reachable here, so both run the released E2B/E4B au
 Input: the log-mel features of 30 s (2997 frames -> 188 tokens) computed by our extractor (also timed, and the
 reference extractor beside it). Each trial encodes one clip; warm-up first, then the median of TRIALS trials.
 The last line printed is one JSON object.
-Run: python bench/audio_encode.py [--trials 5] [--dtype float32|bfloat16]
+Run: python bench/audio_encode.py [--trials 5] [--dtype float32|bfloat16]  (PYTHONPATH=. from a worktree)
 """
 from __future__ import annotations
 
