@@ -4,7 +4,8 @@ transformers, measured in the same run?
 No real Gemma 3n weights are reachable here, so both run the released E2B/E4B audio tower sizes (architecture.md
 8.1: 12 conformer blocks, width 1536) with the same seeded random weights (ours loads the reference's tensors).
 Input: the log-mel features of 30 s (2997 frames -> 188 tokens) computed by our extractor (also timed, and the
-reference extractor beside it). Each trial encodes one clip; warm-up first, then the median of TRIALS trials.
+reference extractor beside it). Each trial encodes one clip; warm-up first, then the median of TRIALS trials,
+ours and the reference alternating.
 The last line printed is one JSON object.
 Run: python bench/audio_encode.py [--trials 5] [--dtype float32|bfloat16]  (PYTHONPATH=. from a worktree)
 """
@@ -20,14 +21,17 @@ import numpy as np
 import torch
 
 
-def median_seconds(fn, trials: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_seconds(first, second, trials: int) -> tuple[float, float]:
+    """Median time of each of two functions; their trials alternate so that load from other processes on the
+    machine falls on both alike."""
+    first(), second()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(trials):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, record in ((first, times[0]), (second, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def towers(dtype: torch.dtype):
@@ -68,10 +72,10 @@ def main() -> None:
         ref_out = reference(features, ~mask).last_hidden_state
         our_out, _ = ours(features, ~mask)
         max_diff = (ref_out.float() - our_out.float()).abs().max().item()
-        ours_s = median_seconds(lambda: ours(features, ~mask), ARGS.trials)
-        ref_s = median_seconds(lambda: reference(features, ~mask), ARGS.trials)
-    fe_ours = median_seconds(lambda: ours_fe([wave]), ARGS.trials)
-    fe_ref = median_seconds(lambda: ref_fe([wave], return_tensors="pt"), ARGS.trials)
+        ours_s, ref_s = median_seconds(lambda: ours(features, ~mask), lambda: reference(features, ~mask),
+                                       ARGS.trials)
+    fe_ours, fe_ref = median_seconds(lambda: ours_fe([wave]), lambda: ref_fe([wave], return_tensors="pt"),
+                                     ARGS.trials)
     import transformers
     print(json.dumps({
         "bench": "audio_encode", "audio_seconds": 30, "frames": int(features.shape[1]),
