@@ -36,6 +36,8 @@ class Laurel(nn.Module):
 class MLP(nn.Module):
     """GELU-gated MLP; sparse layers keep only gate activations above mean + z*std (Gaussian top-k)."""
 
+    SPARSE_MAX_TOKENS = 8  # beyond this many tokens per call the union of active units is no longer small
+
     def __init__(self, dim: int, hidden: int, sparsity: float):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -43,12 +45,44 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.sparsity = sparsity
         self.z = normal_quantile(sparsity) if sparsity > 0 else 0.0
+        self.sparse_decode = False  # set by enable_sparse_decode(), which also lays the weights out for it
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)
         if self.sparsity > 0:
             gate = gaussian_topk(gate, self.z)
+            if self.sparse_decode and x.shape[:-1].numel() <= self.SPARSE_MAX_TOKENS:
+                return self.sparse_forward(x, gelu_tanh(gate))
         return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+
+    def sparse_forward(self, x: Tensor, act: Tensor) -> Tensor:
+        """Only the units some token activates: their up-projection rows and down-projection columns (stored
+        transposed, so each is one contiguous row). The other units contribute exact zeros to the dense result."""
+        active = (act != 0).reshape(-1, act.shape[-1]).any(0).nonzero().squeeze(1)
+        plain = type(self.up_proj) is nn.Linear and type(self.down_proj) is nn.Linear  # not swapped (quantised)
+        if not plain or active.numel() * 2 > act.shape[-1]:  # or not sparse enough to pay for the gathers
+            return self.down_proj(act * self.up_proj(x))
+        up = F.linear(x, self.up_proj.weight.index_select(0, active))
+        down_t = self.down_proj.weight.t()  # (hidden, dim), contiguous after enable_sparse_decode
+        return F.linear(act.index_select(-1, active) * up, down_t.index_select(0, active).t())
+
+
+def enable_sparse_decode(model: nn.Module) -> int:
+    """Turn on the sparse path in every sparse float MLP of `model`, storing down_proj.weight transposed
+    (a (dim, hidden) view of a contiguous (hidden, dim) tensor: the dense path reads it as before). Returns how
+    many MLPs were switched. Call after loading; it copies those weights once."""
+    switched = 0
+    for mlp in model.modules():
+        if not isinstance(mlp, MLP) or mlp.sparsity <= 0 or type(mlp.down_proj) is not nn.Linear:
+            continue
+        weight = mlp.down_proj.weight
+        if weight.device.type == "meta":
+            continue
+        if not weight.t().is_contiguous():
+            mlp.down_proj.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
+        mlp.sparse_decode = True
+        switched += 1
+    return switched
 
 
 class AltUp(nn.Module):
