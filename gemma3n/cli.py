@@ -41,6 +41,10 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", "-i", action="append", default=[], help="image file (repeatable; shown in order)")
     p.add_argument("--audio", "-a", action="append", default=[], help="audio file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file: its frames and its sound track")
+    p.add_argument("--video-fps", type=float, default=1.0,
+                   help="video frames sampled per second, at the middle of each period (1)")
+    p.add_argument("--video-frames", type=int, default=16,
+                   help="at most this many frames per video, spread evenly when the rate gives more (16)")
     p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
 
 
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
     _add_model_args(chat)
+    _add_transcribe_parser(sub)
     _add_serve_parser(sub)
     return parser
 
@@ -100,7 +105,9 @@ def _load(args):
 
 def _media_parts(args) -> list[dict]:
     """--image / --audio / --video files as chat content parts, images first (the order the model cards use)."""
-    return ([{"type": "image", "path": f} for f in args.image] + [{"type": "video", "path": f} for f in args.video]
+    videos = [{"type": "video", "video": {"path": f, "fps": args.video_fps, "max_frames": args.video_frames}}
+              for f in args.video]
+    return ([{"type": "image", "path": f} for f in args.image] + videos
             + [{"type": "audio", "path": f} for f in args.audio])
 
 
@@ -165,6 +172,58 @@ def cmd_chat(args) -> int:
         turns.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def _add_transcribe_parser(sub) -> None:
+    p = sub.add_parser("transcribe", help="transcribe (or translate) a recording of any length, <= 30 s at a time")
+    p.add_argument("file", help="audio file (wav, flac, ogg, mp3, m4a, ...) or a video's sound track")
+    p.add_argument("--translate-to", metavar="LANG", help="translate the speech into this language instead")
+    p.add_argument("--window-seconds", type=float, default=30.0,
+                   help="longest piece the model hears at once (<= 30, the model's limit); cuts go in pauses")
+    _add_model_args(p)
+
+
+def transcription_instruction(translate_to: str | None) -> str:
+    if translate_to:
+        return f"Translate the speech in this audio into {translate_to}. Reply with the translation only."
+    return "Transcribe the speech in this audio verbatim. Reply with the transcription only."
+
+
+def transcription_windows(waveform, window_seconds: float) -> list[tuple[int, int]]:
+    """The windows the model hears: <= window_seconds each, cut in pauses; silent windows are left out."""
+    from gemma3n.processor.audio import SAMPLE_RATE, is_silent
+    from gemma3n.processor.audio_windows import split_windows
+    if not 1.0 <= window_seconds <= 30.0:
+        raise ValueError(f"--window-seconds must be between 1 and 30 (the model hears at most 30 s), "
+                         f"got {window_seconds}")
+    windows = split_windows(waveform, SAMPLE_RATE, window_seconds, search_seconds=window_seconds / 5)
+    return [(a, b) for a, b in windows if not is_silent(waveform[a:b])]
+
+
+def cmd_transcribe(args) -> int:
+    import numpy as np
+
+    from gemma3n.processor.audio import SAMPLE_RATE, load_audio
+    waveform = load_audio(args.file)  # a bad file fails before the model loads
+    windows = transcription_windows(waveform, args.window_seconds)
+    if not windows:
+        print(f"gemma3n: {args.file} is silent: nothing to transcribe", file=sys.stderr)
+        return 0
+    model = _load(args)
+    sampling = _sampling(args)
+    if sampling["temperature"] is None:
+        sampling["temperature"] = 0.0  # transcripts are greedy unless asked otherwise
+    instruction = transcription_instruction(args.translate_to)
+    for i, (start, end) in enumerate(windows):
+        if len(windows) > 1:
+            print(f"[{start / SAMPLE_RATE:.1f}-{end / SAMPLE_RATE:.1f} s]", file=sys.stderr)
+        clip = np.pad(waveform[start:end], (0, max(0, SAMPLE_RATE // 10 - (end - start))))  # >= 0.1 s
+        content = [{"type": "audio", "audio": clip}, {"type": "text", "text": instruction}]
+        for piece in model.stream(_messages(args.system, [{"role": "user", "content": content}]), **sampling):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n" if i == len(windows) - 1 else " ")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import os
     try:
@@ -192,7 +251,8 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
+        commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)
         return 130
