@@ -18,7 +18,7 @@ import numpy as np
 from gemma3n.processor.audio_features import SAMPLE_RATE, AudioFeatureExtractor
 
 __all__ = ["AudioError", "AudioFeatureExtractor", "SAMPLE_RATE", "decode_audio", "is_silent", "load_audio",
-           "long_clip_notice", "resample", "to_mono"]
+           "resample", "to_mono"]
 
 
 class AudioError(ValueError):
@@ -134,15 +134,6 @@ def resample(waveform: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -
 def is_silent(waveform: np.ndarray, threshold_db: float = -60.0) -> bool:
     """True when no sample rises above `threshold_db` dBFS (digital silence or near it)."""
     return waveform.size == 0 or float(np.max(np.abs(waveform))) < 10 ** (threshold_db / 20)
-
-
-def long_clip_notice(waveform: np.ndarray, name: str, max_seconds: float = 30.0) -> str | None:
-    """The message for a clip longer than the model hears at once (None when it fits): what happens to the rest."""
-    seconds = len(waveform) / SAMPLE_RATE
-    if seconds <= max_seconds:
-        return None
-    return (f"{name} is {seconds:.1f} s long; the model hears at most {max_seconds:.0f} s of one clip, so only the "
-            f"first {max_seconds:.0f} s are used here. `gemma3n transcribe` handles recordings of any length.")
 
 
 def _finish(samples: np.ndarray, rate: int, name: str) -> np.ndarray:

@@ -121,12 +121,12 @@ def has_media(messages) -> bool:
 
 
 def split_long_audio(wave, name: str = "audio") -> list:
-    """A clip longer than 30 s becomes consecutive windows of at most 30 s, each read as its own clip (the
-    reference would silently drop everything after 30 s). Says so with a warning."""
-    window = MAX_CLIP_SECONDS * SAMPLE_RATE
-    if len(wave) <= window:
+    """A clip longer than 30 s becomes consecutive windows of at most 30 s, cut in pauses, each read as its own
+    clip (the reference would silently drop everything after 30 s). Says so with a warning."""
+    from .audio_windows import split_windows
+    if len(wave) <= MAX_CLIP_SECONDS * SAMPLE_RATE:
         return [wave]
-    pieces = [wave[i:i + window] for i in range(0, len(wave), window)]
+    pieces = [wave[a:b] for a, b in split_windows(wave, SAMPLE_RATE, MAX_CLIP_SECONDS)]
     warnings.warn(f"{name} is {len(wave) / SAMPLE_RATE:.1f} s long; the model hears at most {MAX_CLIP_SECONDS} s per "
                   f"clip, so it is given as {len(pieces)} consecutive clips (for a transcript of a long recording "
                   "use `gemma3n transcribe`)", stacklevel=3)

@@ -9,7 +9,7 @@ import pytest
 import soxr
 import torch
 
-from gemma3n.processor.audio import AudioError, is_silent, load_audio, long_clip_notice
+from gemma3n.processor.audio import AudioError, is_silent, load_audio
 from gemma3n.processor.audio_features import AudioFeatureExtractor, mel_filter_bank
 
 from .audio_samples import encode, speech
@@ -125,7 +125,3 @@ def test_truncated_file_and_zero_samples(tmp_path):
         load_audio(np.array([0.0, np.nan], np.float32))
 
 
-def test_long_clip_notice_says_what_happens():
-    assert long_clip_notice(np.zeros(30 * 16_000, np.float32), "a.wav") is None
-    notice = long_clip_notice(np.zeros(95 * 16_000, np.float32), "talk.mp3")
-    assert "talk.mp3 is 95.0 s" in notice and "first 30 s" in notice and "transcribe" in notice
