@@ -173,11 +173,12 @@ class MultiQueryAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         # Query channels are head-major (channel = head * head_dim + j); tokens are pixels in row-major order.
-        q = self.query(x).reshape(n, self.heads, self.head_dim, h * w).transpose(-1, -2)  # (N, heads, HW, D)
-        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (N, 1, HW', D), broadcast over heads
-        v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1)
+        # The .contiguous() calls lay tensors out as the reference does, so the same kernels run: bit-identical.
+        q = self.query(x).reshape(n, self.heads, self.head_dim, h * w).transpose(-1, -2).contiguous()  # (N,h,HW,D)
+        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, HW', D), broadcast over heads
+        v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
-        o = o.transpose(1, 2).reshape(n, h, w, self.heads * self.head_dim).permute(0, 3, 1, 2)
+        o = o.transpose(1, 2).reshape(n, h, w, self.heads * self.head_dim).permute(0, 3, 1, 2).contiguous()
         return self.output(o)
 
 
