@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from .checkpoint.hub import looks_like_hub_id, resolve_cached
 from .checkpoint.safetensors import Checkpoint, CheckpointError
-from .checkpoint.weights import assemble, resolve_dtype, text_key_map
+from .checkpoint.weights import KeyMap, assemble, prefixed_key_map, resolve_dtype, text_key_map
 from .config import ModelConfig
 from .engine import generate as engine
 from .engine.sampling import SamplingParams
@@ -28,24 +26,61 @@ def _first_shared(config: ModelConfig) -> int | None:
     return getattr(config.text, "first_shared_layer", None)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype | None) -> tuple[ModelConfig, nn.Module]:
+def _load_folder(folder: Path, dtype: torch.dtype | None, device: str):
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json here; pass a Hugging Face checkpoint folder or a .gguf file")
     config = ModelConfig.from_file(folder / "config.json")
     tensors = Checkpoint(folder)
     keys = text_key_map(list(tensors), _first_shared(config))
     cls = text_model_class(config)
-    lm = assemble(lambda: cls(config.text), tensors, keys, dtype,
-                  lambda name: str(tensors.file_of(name)) if name in tensors else str(folder))
-    return config, lm
+
+    def where(name: str) -> str:
+        return str(tensors.file_of(name)) if name in tensors else str(folder)
+
+    lm = assemble(lambda: cls(config.text), tensors, keys, dtype, where)
+    return config, lm, _load_multimodal(config, tensors, dtype, device, where)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[ModelConfig, nn.Module]:
+# Where each part of a Gemma 3n multimodal checkpoint lives.
+EMBEDDER_PREFIXES = ("model.embed_vision.", "model.embed_audio.")
+TOWER_WEIGHTS = {"vision": "model.vision_tower.timm_model.", "audio": "model.audio_tower."}
+
+
+def _load_multimodal(config: ModelConfig, tensors, dtype, device: str, where):
+    """The embedders (small) now; each tower's loader, run the first time a prompt needs that tower."""
+    names = list(tensors)
+    if config.family != "gemma3n" or not any(n.startswith(EMBEDDER_PREFIXES) for n in names):
+        return None
+    from .model.multimodal import Multimodal
+    embedder_names = [n for n in names if n.startswith(EMBEDDER_PREFIXES)]
+    mm = assemble(lambda: Multimodal(config), tensors, prefixed_key_map(embedder_names, "model."), dtype, where)
+    mm = mm.to(device)
+    for kind, prefix in TOWER_WEIGHTS.items():
+        if any(n.startswith(prefix) for n in names):
+            mm.set_tower_loader(kind, _tower_loader(kind, config, tensors, prefix, dtype, device, where))
+    return mm
+
+
+def _tower_loader(kind: str, config: ModelConfig, tensors, prefix: str, dtype, device: str, where):
+    def load() -> nn.Module:
+        if kind == "vision":
+            from .model.vision import build_vision_tower as build
+            section = config.vision
+        else:
+            from .model.audio import build_audio_tower as build
+            section = config.audio
+        keys: KeyMap = prefixed_key_map(list(tensors), prefix)
+        return assemble(lambda: build(dict(section)), tensors, keys, dtype, where).to(device)
+    return load
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None, device: str):
     from .checkpoint.gguf import read_gguf
     config, tensors = read_gguf(path, dtype)
     keys = text_key_map(list(tensors), _first_shared(config))
     cls = text_model_class(config)
-    return config, assemble(lambda: cls(config.text), tensors, keys, dtype, lambda name: str(path))
+    # llama.cpp keeps the towers in a separate mmproj file, which is not supported: GGUF models are text-only.
+    return config, assemble(lambda: cls(config.text), tensors, keys, dtype, lambda name: str(path)), None
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
@@ -62,14 +97,14 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
             raise FileNotFoundError(f"{path}: no such file or folder; pass a checkpoint folder, a .gguf file "
                                     f"or a Hugging Face model id that is in the local cache")
     if path.is_dir():
-        config, lm = _load_folder(path, dtype)
+        config, lm, multimodal = _load_folder(path, dtype, device)
     elif path.suffix.lower() == ".gguf":
-        config, lm = _load_gguf(path, dtype)
+        config, lm, multimodal = _load_gguf(path, dtype, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
         lm = lm.to(device)
-    return Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path))
+    return Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path), multimodal)
 
 
 def _load_tokenizer(path: Path):
@@ -92,9 +127,16 @@ class Model:
     """A loaded model: teacher-forced logits and generation."""
 
     def __init__(self, lm: nn.Module, config: ModelConfig, path: Path, tokenizer=None,
-                 defaults: SamplingParams | None = None):
+                 defaults: SamplingParams | None = None, multimodal: nn.Module | None = None):
         self.lm, self.config, self.path, self.tokenizer = lm, config, path, tokenizer
         self.defaults = defaults or SamplingParams(temperature=0.0)
+        self.multimodal = multimodal  # gemma3n.model.multimodal.Multimodal, or None for a text-only checkpoint
+        self.decoder = lm  # what the engine drives: the LM, wrapped for a multimodal checkpoint
+        if multimodal is not None:
+            from .model.multimodal import MultimodalLM
+            self.decoder = MultimodalLM(lm, multimodal)
+        self.allow_network = False  # whether media given as http(s) URLs may be fetched
+        self._processor = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -105,18 +147,37 @@ class Model:
         return self.lm.model.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, **multimodal: Any) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, input_features=None,
+               input_features_mask=None) -> torch.Tensor:
         """Teacher-forced forward: float32 [B, T, vocab] after the soft-cap.
 
         With left padding (attention_mask 0 on the left), positions count only the real tokens, so a padded
-        row's logits equal those of the same sequence alone.
+        row's logits equal those of the same sequence alone. Images ([N, 3, H, W] in [0, 1]) and audio
+        ([N, T, 128] log-mels, mask True = valid) fill the placeholder runs of the ids in order.
         """
-        if any(v is not None for v in multimodal.values()):
-            raise NotImplementedError("image and audio inputs are not supported by this build yet")
         ids = _as_ids(input_ids, self.device)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
         self._check_ids(ids)
-        return self.lm(ids, mask)
+        embeds = self.embed_media(ids, pixel_values, input_features, input_features_mask)
+        return self.decoder(ids, mask, inputs_embeds=embeds)
+
+    def embed_media(self, ids: torch.Tensor, pixel_values=None, input_features=None,
+                    input_features_mask=None) -> torch.Tensor | None:
+        """The merged input embeddings for a prompt with media (or with ids of the media vocabularies); None when
+        the plain token embeddings are exact."""
+        media = (pixel_values, input_features, input_features_mask)
+        if self.multimodal is None:
+            if any(m is not None for m in media):
+                raise ValueError(f"{self.path} is a text-only checkpoint; it cannot take images or audio "
+                                 "(use a Gemma 3n checkpoint folder with its vision and audio towers)")
+            return None
+        offset = self.multimodal.embed_vision.vocab_offset
+        if all(m is None for m in media) and not bool((ids >= offset).any()):
+            return None
+        to = lambda t: None if t is None else torch.as_tensor(t, device=self.device)  # noqa: E731
+        with torch.inference_mode():
+            return self.multimodal.embed_inputs(self.lm.model, ids, to(pixel_values), to(input_features),
+                                                to(input_features_mask))
 
     @torch.inference_mode()
     def generate(self, inputs, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -134,17 +195,17 @@ class Model:
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                                       stop=stop)
         if isinstance(inputs, (str, list)) and not _is_id_list(inputs):
-            ids = self.encode_prompt(inputs)
+            ids, embeds = self.prepare(inputs)
             if stream:
-                return engine.stream(self.lm, ids, params, self.tokenizer, self.stop_ids())
-            return engine.generate(self.lm, ids, params, self.tokenizer, self.stop_ids()).text
+                return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
+            return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds).text
         ids = _as_ids(inputs, self.device)
         self._check_ids(ids)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
         if params.greedy and not params.stop:
-            return greedy_ids(self.lm, ids, mask, params.max_new_tokens, self.stop_ids(),
+            return greedy_ids(self.decoder, ids, mask, params.max_new_tokens, self.stop_ids(),
                               self.config.text.pad_token_id)
-        rows = engine.generate_ids(self.lm, ids, params, self.stop_ids(), attention_mask=mask,
+        rows = engine.generate_ids(self.decoder, ids, params, self.stop_ids(), attention_mask=mask,
                                    tokenizer=self.tokenizer)
         width = max(map(len, rows), default=0)
         pad = self.config.text.pad_token_id
@@ -153,12 +214,14 @@ class Model:
     def complete(self, prompt, **sampling) -> "engine.Generation":
         """Like generate() for text, but returns the full record: text, token counts, finish reason, timings."""
         params = self.sampling_params(**sampling)
-        return engine.generate(self.lm, self.encode_prompt(prompt), params, self.tokenizer, self.stop_ids())
+        ids, embeds = self.prepare(prompt)
+        return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
     def stream(self, prompt, **sampling) -> "engine.TextIterator":
         """Text pieces as they are generated; afterwards `.generation` holds the full record."""
         params = self.sampling_params(**sampling)
-        return engine.stream(self.lm, self.encode_prompt(prompt), params, self.tokenizer, self.stop_ids())
+        ids, embeds = self.prepare(prompt)
+        return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The checkpoint's defaults with the given (non-None) settings applied."""
@@ -179,9 +242,28 @@ class Model:
     # -- prompts ---------------------------------------------------------------------------------------------------
 
     def processor(self, messages, add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
-        """HF-format chat messages -> {"input_ids", "attention_mask"} ([1, T] tensors)."""
-        ids = self.encode_prompt(messages, add_generation_prompt)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        """HF-format chat messages -> {"input_ids", "attention_mask"} ([1, T]) plus "pixel_values",
+        "input_features", "input_features_mask" when the messages hold images, audio or video."""
+        if self._processor is None:
+            from .processor.processor import Processor
+            self._processor = Processor.from_checkpoint(self._require_tokenizer(), self.config,
+                                                        self.path if self.path.is_dir() else None)
+        return self._processor(messages, add_generation_prompt, allow_network=self.allow_network, device=self.device)
+
+    def prepare(self, prompt, add_generation_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A string or messages -> ([1, T] ids, merged input embeddings or None when there are no media)."""
+        from .processor.processor import has_media
+        if isinstance(prompt, (list, tuple)) and has_media(prompt):
+            if self.multimodal is None:
+                raise ValueError(f"{self.path} is a text-only checkpoint; it cannot take images, audio or video "
+                                 "(use a Gemma 3n checkpoint folder with its vision and audio towers)")
+            inputs = self.processor(prompt, add_generation_prompt)
+            ids = inputs.pop("input_ids")
+            inputs.pop("attention_mask")
+            self._check_ids(ids)
+            return ids, self.embed_media(ids, **inputs)
+        ids = self.encode_prompt(prompt, add_generation_prompt)
+        return ids, self.embed_media(ids)
 
     def encode_prompt(self, prompt, add_generation_prompt: bool = True) -> torch.Tensor:
         """A string or chat messages -> [1, T] ids. A string is wrapped as one user turn when the checkpoint has a

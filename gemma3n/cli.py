@@ -37,12 +37,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", "-i", action="append", default=[], help="image file (repeatable; shown in order)")
+    p.add_argument("--audio", "-a", action="append", default=[], help="audio file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file: its frames and its sound track")
+    p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma3n", description="Run Gemma 3n / Gemma 3 locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one prompt, streaming the text to stdout")
     run.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
     run.add_argument("--json", action="store_true", help="print one JSON object (text, token counts, timings)")
+    _add_media_args(run)
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
     _add_model_args(chat)
@@ -67,6 +75,12 @@ def _load(args):
     return model
 
 
+def _media_parts(args) -> list[dict]:
+    """--image / --audio / --video files as chat content parts, images first (the order the model cards use)."""
+    return ([{"type": "image", "path": f} for f in args.image] + [{"type": "video", "path": f} for f in args.video]
+            + [{"type": "audio", "path": f} for f in args.audio])
+
+
 def _messages(system: str | None, turns: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + turns
 
@@ -74,8 +88,11 @@ def _messages(system: str | None, turns: list[dict]) -> list[dict]:
 def cmd_run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = _load(args)
-    use_chat = bool(args.system) or bool(model.tokenizer and model.tokenizer.chat_template)
-    inputs = _messages(args.system, [{"role": "user", "content": prompt}]) if use_chat else prompt
+    model.allow_network = args.allow_network
+    media = _media_parts(args)
+    use_chat = bool(args.system or media) or bool(model.tokenizer and model.tokenizer.chat_template)
+    content = media + [{"type": "text", "text": prompt}] if media else prompt
+    inputs = _messages(args.system, [{"role": "user", "content": content}]) if use_chat else prompt
     started = time.perf_counter()
     it = model.stream(inputs, **_sampling(args))
     if args.json:

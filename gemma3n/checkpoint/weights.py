@@ -99,3 +99,8 @@ def assemble(build: Callable[[], nn.Module], tensors: Mapping[str, torch.Tensor]
         state[key] = tensor.to(dtype) if dtype is not None else tensor
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
+
+
+def prefixed_key_map(names: list[str], prefix: str) -> KeyMap:
+    """Key map of one sub-model stored under `prefix` (a tower, an embedder): a plain prefix strip."""
+    return KeyMap({n[len(prefix):]: n for n in names if n.startswith(prefix)}, prefix, [])

@@ -2,7 +2,9 @@
 
 The model interface (Gemma 3n `CausalLM` and the Gemma 3 model share it): `model.config.max_position_embeddings`,
 `model.new_cache(batch, max_len) -> cache`, and `model(input_ids, attention_mask=, cache=, last_only=)` -> float32
-logits (B, T or 1, V), where every call with a cache appends its columns to it. A tokenizer is anything with
+logits (B, T or 1, V), where every call with a cache appends its columns to it. A prompt may come with
+`inputs_embeds` (B, T, D), the multimodal merge of its embeddings; the prefill then passes the matching slice of it
+as `model(..., inputs_embeds=)`. A tokenizer is anything with
 `decode(ids) -> str`.
 
 Batches are left-padded (`attention_mask` 1 = real token); all rows advance one column per step, and a row that
@@ -113,11 +115,13 @@ class Decoder:
     """
 
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
-                 attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK):
+                 attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+                 inputs_embeds: Tensor | None = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.params, self.chunk_size = model, params, chunk_size
         self.input_ids, self.attention_mask = _check_inputs(input_ids, attention_mask, _device_of(model))
+        self.inputs_embeds = _check_embeds(inputs_embeds, self.input_ids)
         self.stop_ids = frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids)
         batch, length = self.input_ids.shape
         self.budget = _token_budget(model, length, params.max_new_tokens)
@@ -170,10 +174,11 @@ class Decoder:
 
     def _prefill(self) -> Tensor:
         """Feed the prompt in chunks; the logits of its last column (every row ends on a real token)."""
-        ids, mask = self.input_ids, self.attention_mask
+        ids, mask, embeds = self.input_ids, self.attention_mask, self.inputs_embeds
         for start in range(0, ids.shape[1], self.chunk_size):
             end = start + self.chunk_size
-            logits = self._forward(ids[:, start:end], None if mask is None else mask[:, start:end])
+            logits = self._forward(ids[:, start:end], None if mask is None else mask[:, start:end],
+                                   None if embeds is None else embeds[:, start:end])
         return logits
 
     def _feed(self, tokens: list[int]) -> Tensor:
@@ -183,10 +188,11 @@ class Decoder:
         mask = None if all(active) else torch.tensor([[int(a)] for a in active], device=self.input_ids.device)
         return self._forward(ids, mask)
 
-    def _forward(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+    def _forward(self, ids: Tensor, mask: Tensor | None, embeds: Tensor | None = None) -> Tensor:
         # inference_mode per call, never across a `yield`, so it does not leak into the caller's code.
+        extra = {} if embeds is None else {"inputs_embeds": embeds}
         with torch.inference_mode():
-            logits = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True)
+            logits = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True, **extra)
         return logits[:, -1].float()
 
     def _record(self, tokens: list[int], step: int) -> list[int | None]:
@@ -237,6 +243,15 @@ def _check_inputs(input_ids, attention_mask, device) -> tuple[Tensor, Tensor | N
     return ids, mask
 
 
+def _check_embeds(embeds, ids: Tensor) -> Tensor | None:
+    if embeds is None:
+        return None
+    if embeds.dim() != 3 or tuple(embeds.shape[:2]) != tuple(ids.shape):
+        raise ValueError(f"inputs_embeds must have shape (batch, length, hidden) matching input_ids {tuple(ids.shape)}, "
+                         f"got {tuple(embeds.shape)}")
+    return embeds.to(ids.device)
+
+
 def _token_budget(model, prompt_len: int, max_new_tokens: int) -> int:
     """New tokens allowed: max_new_tokens, capped so that prompt + new tokens fit the context."""
     context = model.config.max_position_embeddings
@@ -281,10 +296,11 @@ def _results(decoder: Decoder, streams: list[TextStream] | None) -> list[Generat
 
 
 def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
-                 attention_mask: Tensor | None = None, tokenizer=None,
-                 chunk_size: int = DEFAULT_CHUNK) -> list[list[int]]:
+                 attention_mask: Tensor | None = None, tokenizer=None, chunk_size: int = DEFAULT_CHUNK,
+                 inputs_embeds: Tensor | None = None) -> list[list[int]]:
     """New ids of every row (stop ids excluded). Stop strings in `params` need `tokenizer`."""
-    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size)
+    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
+                      inputs_embeds=inputs_embeds)
     streams = _streams(tokenizer, params, decoder.batch) if params.stop else None
     for _ in _run(decoder, streams):
         pass
@@ -292,10 +308,12 @@ def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Ite
 
 
 def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
-                   attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK) -> list[Generation]:
+                   attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+                   inputs_embeds: Tensor | None = None) -> list[Generation]:
     """Generate every row of a (left-padded) batch to completion; each row stops on its own. With no tokenizer
     (allowed only without stop strings) the texts are empty."""
-    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size)
+    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
+                      inputs_embeds=inputs_embeds)
     streams = _streams(tokenizer, params, decoder.batch)
     for _ in _run(decoder, streams):
         pass
@@ -303,9 +321,10 @@ def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, 
 
 
 def generate(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
-             chunk_size: int = DEFAULT_CHUNK) -> Generation:
+             chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None) -> Generation:
     """Generate the continuation of one prompt ((T,) or (1, T) ids)."""
-    return generate_batch(model, _one_row(input_ids), params, tokenizer, stop_ids, chunk_size=chunk_size)[0]
+    return generate_batch(model, _one_row(input_ids), params, tokenizer, stop_ids, chunk_size=chunk_size,
+                          inputs_embeds=inputs_embeds)[0]
 
 
 class TextIterator:
@@ -313,9 +332,10 @@ class TextIterator:
     (it stays None if the iteration is abandoned early)."""
 
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (),
-                 *, chunk_size: int = DEFAULT_CHUNK):
+                 *, chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None):
         # Built eagerly so a bad prompt (too long, wrong shape) raises here, not at the first `next()`.
-        self._decoder = Decoder(model, _one_row(input_ids), params, stop_ids, chunk_size=chunk_size)
+        self._decoder = Decoder(model, _one_row(input_ids), params, stop_ids, chunk_size=chunk_size,
+                                inputs_embeds=inputs_embeds)
         self._streams = _streams(tokenizer, params, 1)
         self.generation: Generation | None = None
 
@@ -326,9 +346,10 @@ class TextIterator:
 
 
 def stream(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
-           chunk_size: int = DEFAULT_CHUNK) -> TextIterator:
+           chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None) -> TextIterator:
     """Text pieces of one prompt's continuation as its tokens arrive (see `TextStream` for the guarantees)."""
-    return TextIterator(model, input_ids, params, tokenizer, stop_ids, chunk_size=chunk_size)
+    return TextIterator(model, input_ids, params, tokenizer, stop_ids, chunk_size=chunk_size,
+                        inputs_embeds=inputs_embeds)
 
 
 def _one_row(input_ids) -> Tensor:

@@ -37,6 +37,8 @@ class TiedCausalLM(nn.Module):
         return softcap(logits, self.config.final_logit_softcapping)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
-        hidden = self.model(input_ids, attention_mask, cache)
+                last_only: bool = False, inputs_embeds: Tensor | None = None) -> Tensor:
+        """ids (B, T) -> float32 logits; `inputs_embeds` (B, T, D), when given, replaces the token embeddings
+        (the multimodal merge), while the ids still give the per-layer token embeddings."""
+        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds)
         return self.head(hidden[:, -1:] if last_only else hidden)

@@ -138,7 +138,8 @@ def test_bfloat16_layers_as_accurate_as_the_reference(reference_checkpoint, name
     """bf16 keeps 8 mantissa bits, and these random decoders amplify rounding chaotically, so end-to-end bf16
     logits are far from fp32 for the reference too. The claim tested, per layer: fed the same bf16 input, our bf16
     layer lands no further from the fp32 result than the reference's bf16 layer (within 1.25x), and the full
-    bf16 forward runs and returns float32 logits."""
+    bf16 forward runs and returns float32 logits. The error is the mean absolute one: a maximum is decided by single
+    activations that bf16 rounding pushes across the sparse layers' Gaussian top-k cut-off, in either model."""
     ref, folder = reference_checkpoint(name)
     fp32, bf16 = gemma3n.load(folder), gemma3n.load(folder, dtype="bfloat16")
     assert bf16.dtype == torch.bfloat16 and bf16.lm.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
@@ -151,7 +152,7 @@ def test_bfloat16_layers_as_accurate_as_the_reference(reference_checkpoint, name
         ple = ple if ple is not None else kwargs["per_layer_input"]
         truth = _our_layer(fp32, i, streams.float(), ple.float(), T)
         ours = _our_layer(bf16, i, streams, ple, T)
-        err = lambda out: float((out.float() - truth).abs().max())
+        err = lambda out: float((out.float() - truth).abs().mean())
         assert err(ours) <= 1.25 * err(ref_out), f"layer {i}"
 
 

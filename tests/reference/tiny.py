@@ -20,11 +20,21 @@ TEXT_CONFIGS = {
     "multimodal": dict(
         num_hidden_layers=5, layer_types=[S, F, S, S, F], intermediate_size=[64, 96, 128, 96, 64],
         activation_sparsity_pattern=[0.95, 0.95, 0.0, 0.0, 0.95], num_kv_shared_layers=2, sliding_window=8,
+        vocab_size_per_layer_input=384,  # as in the real model, the PLE vocabulary ends where the vision one starts
     ),
 }
 COMMON = dict(vocab_size=512, vocab_size_per_layer_input=480, hidden_size=64, hidden_size_per_layer_input=16,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, laurel_rank=8,
               max_position_embeddings=2048, rms_norm_eps=1e-6)
+
+
+# The tiny multimodal model's media vocabularies, laid out like the real one inside its 512-token vocabulary:
+# text [0, 384), vision [384, 448) (<end_of_image> first, then the image soft token), audio [448, 512).
+TINY_VISION = dict(architecture="mobilenetv5_base", hidden_size=2048, vocab_offset=384, vocab_size=64)
+TINY_AUDIO = dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1, sscp_conv_channel_size=[8, 4],
+                  vocab_offset=448, vocab_size=64)
+TINY_MEDIA_TOKENS = dict(boi_token_id=250, eoi_token_id=384, image_token_id=385,
+                         boa_token_id=251, eoa_token_id=448, audio_token_id=449)
 
 
 def randomize(model: torch.nn.Module, seed: int, scale: float = 0.3) -> torch.nn.Module:
@@ -49,10 +59,8 @@ def build_reference(name: str, seed: int = 0, scale: float = 0.3):
     from transformers import (Gemma3nConfig, Gemma3nForCausalLM, Gemma3nForConditionalGeneration,
                               Gemma3nTextConfig)
     if name == "multimodal":
-        audio = dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
-                     sscp_conv_channel_size=[8, 4])
-        vision = dict(architecture="mobilenetv5_base", hidden_size=64)
-        cfg = Gemma3nConfig(text_config=text_config(name), audio_config=audio, vision_config=vision)
+        cfg = Gemma3nConfig(text_config=text_config(name), audio_config=TINY_AUDIO, vision_config=TINY_VISION,
+                            **TINY_MEDIA_TOKENS)
         return randomize(Gemma3nForConditionalGeneration(cfg), seed, scale)
     return randomize(Gemma3nForCausalLM(Gemma3nTextConfig(**text_config(name))), seed, scale)
 

@@ -1,0 +1,169 @@
+"""Chat messages with images, audio and video -> the model's inputs (HF names), as `Gemma3nProcessor` builds them.
+
+Media parts are gathered in message order (a video part becomes its frames, as image parts, then its sound track as
+an audio part); the chat template writes one placeholder per part, each placeholder is expanded to its soft-token
+run, and the media are decoded and preprocessed into `pixel_values` / `input_features` in the same order.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config import ModelConfig
+from .chat import expand_placeholders, render_chat, validate_messages
+
+SAMPLE_RATE = 16_000
+MAX_CLIP_SECONDS = 30  # the reference truncates each clip at 30 s (480,000 samples); we split instead
+MEDIA_KEYS = {"image": ("image", "url", "path"), "audio": ("audio", "url", "path"), "video": ("video", "url", "path")}
+
+
+class Processor:
+    """`processor(messages)` -> {"input_ids", "attention_mask", and "pixel_values" / "input_features" /
+    "input_features_mask" when the messages hold images / sound}."""
+
+    def __init__(self, tokenizer, config: ModelConfig, preprocessor: Mapping[str, Any] | None = None):
+        self.tokenizer, self.config = tokenizer, config
+        self.preprocessor = dict(preprocessor or {})
+        self._image_processor = self._audio_extractor = None
+
+    @classmethod
+    def from_checkpoint(cls, tokenizer, config: ModelConfig, folder: Path | None) -> "Processor":
+        return cls(tokenizer, config, read_preprocessor_config(folder))
+
+    # -- the call --------------------------------------------------------------------------------------------------
+
+    def __call__(self, messages, add_generation_prompt: bool = True, allow_network: bool = False,
+                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        validate_messages(messages)
+        messages, images, clips = self.gather_media(messages, allow_network)
+        tok, cfg = self.tokenizer, self.config
+        text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
+                           bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
+        if images or clips:
+            text = expand_placeholders(text, cfg.vision_soft_tokens_per_image, cfg.audio_soft_tokens_per_image,
+                                       num_images=len(images), num_audios=len(clips))
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)], dtype=torch.long)  # the template writes <bos>
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if images:
+            out["pixel_values"] = self.image_processor(images)
+        if clips:
+            out["input_features"], out["input_features_mask"] = self.audio_extractor(clips)
+        return {k: v.to(device) for k, v in out.items()}
+
+    def gather_media(self, messages, allow_network: bool = False) -> tuple[list[dict], list, list]:
+        """Decode every media part, in order; returns the messages rewritten so that each remaining media part is
+        one image or one clip of at most 30 s, the decoded images, and the clips (float32 mono 16 kHz)."""
+        rewritten, images, clips = [], [], []
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, (list, tuple)):
+                rewritten.append(message)
+                continue
+            parts = []
+            for part in content:
+                parts += self._decode_part(part, images, clips, allow_network)
+            rewritten.append({**message, "content": parts})
+        return rewritten, images, clips
+
+    def _decode_part(self, part: Mapping, images: list, clips: list, allow_network: bool) -> list[dict]:
+        kind = part.get("type")
+        if kind == "text":
+            return [part]
+        source = media_source(part)
+        if kind == "image":
+            from .image import load_image
+            images.append(load_image(source, allow_network=allow_network))
+            return [{"type": "image"}]
+        if kind == "audio":
+            from .audio import load_audio
+            windows = split_long_audio(load_audio(source), describe(source))
+            clips.extend(windows)
+            return [{"type": "audio"} for _ in windows]
+        from .video import video_parts  # a video is its frames (image parts) and its sound track (an audio part)
+        out = []
+        for sub in video_parts(source, self.preprocessor, allow_network=allow_network):
+            out += self._decode_part(sub, images, clips, allow_network)
+        return out
+
+    # -- preprocessors (built on first use) ------------------------------------------------------------------------
+
+    def image_processor(self, images: list) -> torch.Tensor:
+        if self._image_processor is None:
+            from .image import ImageProcessor
+            self._image_processor = ImageProcessor.from_config(self.preprocessor.get("image_processor"))
+        return self._image_processor(images)
+
+    def audio_extractor(self, clips: list) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._audio_extractor is None:
+            from .audio import AudioFeatureExtractor
+            self._audio_extractor = AudioFeatureExtractor.from_config(self.preprocessor.get("feature_extractor"))
+        features, mask = self._audio_extractor(clips)
+        return torch.as_tensor(features), torch.as_tensor(mask).bool()
+
+
+def media_source(part: Mapping) -> Any:
+    """The payload of an HF media part: {"type": "image", "image" | "url" | "path": ...} (audio, video alike)."""
+    for key in MEDIA_KEYS[part["type"]]:
+        if part.get(key) is not None:
+            return part[key]
+    raise ValueError(f"a {part['type']} part needs one of the keys {', '.join(MEDIA_KEYS[part['type']])}")
+
+
+def has_media(messages) -> bool:
+    """Whether any message holds an image, audio or video part."""
+    return any(isinstance(m, Mapping) and isinstance(m.get("content"), (list, tuple))
+               and any(isinstance(p, Mapping) and p.get("type") in MEDIA_KEYS for p in m["content"])
+               for m in messages)
+
+
+def split_long_audio(wave, name: str = "audio") -> list:
+    """A clip longer than 30 s becomes consecutive windows of at most 30 s, each read as its own clip (the
+    reference would silently drop everything after 30 s). Says so with a warning."""
+    window = MAX_CLIP_SECONDS * SAMPLE_RATE
+    if len(wave) <= window:
+        return [wave]
+    pieces = [wave[i:i + window] for i in range(0, len(wave), window)]
+    warnings.warn(f"{name} is {len(wave) / SAMPLE_RATE:.1f} s long; the model hears at most {MAX_CLIP_SECONDS} s per "
+                  f"clip, so it is given as {len(pieces)} consecutive clips (for a transcript of a long recording "
+                  "use `gemma3n transcribe`)", stacklevel=3)
+    return pieces
+
+
+def describe(source: Any) -> str:
+    """A short name for a media source, for messages."""
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        return text if len(text) < 80 else text[:77] + "..."
+    return f"a {type(source).__name__} audio input"
+
+
+def read_preprocessor_config(folder: Path | None) -> dict[str, Any]:
+    """{"image_processor": {...}, "feature_extractor": {...}} from the checkpoint's processor files, if any.
+
+    transformers writes either one flat `preprocessor_config.json` (image and audio keys side by side) or a
+    `processor_config.json` with nested sections; each preprocessor reads only its own keys from what it gets."""
+    if folder is None or not Path(folder).is_dir():
+        return {}
+    merged: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        if isinstance(data, dict):
+            merged.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+            for section in ("image_processor", "feature_extractor"):
+                if isinstance(data.get(section), dict):
+                    merged.setdefault(section, {}).update(data[section])
+    if not merged:
+        return {}
+    flat = {k: v for k, v in merged.items() if k not in ("image_processor", "feature_extractor")}
+    return {"image_processor": {**flat, **merged.get("image_processor", {})},
+            "feature_extractor": {**flat, **merged.get("feature_extractor", {})}}
