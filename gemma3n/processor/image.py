@@ -139,6 +139,14 @@ def load_image(source: Any, allow_network: bool = False) -> Image.Image:
         raise ImageError(f"{describe(source)}: cannot convert the image to RGB ({e})") from None
 
 
+def decode_for_processor(source: Any, allow_network: bool = False) -> Any:
+    """What Gemma3nProcessor hands its image processor for a message's image: an in-memory image (PIL, numpy,
+    tensor) as it is; any other source decoded by load_image now (so a bad file fails early, with its name)."""
+    if isinstance(source, (Image.Image, np.ndarray, torch.Tensor)):
+        return source
+    return load_image(source, allow_network)
+
+
 def _channels_last(array: np.ndarray, name: str) -> np.ndarray:
     """(H, W, C) from (H, W), (C, H, W) or (H, W, C); channels-first wins when ambiguous, as in transformers."""
     if array.ndim == 2:
