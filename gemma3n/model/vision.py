@@ -112,6 +112,9 @@ class MobileNetV5Encoder(nn.Module):
                                             arch.output_resolution)
 
     def forward(self, pixel_values: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, S, C)
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (N, 3, H, W) RGB images in [0, 1], got shape "
+                             f"{tuple(pixel_values.shape)}; use gemma3n.processor.image.ImageProcessor to make them")
         x = self.conv_stem(pixel_values.to(self.conv_stem.conv.weight.dtype))
         features = []
         for stage in self.blocks:

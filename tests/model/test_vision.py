@@ -105,9 +105,14 @@ def test_tower_has_timm_keys_and_shapes(name):
     assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
-def test_unknown_architecture_is_a_clear_error():
+def test_unknown_architecture_and_bad_pixels_are_clear_errors():
     with pytest.raises(ValueError, match="mobilenetv5_300m_enc"):
         build_vision_tower({"architecture": "resnet50"})
+    with pytest.raises(ValueError, match="model_args"):
+        build_vision_tower({"architecture": "mobilenetv5_base", "model_args": {"drop_rate": 0.1}})
+    tower = build_vision_tower({"architecture": "mobilenetv5_base"})
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\).*\(1, 4, 32, 32\)"):
+        tower(torch.rand(1, 4, 32, 32))
 
 
 @pytest.fixture(scope="module")
