@@ -104,6 +104,9 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
         lm = lm.to(device)
+    if config.family == "gemma3n":
+        from .model.text import enable_sparse_decode
+        enable_sparse_decode(lm)
     return Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path), multimodal)
 
 

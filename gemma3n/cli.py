@@ -1,4 +1,4 @@
-"""Command line: `gemma3n run PROMPT`, `gemma3n chat`.
+"""Command line: `gemma3n run PROMPT`, `gemma3n chat`, `gemma3n serve`.
 
 Errors are printed as one line for people (`gemma3n: error: ...`), never as a traceback.
 """
@@ -54,7 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
     _add_model_args(chat)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    from .server.settings import ServerSettings
+    d = ServerSettings()
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
+    p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's name)")
+    p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
+    for name, kind, what in (("max_body_bytes", int, "request body size"), ("max_prompt_tokens", int, "prompt tokens"),
+                             ("max_tokens", int, "new tokens per request"), ("max_images", int, "images per request"),
+                             ("max_audios", int, "audio clips per request"),
+                             ("max_media_bytes", int, "bytes of one image or audio file"),
+                             ("max_audio_seconds", float, "seconds of one audio clip"),
+                             ("max_batch", int, "requests decoded together"),
+                             ("max_queue", int, "requests waiting beyond --max-batch")):
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"limit: {what} (default {getattr(d, name)})")
 
 
 def _sampling(args) -> dict:
@@ -142,10 +165,34 @@ def cmd_chat(args) -> int:
         turns.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def cmd_serve(args) -> int:
+    import os
+    try:
+        from .server import ServerSettings, serve
+        import fastapi, uvicorn  # noqa: F401  fail here, with the fix, rather than after loading the model
+    except ImportError as e:
+        raise ValueError(f"the server needs the 'serve' extra ({e.name} is missing): pip install 'gemma3n[serve]'")
+    api_key = args.api_key or os.environ.get("GEMMA3N_API_KEY") or None
+    model_path = Path(args.model or default_model_path())
+    limits = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_images",
+                                            "max_audios", "max_media_bytes", "max_audio_seconds", "max_batch",
+                                            "max_queue")}
+    settings = ServerSettings(model_name=args.served_model_name or model_path.name.removesuffix(".gguf"),
+                              api_key=api_key, allow_remote_media=args.allow_remote_media, **limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
+              file=sys.stderr)
+    args.model = str(model_path)
+    model = _load(args)
+    print(f"gemma3n: serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(model, settings, host=args.host, port=args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "chat": cmd_chat}[args.command](args)
+        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve}[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)
         return 130

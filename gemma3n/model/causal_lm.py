@@ -40,5 +40,5 @@ class TiedCausalLM(nn.Module):
                 last_only: bool = False, inputs_embeds: Tensor | None = None) -> Tensor:
         """ids (B, T) -> float32 logits; `inputs_embeds` (B, T, D), when given, replaces the token embeddings
         (the multimodal merge), while the ids still give the per-layer token embeddings."""
-        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds)
+        hidden = self.model(input_ids, attention_mask, cache, inputs_embeds, last_only=last_only)
         return self.head(hidden[:, -1:] if last_only else hidden)

@@ -97,8 +97,9 @@ class TextModel(nn.Module):
         return F.embedding(input_ids, w) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """ids (B, T) -> final hidden states (B, T, D); `inputs_embeds` replaces the token embeddings."""
+                inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """ids (B, T) -> final hidden states (B, T, D), or (B, 1, D) with `last_only`; `inputs_embeds` replaces the
+        token embeddings."""
         cfg = self.config
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
@@ -112,7 +113,7 @@ class TextModel(nn.Module):
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
             x = layer(x, ropes[layer.kind], step.masks[layer.kind], store)
-        return self.norm(x)
+        return self.norm(x[:, -1:] if last_only else x)
 
 
 class Gemma3CausalLM(TiedCausalLM):

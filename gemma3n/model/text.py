@@ -36,6 +36,8 @@ class Laurel(nn.Module):
 class MLP(nn.Module):
     """GELU-gated MLP; sparse layers keep only gate activations above mean + z*std (Gaussian top-k)."""
 
+    SPARSE_MAX_TOKENS = 8  # beyond this many tokens per call the union of active units is no longer small
+
     def __init__(self, dim: int, hidden: int, sparsity: float):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -43,12 +45,44 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.sparsity = sparsity
         self.z = normal_quantile(sparsity) if sparsity > 0 else 0.0
+        self.sparse_decode = False  # set by enable_sparse_decode(), which also lays the weights out for it
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gate_proj(x)
         if self.sparsity > 0:
             gate = gaussian_topk(gate, self.z)
+            if self.sparse_decode and x.shape[:-1].numel() <= self.SPARSE_MAX_TOKENS:
+                return self.sparse_forward(x, gelu_tanh(gate))
         return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
+
+    def sparse_forward(self, x: Tensor, act: Tensor) -> Tensor:
+        """Only the units some token activates: their up-projection rows and down-projection columns (stored
+        transposed, so each is one contiguous row). The other units contribute exact zeros to the dense result."""
+        active = (act != 0).reshape(-1, act.shape[-1]).any(0).nonzero().squeeze(1)
+        plain = type(self.up_proj) is nn.Linear and type(self.down_proj) is nn.Linear  # not swapped (quantised)
+        if not plain or active.numel() * 2 > act.shape[-1]:  # or not sparse enough to pay for the gathers
+            return self.down_proj(act * self.up_proj(x))
+        up = F.linear(x, self.up_proj.weight.index_select(0, active))
+        down_t = self.down_proj.weight.t()  # (hidden, dim), contiguous after enable_sparse_decode
+        return F.linear(act.index_select(-1, active) * up, down_t.index_select(0, active).t())
+
+
+def enable_sparse_decode(model: nn.Module) -> int:
+    """Turn on the sparse path in every sparse float MLP of `model`, storing down_proj.weight transposed
+    (a (dim, hidden) view of a contiguous (hidden, dim) tensor: the dense path reads it as before). Returns how
+    many MLPs were switched. Call after loading; it copies those weights once."""
+    switched = 0
+    for mlp in model.modules():
+        if not isinstance(mlp, MLP) or mlp.sparsity <= 0 or type(mlp.down_proj) is not nn.Linear:
+            continue
+        weight = mlp.down_proj.weight
+        if weight.device.type == "meta":
+            continue
+        if not weight.t().is_contiguous():
+            mlp.down_proj.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
+        mlp.sparse_decode = True
+        switched += 1
+    return switched
 
 
 class AltUp(nn.Module):
@@ -208,9 +242,9 @@ class TextModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """ids (B, T) -> final hidden states (B, T, D). `inputs_embeds` replaces the token embeddings (multimodal
-        merge) while the per-layer token part still comes from the ids."""
+                inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """ids (B, T) -> final hidden states (B, T, D), or (B, 1, D) with `last_only`. `inputs_embeds` replaces the
+        token embeddings (multimodal merge) while the per-layer token part still comes from the ids."""
         cfg = self.config
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         ple = self.per_layer_inputs(embeds, self.per_layer_tokens(input_ids))
@@ -219,7 +253,7 @@ class TextModel(nn.Module):
             step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, embeds.device)
         else:
             step = cache.start(attention_mask, t)
-        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache)))
+        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache, last_only)))
 
     def expand(self, x0: Tensor) -> Tensor:
         """(B, T, D) -> (S, B, T, D): the embeddings plus projected copies rescaled to their RMS."""
@@ -233,11 +267,22 @@ class TextModel(nn.Module):
                                 for i, proj in enumerate(self.altup_unembed_projections)]
         return torch.mean(torch.stack(parts), dim=0)
 
-    def run_layers(self, streams: Tensor, ple: Tensor, step: Step, cache: KVCache | None) -> Tensor:
+    def run_layers(self, streams: Tensor, ple: Tensor, step: Step, cache: KVCache | None,
+                   last_only: bool = False) -> Tensor:
+        """The decoder layers over the AltUp streams (S, B, T, D).
+
+        With `last_only`, the layers that only read another layer's K/V run on the last position alone: nothing
+        after them looks at the other positions, and every other part of a layer is position-wise, so the last
+        position's output is unchanged while prefill skips most of those layers' work."""
         ropes = {kind: rope(step.positions, streams.dtype) for kind, rope in self.rope.items()}
+        masks = dict(step.masks)
         produced: dict[int, tuple[Tensor, Tensor]] = {}
         producer_of = self.config.kv_producer
         for i, layer in enumerate(self.layers):
+            if last_only and producer_of[i] != i and streams.shape[2] > 1:
+                streams, ple = streams[:, :, -1:], ple[:, -1:]
+                ropes = {kind: (cos[:, -1:], sin[:, -1:]) for kind, (cos, sin) in ropes.items()}
+                masks = {kind: m[:, :, -1:] for kind, m in masks.items()}
             rope = ropes[layer.kind]
 
             def kv_source(normed: Tensor, i=i, layer=layer, rope=rope):
@@ -248,7 +293,7 @@ class TextModel(nn.Module):
                 produced[i] = kv
                 return kv
 
-            streams = layer(streams, ple[:, :, i], rope, step.masks[layer.kind], kv_source)
+            streams = layer(streams, ple[:, :, i], rope, masks[layer.kind], kv_source)
         return streams
 
 

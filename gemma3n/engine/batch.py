@@ -1,0 +1,283 @@
+"""Continuous batching: sequences join and leave a running decode batch at step boundaries.
+
+The `Decoder` in generate.py runs a fixed, left-padded batch from start to end. A server cannot wait for a batch to
+finish before admitting the next request, so here:
+
+- a new sequence is prefilled alone, in chunks, with the model's ordinary `KVCache` sized exactly as `Decoder` sizes
+  it for that prompt (so its prefill computes what `generate()` computes);
+- its K/V are then copied into a `BatchCache`, where every row owns its keys from column 0 and has its own length;
+  a decode step feeds one token per row, each at its own position, with one forward for all rows;
+- a row that finishes (stop id, length, stop string, cancellation) is dropped and its memory released.
+
+Greedy rows therefore give the same tokens as the same prompt generated alone (the masked-out keys of shorter rows
+contribute exact zeros), and seeded sampling draws from the same per-row generator sequence.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .cache import SLIDING, KVCache, Step
+from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget
+from .sampling import Sampler, SamplingParams
+
+
+class BatchCache:
+    """Decode-time K/V of rows with independent lengths; the model's cache interface for one new token per row.
+
+    Global slots are (B, H, capacity, D) with row b's keys in columns [0, length_b); sliding slots are rings of
+    `ring` cells where cell c holds the row's latest index congruent to c (mod ring), as `KVCache` lays them out.
+    """
+
+    def __init__(self, slot_types: list[str], ring: int | None):
+        self.slot_types, self.ring = list(slot_types), ring
+        self.keys: list[Tensor | None] = [None] * len(slot_types)
+        self.values: list[Tensor | None] = [None] * len(slot_types)
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.capacities: list[int] = []  # per row: prompt + new-token budget
+        self._write: Tensor | None = None  # per row: the cell the current step writes
+        self._keys_seen = 0  # global keys the current step attends to
+
+    @property
+    def batch(self) -> int:
+        return len(self.capacities)
+
+    # -- rows joining and leaving ----------------------------------------------------------------------------------
+
+    def add(self, prefilled: KVCache) -> int:
+        """Append the one-row `prefilled` cache (after its prompt) as a new row; returns the row's index."""
+        if prefilled.batch != 1:
+            raise ValueError(f"BatchCache.add takes a one-row cache, got {prefilled.batch} rows")
+        length, capacity = prefilled.length, prefilled.max_len
+        width = max([capacity] + self.capacities)
+        for i, slot in enumerate(prefilled.slots):
+            k, v = self._as_row(i, slot.k, length, width), self._as_row(i, slot.v, length, width)
+            self.keys[i] = k if self.keys[i] is None else torch.cat((self._widen(self.keys[i], i, width), k))
+            self.values[i] = v if self.values[i] is None else torch.cat((self._widen(self.values[i], i, width), v))
+        self.lengths = torch.cat((self.lengths.to(prefilled.valid.device), torch.tensor([length],
+                                                                                       device=prefilled.valid.device)))
+        self.capacities.append(capacity)
+        return self.batch - 1
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order); the others' memory is released."""
+        if not rows:
+            self.keys = [None] * len(self.slot_types)
+            self.values = [None] * len(self.slot_types)
+            self.lengths, self.capacities = self.lengths[:0], []
+            return
+        index = torch.tensor(rows, device=self.lengths.device)
+        self.capacities = [self.capacities[r] for r in rows]
+        width = max(self.capacities)
+        for i, kind in enumerate(self.slot_types):
+            cols = self.keys[i].shape[2] if kind == SLIDING else width  # shrink global slots to the widest row
+            self.keys[i] = self.keys[i][:, :, :cols].index_select(0, index)
+            self.values[i] = self.values[i][:, :, :cols].index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+
+    def _as_row(self, slot: int, src: Tensor, length: int, width: int) -> Tensor:
+        """One prefilled slot (1, H, C, D) -> this cache's layout for that slot."""
+        if self.slot_types[slot] != SLIDING:
+            row = src.new_zeros(src.shape[0], src.shape[1], width, src.shape[3])
+            row[:, :, :length] = src[:, :, :length]
+            return row
+        ring, kept = self.ring, src.shape[2]  # the prefill ring may be smaller (short prompt + budget)
+        row = src.new_zeros(src.shape[0], src.shape[1], ring, src.shape[3])
+        index = torch.arange(max(0, length - kept), length, device=src.device)
+        row[:, :, index % ring] = src[:, :, index % kept]
+        return row
+
+    def _widen(self, t: Tensor, slot: int, width: int) -> Tensor:
+        if self.slot_types[slot] == SLIDING or t.shape[2] >= width:
+            return t
+        return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
+
+    # -- the model's cache interface -------------------------------------------------------------------------------
+
+    def start(self, attention_mask: Tensor | None, new_tokens: int) -> Step:
+        """One decode column for every row: positions are the rows' lengths, masks their own keys."""
+        if new_tokens != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+            raise ValueError("BatchCache decodes one real token per row; prefill with a KVCache and add() it")
+        n = self.lengths
+        if bool((n >= torch.tensor(self.capacities, device=n.device)).any()):
+            raise ValueError("a row of the batch has no room left; drop it before the next step")
+        self._keys_seen = int(n.max()) + 1
+        masks = {}
+        for kind in set(self.slot_types):
+            if kind == SLIDING:
+                cells = torch.arange(self.ring, device=n.device)
+                held = n[:, None] - torch.remainder(n[:, None] - cells, self.ring)  # index in each cell after the write
+                masks[kind] = (held >= 0)[:, None, None, :]
+            else:
+                masks[kind] = (torch.arange(self._keys_seen, device=n.device)[None] <= n[:, None])[:, None, None, :]
+        self._write = n
+        self.lengths = n + 1
+        return Step(positions=n[:, None].clone(), masks=masks, new_tokens=1)
+
+    def update(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write each row's new K/V (B, H, 1, D) at its own cell; return the keys and values the step attends to."""
+        rows = torch.arange(self.batch, device=k.device)
+        sliding = self.slot_types[slot] == SLIDING
+        cells = torch.remainder(self._write, self.ring) if sliding else self._write
+        self.keys[slot][rows, :, cells] = k[:, :, 0]
+        self.values[slot][rows, :, cells] = v[:, :, 0]
+        if sliding:
+            return self.keys[slot], self.values[slot]
+        return self.keys[slot][:, :, :self._keys_seen], self.values[slot][:, :, :self._keys_seen]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt being generated inside a `ContinuousBatch`; the fields mirror `Generation`'s."""
+
+    prompt_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    budget: int
+    sampler: Sampler
+    history: Tensor  # (1, prompt + budget): prompt and sampled ids, for the repetition penalty
+    prompt: Tensor  # (1, T) ids still to prefill (emptied as chunks are fed)
+    prompt_embeds: Tensor | None  # (1, T, D) their merged input embeddings (a prompt with media), or None
+    cache: KVCache | None  # the prefill cache, handed to the batch when the prompt is in
+    new_ids: list[int] = field(default_factory=list)
+    sampled: int = 0  # tokens produced, stop ids included
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    pending: int | None = None  # sampled but not yet fed to the model
+    _started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class ContinuousBatch:
+    """Sequences generated together; `add` one at any time, `step()` advances all of them.
+
+    Each `step()` feeds at most one prefill chunk (of the oldest sequence still prefilling, so a long prompt cannot
+    stall the others for more than a chunk) and then one decode column for every decoding sequence. It returns the
+    (sequence, token) pairs it produced; token is None when the sequence ended on a stop id. Finished sequences
+    leave the batch at once; `finish(seq, reason)` ends one from outside (stop string, client gone).
+    """
+
+    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK):
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        self.model, self.chunk_size = model, chunk_size
+        self.device = _device_of(model)
+        self.prefilling: list[Sequence] = []
+        self.decoding: list[Sequence] = []
+        self.cache: BatchCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.prefilling) + len(self.decoding)
+
+    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None
+            ) -> Sequence:
+        """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
+        raises ContextLengthError / ValueError at once for a bad one."""
+        ids, _ = _check_inputs(input_ids, None, self.device)
+        embeds = _check_embeds(inputs_embeds, ids)
+        if ids.shape[0] != 1:
+            raise ValueError(f"ContinuousBatch.add takes one prompt, got {ids.shape[0]} rows")
+        length = ids.shape[1]
+        budget = _token_budget(self.model, length, params.max_new_tokens)
+        history = torch.full((1, length + budget), -1, dtype=torch.long, device=self.device)
+        history[:, :length] = ids
+        with torch.inference_mode():
+            cache = self.model.new_cache(1, length + budget)
+        seq = Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
+                       prompt=ids, prompt_embeds=embeds, cache=cache,
+                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+        self.prefilling.append(seq)
+        return seq
+
+    def finish(self, seq: Sequence, reason: str = "stop") -> None:
+        """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step."""
+        if not seq.done:
+            seq.finish_reason = reason
+        self._clock(seq)
+
+    def step(self) -> list[tuple[Sequence, int | None]]:
+        with torch.inference_mode():
+            self._drop_finished()
+            produced = self._prefill_chunk()
+            produced += self._decode()
+            self._drop_finished()
+        return produced
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _prefill_chunk(self) -> list[tuple[Sequence, int | None]]:
+        if not self.prefilling:
+            return []
+        seq = self.prefilling[0]
+        chunk, seq.prompt = seq.prompt[:, :self.chunk_size], seq.prompt[:, self.chunk_size:]
+        extra = {}
+        if seq.prompt_embeds is not None:  # the same slices as Decoder._prefill passes
+            extra["inputs_embeds"] = seq.prompt_embeds[:, :self.chunk_size]
+            seq.prompt_embeds = seq.prompt_embeds[:, self.chunk_size:] if seq.prompt.shape[1] else None
+        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
+        if seq.prompt.shape[1]:
+            return []
+        self.prefilling.pop(0)
+        token = self._sample(seq, logits)
+        seq.prefill_seconds = time.perf_counter() - seq._started
+        seq._started = time.perf_counter()
+        if not seq.done:
+            if self.cache is None:
+                self.cache = BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model))
+            self.cache.add(seq.cache)
+            self.decoding.append(seq)
+        seq.cache = None  # the batch holds a copy; release the prefill buffers now
+        return [(seq, token)]
+
+    def _decode(self) -> list[tuple[Sequence, int | None]]:
+        if not self.decoding:
+            return []
+        ids = torch.tensor([[s.pending] for s in self.decoding], device=self.device)
+        logits = self.model(ids, attention_mask=None, cache=self.cache, last_only=True)[:, -1].float()
+        return [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(self.decoding)]
+
+    def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
+        """Pick the next token of `seq` and record it, as `Decoder._record` does for one row."""
+        position = seq.prompt_tokens + seq.sampled
+        token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
+        seq.history[0, position] = token
+        seq.sampled += 1
+        seq.pending = token
+        if token in seq.stop_ids:
+            self.finish(seq, "stop")
+            return None
+        seq.new_ids.append(token)
+        if seq.sampled >= seq.budget:
+            self.finish(seq, "length")
+        return token
+
+    def _drop_finished(self) -> None:
+        self.prefilling = [s for s in self.prefilling if not s.done or _release(s)]
+        if any(s.done for s in self.decoding):
+            keep = [row for row, s in enumerate(self.decoding) if not s.done]
+            self.cache.keep(keep)
+            self.decoding = [self.decoding[row] for row in keep]
+
+    @staticmethod
+    def _clock(seq: Sequence) -> None:
+        if seq.prefill_seconds:  # decode time runs from the first token to the end
+            seq.decode_seconds = time.perf_counter() - seq._started
+
+
+def _release(seq: Sequence) -> bool:
+    seq.cache = seq.prompt_embeds = None
+    return False
+
+
+def _ring_of(cache: KVCache, model) -> int | None:
+    """Ring cells per row for sliding slots: the window, or the whole context when that is shorter."""
+    if cache.window is None:
+        return None
+    return min(cache.window, model.config.max_position_embeddings)

@@ -1,0 +1,119 @@
+"""The FastAPI application: routes, authentication, body limits and error handling.
+
+Every refusal is an OpenAI-style error JSON (400, 401, 404, 413, 429); an unexpected failure is logged and
+answered with a 500 JSON, never a hung connection.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import APIError, error_response
+from .generation import Generator
+from .scheduler import Scheduler
+from .settings import ServerSettings
+
+log = logging.getLogger("gemma3n.server")
+
+
+def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `model` (a loaded `gemma3n.Model`); its scheduler thread runs while the app runs."""
+    settings = settings or ServerSettings()
+    scheduler = Scheduler(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="gemma3n", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler, app.state.settings = scheduler, settings
+    generator = Generator(model, settings, scheduler)
+    _add_error_handlers(app)
+    authorized = [Depends(_authorizer(settings))]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "active": scheduler.active,
+                "waiting": scheduler.waiting}
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models():
+        return {"object": "list", "data": [_model_card(settings)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=authorized)
+    async def model_card(name: str):
+        if name != settings.model_name:
+            raise _unknown_model(name, settings)
+        return _model_card(settings)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request):
+        return await generator.chat(request)
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request):
+        return await generator.completion(request)
+
+    @app.post("/v1/audio/transcriptions", dependencies=authorized)
+    async def transcriptions(request: Request):
+        return await generator.audio(request, translate=False)
+
+    @app.post("/v1/audio/translations", dependencies=authorized)
+    async def translations(request: Request):
+        return await generator.audio(request, translate=True)
+
+    return app
+
+
+def _model_card(settings: ServerSettings) -> dict:
+    return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gemma3n"}
+
+
+def _unknown_model(name: str, settings: ServerSettings) -> APIError:
+    return APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_name!r}",
+                    param="model", code="model_not_found")
+
+
+def _authorizer(settings: ServerSettings):
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+    return authorize
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = {404: f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, "
+                        "/v1/completions, /v1/audio/transcriptions, /v1/audio/translations, /health",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}
+        return error_response(exc.status_code, message.get(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error; see the server log")

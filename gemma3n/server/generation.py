@@ -1,0 +1,283 @@
+"""The generating endpoints: chat completions, text completions, audio transcription / translation.
+
+Each handler validates the request, builds its prompt off the event loop, hands a `Job` to the scheduler thread and
+relays the job's events: as one JSON object, or as server-sent events. A client that goes away cancels its job.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from .errors import APIError, bad_request
+from .media import Converted, check_audio, convert_messages
+from .responses import Reply, sse
+from .scheduler import REQUEST_ERRORS, Job, Scheduler
+from .schemas import ChatRequest, CompletionRequest, parse_json, validate
+from .settings import ServerSettings
+
+POLL_SECONDS = 0.25  # how often a waiting handler checks whether its client is still there
+INSTRUCTIONS = {
+    False: "Transcribe this audio{language}. Answer with the transcript only.",
+    True: "Translate this audio into English. Answer with the translation only.",
+}
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its job was cancelled."""
+
+
+class Generator:
+    def __init__(self, model, settings: ServerSettings, scheduler: Scheduler):
+        self.model, self.settings, self.scheduler = model, settings, scheduler
+        self.context = model.config.text.max_position_embeddings
+
+    # -- endpoints -------------------------------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
+        self._check_model(req.model)
+        params = self._params(req, req.requested_tokens(), self.settings.max_tokens)
+        converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
+        ids, media = await asyncio.to_thread(self._chat_prompt, converted)
+        return await self._respond(request, Job(params, ids, media), Reply(self.settings.model_name, chat=True),
+                                   req.stream, req.include_usage)
+
+    async def completion(self, request: Request) -> Response:
+        req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
+        self._check_model(req.model)
+        params = self._params(req, req.max_tokens, 16)  # OpenAI's default for text completions
+        ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
+        return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
+                                   req.stream, req.include_usage)
+
+    async def audio(self, request: Request, translate: bool) -> Response:
+        form = await read_form(request, self.settings.max_body_bytes)
+        self._check_model(_form_text(form, "model", required=True))
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise bad_request("multipart field 'file' (the audio file) is required", param="file")
+        fmt = _form_text(form, "response_format") or "json"
+        if fmt not in ("json", "text"):
+            raise bad_request(f"response_format {fmt!r} is not supported; use json or text", param="response_format")
+        data = await upload.read()
+        if len(data) > self.settings.max_media_bytes:
+            raise APIError(413, f"the audio file is larger than the limit of {self.settings.max_media_bytes} bytes",
+                           param="file")
+        await asyncio.to_thread(check_audio, data, "file", self.settings)
+        temperature = _form_float(form, "temperature")
+        temperature = 0.0 if temperature is None else temperature  # OpenAI's default here: a faithful transcript
+        params = self._params(None, None, self.settings.max_tokens, temperature=temperature)
+        messages = [{"role": "user", "content": [{"type": "audio", "audio": data},
+                                                 {"type": "text", "text": _instruction(form, translate)}]}]
+        converted = Converted(messages=messages, audios=1, media=["audio"])
+        ids, media = await asyncio.to_thread(self._chat_prompt, converted)
+        result = await self._collect(request, self._submit(Job(params, ids, media)))
+        if isinstance(result, Response):
+            return result
+        return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
+
+    # -- prompts (run in worker threads) ---------------------------------------------------------------------------
+
+    def _chat_prompt(self, converted: Converted) -> tuple[torch.Tensor, dict]:
+        """(prompt ids, the processor's media tensors) for a chat; the media towers run later, in the scheduler."""
+        if converted.has_media:
+            media = self._process_media(converted)
+            ids = media.pop("input_ids")
+            media.pop("attention_mask", None)
+        else:
+            try:
+                ids, media = self.model.encode_prompt(converted.messages), {}
+            except REQUEST_ERRORS as e:
+                raise bad_request(str(e), param="messages") from None
+        self._check_length(ids.shape[1])
+        return ids, media
+
+    def _completion_prompt(self, prompt) -> torch.Tensor:
+        if isinstance(prompt, list) and isinstance(prompt[0], int):
+            vocab = self.model.config.text.vocab_size
+            if max(prompt) >= vocab:
+                raise bad_request(f"prompt token ids must be < {vocab} (the vocabulary size)", param="prompt")
+            ids = list(prompt)
+        else:
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            if self.model.tokenizer is None:
+                raise bad_request("this model has no tokenizer; send the prompt as token ids", param="prompt")
+            ids = self.model.tokenizer.encode(text, add_special_tokens=True)
+        if not ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        self._check_length(len(ids))
+        return torch.tensor([ids], dtype=torch.long)
+
+    def _process_media(self, converted: Converted) -> dict:
+        """The processor's tensors for a chat with media; refuses media the model cannot take before the request
+        waits in the queue."""
+        for kind, section in (("image", "vision"), ("audio", "audio")):
+            if kind in converted.media and (getattr(self.model, "multimodal", None) is None
+                                            or getattr(self.model.config, section, None) is None):
+                raise bad_request(f"the model {self.settings.model_name!r} is text-only (its checkpoint has no "
+                                  f"{section} encoder), so it cannot take {kind} input", code="unsupported_media")
+        try:
+            inputs = self.model.processor(converted.messages)
+        except REQUEST_ERRORS as e:
+            raise bad_request(f"the model cannot take this input: {e}", code="unsupported_media") from None
+        except ImportError as e:  # a preprocessor this build does not have yet
+            raise bad_request(f"this build of gemma3n cannot read this media yet ({e})",
+                              code="unsupported_media") from None
+        for kind, key in (("image", "pixel_values"), ("audio", "input_features")):
+            if kind in converted.media and inputs.get(key) is None:
+                raise bad_request(f"this build of gemma3n cannot read {kind} input yet", code="unsupported_media")
+        return dict(inputs)
+
+    def _check_length(self, tokens: int) -> None:
+        limit = min(self.settings.max_prompt_tokens, self.context - 1)
+        if tokens > limit:
+            raise bad_request(f"the prompt is {tokens} tokens; this server accepts at most {limit} "
+                              f"(the model's context is {self.context})", param="messages",
+                              code="context_length_exceeded")
+
+    def _check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    def _params(self, req, max_tokens: int | None, default: int, **extra):
+        if max_tokens is not None and max_tokens > self.settings.max_tokens:
+            raise bad_request(f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_tokens}",
+                              param="max_tokens")
+        fields = dict(max_new_tokens=max_tokens or default, **extra)
+        if req is not None:
+            fields.update(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                          repetition_penalty=req.repetition_penalty, seed=req.seed, stop=req.stop_strings() or None)
+        try:
+            return self.model.sampling_params(**fields)
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+
+    # -- relaying the job's events ---------------------------------------------------------------------------------
+
+    def _submit(self, job: Job) -> Job:
+        self.scheduler.submit(job)
+        return job
+
+    async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool):
+        self._submit(job)
+        if not stream:
+            result = await self._collect(request, job)
+            return result if isinstance(result, Response) else JSONResponse(reply.whole(result))
+        try:
+            first = await self._next(request, job)
+        except ClientGone:
+            return Response(status_code=499)
+        if first[0] == "error":
+            return first[1].response()
+        return StreamingResponse(self._events(job, reply, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _collect(self, request: Request, job: Job):
+        """Wait for the job's result; an error or a vanished client gives a Response instead."""
+        try:
+            while True:
+                kind, value = await self._next(request, job)
+                if kind == "done":
+                    return value
+                if kind == "error":
+                    return value.response()
+        except ClientGone:
+            return Response(status_code=499)
+
+    async def _next(self, request: Request, job: Job) -> tuple:
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), POLL_SECONDS)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    self.scheduler.cancel(job)
+                    raise ClientGone from None
+
+    async def _events(self, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """SSE chunks after "started"; if the client disconnects, Starlette cancels this and the job is dropped."""
+        finished = False
+        try:
+            if reply.chat:
+                yield sse(reply.chunk(role=True))
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    yield sse(reply.chunk(value))
+                elif kind == "error":
+                    yield sse({"error": {"message": value.message, "type": "server_error", "code": value.code}})
+                    break
+                elif kind == "done":
+                    yield sse(reply.chunk(finish_reason=value.finish_reason))
+                    if include_usage:
+                        yield sse(reply.usage_chunk(value))
+                    break
+            finished = True
+            yield sse("[DONE]")
+        finally:
+            if not finished:
+                self.scheduler.cancel(job)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+async def read_form(request: Request, limit: int):
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise bad_request("send the audio as multipart/form-data with fields 'file' and 'model'")
+    body = await read_body(request, limit)
+
+    async def once():
+        yield body
+        yield b""
+
+    try:
+        return await MultiPartParser(request.headers, once(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise bad_request(f"malformed multipart body: {e.message}") from None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than the limit of {limit} bytes", code="request_too_large")
+
+
+def _form_text(form, name: str, required: bool = False) -> str | None:
+    value = form.get(name)
+    if value is None and required:
+        raise bad_request(f"multipart field {name!r} is required", param=name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"multipart field {name!r} must be text", param=name)
+    return value
+
+
+def _form_float(form, name: str) -> float | None:
+    text = _form_text(form, name)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise bad_request(f"{name} must be a number, got {text[:40]!r}", param=name) from None
+
+
+def _instruction(form, translate: bool) -> str:
+    language = _form_text(form, "language")
+    text = INSTRUCTIONS[translate].format(language=f" (the speech is in {language})" if language else "")
+    context = _form_text(form, "prompt")
+    return f"{text}\nContext: {context}" if context else text

@@ -1,0 +1,177 @@
+"""One thread owns the model: requests queue first-come, first-served, and decode together.
+
+Requests join a `ContinuousBatch` at step boundaries: each step feeds at most one prefill chunk (the oldest waiting
+prompt) and one decode column for every running request, so a long prompt delays the others by one chunk at most.
+A request with images or audio first runs the model's media towers (at admission, here, since this thread owns the
+model), then joins the batch like any other with its merged prompt embeddings. A cancelled request (client gone)
+leaves at the next step and its cache is freed.
+
+The HTTP side talks to this thread only through `Job`s: it submits them, and reads their events from an asyncio
+queue that this thread fills with `loop.call_soon_threadsafe`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine.batch import ContinuousBatch, Sequence
+from ..engine.generate import DEFAULT_CHUNK, TextStream
+from ..engine.sampling import SamplingParams
+from .errors import APIError
+
+log = logging.getLogger("gemma3n.server")
+
+# What a model raises for a request it cannot serve (too long, media it cannot take): the client's fault, a 400.
+REQUEST_ERRORS = (ValueError, TypeError, NotImplementedError)
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Job:
+    """One request: prompt ids (plus the processor's media tensors), its sampling, and the events it produces:
+    ("started", prompt_tokens), ("text", piece)..., then ("done", Result) or ("error", APIError)."""
+
+    def __init__(self, params: SamplingParams, ids: torch.Tensor, media: dict | None = None):
+        self.params, self.ids, self.media = params, ids, media or {}
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.started = False  # "started" was emitted (scheduler thread only)
+
+    def emit(self, kind: str, value: Any = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody is listening
+            self.cancelled.set()
+
+
+class Scheduler:
+    def __init__(self, model, max_batch: int = 32, max_queue: int = 256, chunk_size: int = DEFAULT_CHUNK):
+        self.model, self.max_batch, self.max_queue, self.chunk_size = model, max_batch, max_queue, chunk_size
+        self.batch = ContinuousBatch(model.decoder, chunk_size)
+        self.stop_ids = model.stop_ids()
+        self.inbox: collections.deque[Job] = collections.deque()
+        self.wakeup = threading.Condition()
+        self.running: dict[Sequence, tuple[Job, TextStream]] = {}
+        self.steps = 0  # batch steps run
+        self.peak_batch = 0  # most sequences decoded in one step
+        self._stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gemma3n-scheduler", daemon=True)
+
+    # -- HTTP side -------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wakeup:
+            self._stopping = True
+            self.wakeup.notify()
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self.wakeup:
+            if len(self.inbox) >= self.max_queue:
+                raise APIError(429, f"the server is busy ({len(self.inbox)} requests waiting); retry later")
+            self.inbox.append(job)
+            self.wakeup.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        with self.wakeup:
+            self.wakeup.notify()
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.inbox)
+
+    # -- the model thread ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self._stopping and not self.inbox and not self.active:
+                    self.wakeup.wait()
+                if self._stopping:
+                    return
+            self._admit()
+            self._drop_cancelled()
+            try:
+                self._step_batch()
+            except Exception:  # a bug or out of memory: fail what is running, keep serving the next requests
+                log.exception("generation failed")
+                self._fail_all("internal error while generating; see the server log")
+
+    def _admit(self) -> None:
+        while self.active < self.max_batch:
+            with self.wakeup:
+                if not self.inbox:
+                    return
+                job = self.inbox.popleft()
+            if job.cancelled.is_set():
+                continue
+            try:
+                embeds = self.model.embed_media(job.ids, **job.media) if job.media else None  # the media towers
+                seq = self.batch.add(job.ids, job.params, self.stop_ids, inputs_embeds=embeds)
+                self.running[seq] = (job, TextStream(self.model.tokenizer, job.params.stop))
+            except REQUEST_ERRORS as e:
+                job.emit("error", APIError(400, str(e)))
+            except ImportError as e:  # a media tower this build does not have yet
+                job.emit("error", APIError(400, f"this build of gemma3n cannot read this media yet ({e})",
+                                           code="unsupported_media"))
+
+    def _drop_cancelled(self) -> None:
+        for seq, (job, _) in list(self.running.items()):
+            if job.cancelled.is_set():
+                self.batch.finish(seq, "cancelled")
+                del self.running[seq]
+
+    def _step_batch(self) -> None:
+        if not len(self.batch):
+            return
+        self.peak_batch = max(self.peak_batch, len(self.batch.decoding))
+        for seq, token in self.batch.step():
+            if seq in self.running:
+                self._deliver(seq, token)
+        self.steps += 1
+
+    def _deliver(self, seq: Sequence, token: int | None) -> None:
+        job, stream = self.running[seq]
+        if not job.started:  # a sequence's first step may give two tokens (prefill, then its first decode)
+            job.started = True
+            job.emit("started", seq.prompt_tokens)
+        if token is not None:
+            piece = stream.push(token)
+            if stream.stopped:
+                self.batch.finish(seq, "stop")
+            if piece:
+                job.emit("text", piece)
+        if seq.done:
+            del self.running[seq]  # before "done": a client that has its answer sees the server idle
+            tail = stream.finish()
+            if tail:
+                job.emit("text", tail)
+            job.emit("done", Result(stream.text, seq.prompt_tokens, seq.sampled, seq.finish_reason))
+
+    def _fail_all(self, message: str) -> None:
+        for job, _ in self.running.values():
+            job.emit("error", APIError(500, message))
+        self.running = {}
+        self.batch = ContinuousBatch(self.model.decoder, self.chunk_size)
+
