@@ -75,8 +75,8 @@ class Processor:
             return [part]
         source = media_source(part)
         if kind == "image":
-            from .image import load_image
-            images.append(load_image(source, allow_network=allow_network))
+            from .image import decode_for_processor  # in-memory images skip load_image, as in the reference
+            images.append(decode_for_processor(source, allow_network=allow_network))
             return [{"type": "image"}]
         if kind == "audio":
             from .audio import load_audio

@@ -1,0 +1,223 @@
+"""MobileNet-V5 building blocks: channel RMS norm, TF-"SAME" convs, edge residual, universal inverted residual,
+mobile multi-query attention, layer scale and the multi-scale fusion adapter.
+
+Attribute names follow timm's modules (`conv_exp`, `bn1`, `pw_exp.conv`, `attn.key.down_conv`, ...) so the
+checkpoint's `model.vision_tower.timm_model.*` tensors load by a prefix strip."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round a channel count to a multiple of `divisor`, never more than 10% below `value` (timm's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
+
+
+class RMSNorm2d(nn.Module):
+    """Per-pixel RMS norm over the channel axis of (N, C, H, W), then optional GELU-tanh.
+
+    Computed in the input dtype without a float32 upcast: timm's RmsNorm2d does the same (fast-norm off)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, act: bool = False):
+        super().__init__()
+        self.eps, self.act = eps, act
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight.view(1, -1, 1, 1)
+        return gelu_tanh(x) if self.act else x
+
+
+class LayerScale2d(nn.Module):
+    """Per-channel scale `gamma` on an (N, C, H, W) branch output."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels,), 1e-5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding computed from the input size: for a stride-2 conv on an even input
+    the extra pixel goes right/bottom (asymmetric), which PyTorch's symmetric padding cannot express."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]  # (left, right) then (top, bottom)
+        return super().forward(F.pad(x, pads))
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False,
+           same_padding: bool = True) -> nn.Conv2d:
+    """A conv padded as timm pads it: "SAME" (static when symmetric, else dynamic) or PyTorch-style symmetric."""
+    if same_padding and not (stride == 1 and (kernel - 1) % 2 == 0):
+        return SameConv2d(in_ch, out_ch, kernel, stride, padding=0, groups=groups, bias=bias)
+    padding = (kernel - 1) // 2 if same_padding else ((stride - 1) + (kernel - 1)) // 2
+    return nn.Conv2d(in_ch, out_ch, kernel, stride, padding=padding, groups=groups, bias=bias)
+
+
+class ConvNorm(nn.Module):
+    """conv -> RMSNorm2d (-> GELU-tanh when act)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True,
+                 bias: bool = False, same_padding: bool = True):
+        super().__init__()
+        self.conv = conv2d(in_ch, out_ch, kernel, stride, groups, bias, same_padding)
+        self.bn = RMSNorm2d(out_ch, act=act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+
+class EdgeResidual(nn.Module):
+    """Fused MBConv: full k x k expansion conv (carries the stride) -> norm+GELU -> 1x1 projection -> norm."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, exp_ratio: float,
+                 same_padding: bool = True):
+        super().__init__()
+        mid = make_divisible(in_ch * exp_ratio)
+        self.has_skip = in_ch == out_ch and stride == 1
+        self.conv_exp = conv2d(in_ch, mid, kernel, stride, same_padding=same_padding)
+        self.bn1 = RMSNorm2d(mid, act=True)
+        self.conv_pwl = conv2d(mid, out_ch, 1, same_padding=same_padding)
+        self.bn2 = RMSNorm2d(out_ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn2(self.conv_pwl(self.bn1(self.conv_exp(x))))
+        return y + x if self.has_skip else y
+
+
+class UniversalInvertedResidual(nn.Module):
+    """UIB: [depthwise start conv + norm] -> 1x1 expand + norm+GELU -> [depthwise mid conv + norm+GELU]
+    -> 1x1 project + norm -> [layer scale] (+ x). A kernel of 0 leaves that depthwise conv out."""
+
+    def __init__(self, in_ch: int, out_ch: int, dw_start: int, dw_mid: int, stride: int, exp_ratio: float,
+                 layer_scale: bool = True, skip: bool = True, same_padding: bool = True):
+        super().__init__()
+        if stride > 1 and not (dw_start or dw_mid):
+            raise ValueError("a strided universal inverted residual block needs a depthwise conv")
+        mid = make_divisible(in_ch * exp_ratio)
+        self.has_skip = skip and in_ch == out_ch and stride == 1
+        # The stride goes on the mid conv when there is one, else on the start conv.
+        self.dw_start = (ConvNorm(in_ch, in_ch, dw_start, 1 if dw_mid else stride, groups=in_ch, act=False,
+                                  same_padding=same_padding) if dw_start else None)
+        self.pw_exp = ConvNorm(in_ch, mid, 1, same_padding=same_padding)
+        self.dw_mid = (ConvNorm(mid, mid, dw_mid, stride, groups=mid, same_padding=same_padding)
+                       if dw_mid else None)
+        self.pw_proj = ConvNorm(mid, out_ch, 1, act=False, same_padding=same_padding)
+        self.layer_scale = LayerScale2d(out_ch) if layer_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dw_start(x) if self.dw_start is not None else x
+        y = self.pw_exp(y)
+        if self.dw_mid is not None:
+            y = self.dw_mid(y)
+        y = self.pw_proj(y)
+        if self.layer_scale is not None:
+            y = self.layer_scale(y)
+        return y + x if self.has_skip else y
+
+
+class Pointwise(nn.Module):
+    """A bias-free 1x1 projection held as `.proj` (timm's query / output containers)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class KeyValueProjection(nn.Module):
+    """[depthwise strided conv + norm, when kv_stride > 1] -> 1x1 projection to one shared head."""
+
+    def __init__(self, dim: int, head_dim: int, kernel: int, kv_stride: int, same_padding: bool):
+        super().__init__()
+        self.down_conv = (conv2d(dim, dim, kernel, kv_stride, groups=dim, same_padding=same_padding)
+                          if kv_stride > 1 else None)
+        self.norm = RMSNorm2d(dim) if kv_stride > 1 else None
+        self.proj = nn.Conv2d(dim, head_dim, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.down_conv is not None:
+            x = self.norm(self.down_conv(x))
+        return self.proj(x)
+
+
+class MultiQueryAttention2d(nn.Module):
+    """Multi-query attention over the pixels: `heads` query heads, one shared key/value head."""
+
+    def __init__(self, dim: int, out_ch: int, heads: int, head_dim: int, kernel: int, kv_stride: int,
+                 same_padding: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.query = Pointwise(dim, heads * head_dim)
+        self.key = KeyValueProjection(dim, head_dim, kernel, kv_stride, same_padding)
+        self.value = KeyValueProjection(dim, head_dim, kernel, kv_stride, same_padding)
+        self.output = Pointwise(heads * head_dim, out_ch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        # Query channels are head-major (channel = head * head_dim + j); tokens are pixels in row-major order.
+        # The .contiguous() calls lay tensors out as the reference does, so the same kernels run: bit-identical.
+        q = self.query(x).reshape(n, self.heads, self.head_dim, h * w).transpose(-1, -2).contiguous()  # (N,h,HW,D)
+        k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, HW', D), broadcast over heads
+        v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
+        o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
+        o = o.transpose(1, 2).reshape(n, h, w, self.heads * self.head_dim).permute(0, 3, 1, 2).contiguous()
+        return self.output(o)
+
+
+class MobileAttention(nn.Module):
+    """norm -> multi-query attention -> layer scale (+ x)."""
+
+    def __init__(self, in_ch: int, out_ch: int, heads: int, head_dim: int, kernel: int, kv_stride: int,
+                 layer_scale: bool = True, same_padding: bool = True):
+        super().__init__()
+        self.has_skip = in_ch == out_ch
+        self.norm = RMSNorm2d(in_ch)
+        self.attn = MultiQueryAttention2d(in_ch, out_ch, heads, head_dim, kernel, kv_stride, same_padding)
+        self.layer_scale = LayerScale2d(out_ch) if layer_scale else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.attn(self.norm(x))
+        if self.layer_scale is not None:
+            y = self.layer_scale(y)
+        return y + x if self.has_skip else y
+
+
+class MultiScaleFusionAdapter(nn.Module):
+    """Fuse feature maps of several resolutions into (N, out_ch, R, R): nearest-upsample all to the largest,
+    concatenate on channels, a 1x1 expand/project FFN (no skip, no layer scale), shrink to R, final norm."""
+
+    def __init__(self, in_ch: int, out_ch: int, output_resolution: int, exp_ratio: float = 2.0):
+        super().__init__()
+        self.output_resolution = output_resolution
+        self.ffn = UniversalInvertedResidual(in_ch, out_ch, 0, 0, 1, exp_ratio, layer_scale=False, skip=False)
+        self.norm = RMSNorm2d(out_ch)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        size = features[0].shape[-2:]  # the first input is the highest resolution
+        resized = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features]
+        x = self.ffn(torch.cat(resized, dim=1))
+        r = self.output_resolution
+        if size != (r, r):
+            if size[0] % r or size[1] % r:
+                x = F.interpolate(x, size=(r, r), mode="bilinear")
+            else:  # an exact multiple: plain average pooling, as the reference does
+                x = F.avg_pool2d(x, kernel_size=(size[0] // r, size[1] // r))
+        return self.norm(x)
