@@ -56,8 +56,11 @@ def _convert_part(part, where: str, settings: ServerSettings, out: Converted) ->
         if out.images > settings.max_images:
             raise bad_request(f"too many images: at most {settings.max_images} per request", param=where)
         out.media.append("image")
-        return {"type": "image", "image": decode_image(image_bytes(part.image_url.url, where, settings), where,
-                                                       settings)}
+        data = image_bytes(part.image_url.url, where, settings)
+        decode_image(data, where, settings)
+        # The checked bytes, not the decoded image, go on: the processor then reads them as the reference reads a
+        # URL (EXIF orientation applied), whereas an in-memory image would be taken as it is.
+        return {"type": "image", "image": data}
     assert isinstance(part, AudioPart)
     out.audios += 1
     if out.audios > settings.max_audios:
@@ -113,7 +116,8 @@ def fetch(url: str, where: str, settings: ServerSettings) -> bytes:
 
 
 def decode_image(data: bytes, where: str, settings: ServerSettings) -> Any:
-    """Bytes -> a loaded PIL image, refusing what is not an image or has too many pixels."""
+    """Bytes -> a loaded PIL image (a full decode, so a truncated file is caught here), refusing what is not an
+    image or has too many pixels."""
     try:
         from PIL import Image
     except ImportError:
