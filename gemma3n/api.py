@@ -28,30 +28,62 @@ def _first_shared(config: ModelConfig) -> int | None:
     return getattr(config.text, "first_shared_layer", None)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype | None) -> tuple[ModelConfig, nn.Module]:
+def _load_folder(folder: Path, dtype: torch.dtype | None, quantize=None) -> tuple[ModelConfig, nn.Module]:
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json here; pass a Hugging Face checkpoint folder or a .gguf file")
+    from .quant import apply_plan, deferred_tensors, plan_for, stored_plan
     config = ModelConfig.from_file(folder / "config.json")
     tensors = Checkpoint(folder)
     keys = text_key_map(list(tensors), _first_shared(config))
     cls = text_model_class(config)
-    lm = assemble(lambda: cls(config.text), tensors, keys, dtype,
+    stored = stored_plan(folder)
+    if stored is not None and quantize is not None:
+        raise ValueError(f"{folder} is already quantised ({stored[0].to_dict()}); load it without quantize=")
+    # a quantised checkpoint: the quantised modules are built as empty skeletons and assigned the stored tensors
+    build = (lambda: cls(config.text)) if stored is None else (
+        lambda: apply_plan(cls(config.text), stored[1], stored[0].group_size))
+    # quantize=: planned weights are left out of the assembly, then quantised one at a time from the map, and
+    # each one's file pages are dropped once it is done, so no float copy of the model is ever resident
+    chosen, scheme = plan_for(build, quantize)
+    source = {keys.source(p + ".weight"): p for p in chosen}
+    lm = assemble(build, deferred_tensors(tensors, source), keys, dtype,
                   lambda name: str(tensors.file_of(name)) if name in tensors else str(folder))
+    if chosen:
+        def weight(path: str) -> torch.Tensor:
+            stored_weight = tensors[keys.source(path + ".weight")]
+            return stored_weight if dtype is None else stored_weight.to(dtype)
+        apply_plan(lm, chosen, scheme.group_size, weights=weight,
+                   release=lambda path: tensors.release(keys.source(path + ".weight")))
     return config, lm
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[ModelConfig, nn.Module]:
-    from .checkpoint.gguf import read_gguf
+def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None) -> tuple[ModelConfig, nn.Module]:
+    """Tensors are dequantised one at a time; the per-layer table stays in the file (rows dequantised per lookup);
+    with `quantize`, each planned weight is dequantised and re-quantised on its own, never the whole model."""
+    from .checkpoint.gguf import PLE_NAME, GGUFRowEmbedding, read_gguf
+    from .quant import deferred_tensors, plan_for
     config, tensors = read_gguf(path, dtype)
     keys = text_key_map(list(tensors), _first_shared(config))
     cls = text_model_class(config)
-    return config, assemble(lambda: cls(config.text), tensors, keys, dtype, lambda name: str(path))
+    chosen, scheme = plan_for(lambda: cls(config.text), quantize)
+    deferred = {keys.source(p + ".weight"): p for p in chosen}
+    if PLE_NAME in tensors:
+        deferred[PLE_NAME] = "model.embed_tokens_per_layer"
+    lm = assemble(lambda: cls(config.text), deferred_tensors(tensors, deferred), keys, dtype, lambda name: str(path))
+    if PLE_NAME in tensors:
+        lm.model.embed_tokens_per_layer = GGUFRowEmbedding(tensors.row_table(PLE_NAME))
+    if chosen:
+        from .quant import apply_plan
+        apply_plan(lm, chosen, scheme.group_size, weights=lambda p: tensors[keys.source(p + ".weight")])
+    return config, lm
 
 
-def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
+def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
+    quantize: None, "int8", "int4", "int4-g32" or a dict scheme (gemma3n.quant.parse_scheme): weight-only
+    quantisation after loading. A folder written by `gemma3n quantize` loads quantised without it.
     """
     dtype = resolve_dtype(dtype)
     path = Path(path_or_id).expanduser()
@@ -62,9 +94,9 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu") -> "Model":
             raise FileNotFoundError(f"{path}: no such file or folder; pass a checkpoint folder, a .gguf file "
                                     f"or a Hugging Face model id that is in the local cache")
     if path.is_dir():
-        config, lm = _load_folder(path, dtype)
+        config, lm = _load_folder(path, dtype, quantize)
     elif path.suffix.lower() == ".gguf":
-        config, lm = _load_gguf(path, dtype)
+        config, lm = _load_gguf(path, dtype, quantize)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
@@ -98,11 +130,11 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm.model.embed_tokens.weight.dtype
+        return self.lm.model.norm.weight.dtype  # float even when weights are quantised
 
     @property
     def device(self) -> torch.device:
-        return self.lm.model.embed_tokens.weight.device
+        return self.lm.model.norm.weight.device
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, **multimodal: Any) -> torch.Tensor:

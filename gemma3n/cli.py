@@ -26,6 +26,8 @@ def default_model_path() -> Path:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    p.add_argument("--quantize", "-q", metavar="SCHEME",
+                   help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="at most this many new tokens (256)")
     p.add_argument("--temperature", "-t", type=float, help="0 = greedy (default: the checkpoint's own settings)")
@@ -46,7 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
     _add_model_args(chat)
+    _add_quantize_command(sub)
     return parser
+
+
+def _add_quantize_command(sub) -> None:
+    q = sub.add_parser("quantize", help="write a weight-only quantised copy of a checkpoint folder")
+    q.add_argument("source", help="float checkpoint folder (Hugging Face layout)")
+    q.add_argument("destination", help="new folder for the quantised checkpoint")
+    q.add_argument("--scheme", default="int4",
+                   help="int8 | int4 | int4-g32 | int4-g128 ..., or JSON like "
+                        "'{\"decoder\": \"int4\", \"embeddings\": \"int8\", \"group_size\": 32}' (default int4)")
+
+
+def cmd_quantize(args) -> int:
+    from .quant import quantize_checkpoint
+    scheme = json.loads(args.scheme) if args.scheme.lstrip().startswith("{") else args.scheme
+    started = time.perf_counter()
+    summary = quantize_checkpoint(args.source, args.destination, scheme)
+    print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
 
 
 def _sampling(args) -> dict:
@@ -61,7 +82,7 @@ def _load(args):
     start = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {path} ...", end="", file=sys.stderr, flush=True)
-    model = gemma3n.load(path, dtype=args.dtype)
+    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize)
     if sys.stderr.isatty():
         print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
@@ -128,7 +149,7 @@ def cmd_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "chat": cmd_chat}[args.command](args)
+        return {"run": cmd_run, "chat": cmd_chat, "quantize": cmd_quantize}[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)
         return 130
