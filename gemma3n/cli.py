@@ -94,7 +94,9 @@ def _messages(system: str | None, turns: list[dict]) -> list[dict]:
 
 def cmd_run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    loading = time.perf_counter()
     model = _load(args)
+    load_seconds = time.perf_counter() - loading
     use_chat = bool(args.system) or bool(model.tokenizer and model.tokenizer.chat_template)
     inputs = _messages(args.system, [{"role": "user", "content": prompt}]) if use_chat else prompt
     started = time.perf_counter()
@@ -110,7 +112,7 @@ def cmd_run(args) -> int:
     g = it.generation
     decode_rate = (g.new_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 and g.new_tokens > 1 else None
     print(json.dumps({
-        "model": str(model.path), "text": text, "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
+        "model": str(model.path), "load_seconds": round(load_seconds, 3), "text": text, "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
         "finish_reason": g.finish_reason, "prefill_seconds": round(g.prefill_seconds, 4),
         "decode_seconds": round(g.decode_seconds, 4),
         "decode_tokens_per_second": round(decode_rate, 2) if decode_rate else None,

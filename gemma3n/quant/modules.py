@@ -1,10 +1,11 @@
 """Quantised replacements for nn.Linear and the tied embedding / LM head.
 
-Decode (a few rows of input) runs PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`,
-`aten._weight_int4pack_mm_for_cpu`), which read the packed weights directly. For more rows (prefill) those kernels
-are about 10x slower than a bf16 matrix product (measured on this machine: 128 rows x [8192, 2048], 3.7 ms bf16,
-40 ms int8, 29 ms int4), so the weight is dequantised a block of output rows at a time and multiplied densely;
-the temporary is one block, never the whole matrix.
+Decode and short prompts run PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`), which read the packed weights directly. Their cost grows with the rows of
+input (measured on this machine, [8192, 2048]: 128 rows take 3.7 ms in bf16, 40 ms int8, 29 ms int4), so long
+prompts dequantise the weight a block of output rows at a time and multiply densely; the temporary is one block,
+never the whole matrix. Dequantising is cheap for int8 (a cast and a multiply) and dear for int4 (unpacking
+nibbles in PyTorch costs about as much as 250 rows through the kernel), hence the two thresholds.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch.nn import functional as F
 
 from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
 
-KERNEL_MAX_ROWS = 8  # up to this many input rows the integer kernels win; above, blockwise dequantisation
+INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
+INT4_KERNEL_MAX_ROWS = 256
 _BLOCK_ROWS = 2048  # output rows dequantised at once on the dense path
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -40,7 +42,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
+        if flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype), self.qweight, self.scales)
         else:
             out = _blockwise(flat.to(self.scales.dtype), self.dequantize, self.out_features)
@@ -74,7 +76,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if flat.shape[0] <= KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
+        if flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
                                                                self.scales_and_zeros)
         else:
@@ -106,6 +108,38 @@ class Int8Embedding(Int8Linear):
 
     def linear(self, x: Tensor) -> Tensor:
         return Int8Linear.forward(self, x)
+
+
+class Int4Embedding(Int4Linear):
+    """A token embedding stored as int4 groups (Int4Linear's layout); `linear` is the tied LM head.
+
+    Half the bytes of Int8Embedding, for the tightest memory budgets; the head's error grows accordingly (see
+    gemma3n.quant.quality for measured agreement)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int,
+                 scale_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(embedding_dim, num_embeddings, group_size, scale_dtype)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, group_size: int) -> "Int4Embedding":
+        out = cls(weight.shape[0], weight.shape[1], group_size, weight.dtype)
+        out.qweight, out.scales_and_zeros = int4_quantize(weight, group_size, weight.dtype)
+        return out
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids -> rows in the compute dtype, unpacking only the gathered rows from their tiles."""
+        flat = ids.reshape(-1)
+        tiles = self.qweight.view(self.out_features // INT4_TILE, self.in_features, INT4_TILE // 2)
+        within = flat % INT4_TILE
+        packed = tiles[flat // INT4_TILE, :, within % (INT4_TILE // 2)]  # (n, K): each row's byte per column
+        q = torch.where((within < INT4_TILE // 2)[:, None], packed & 0x0F, packed >> 4)
+        sz = self.scales_and_zeros[:, flat].transpose(0, 1)  # (n, groups, 2)
+        q = q.to(sz.dtype).unflatten(1, (-1, self.group_size))
+        rows = ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).flatten(1)
+        return rows.reshape(*ids.shape, self.in_features)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return Int4Linear.forward(self, x)
 
 
 def _blockwise(x: Tensor, dequantize, out_features: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .formats import GROUP_SIZES, int4_supported
-from .modules import Int4Linear, Int8Embedding, Int8Linear
+from .modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
 INT8, INT4, KEEP = "int8", "int4", "none"
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +34,7 @@ class QuantScheme:
     group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self):
-        allowed = {"embeddings": {INT8, KEEP}, "decoder": {INT8, INT4, KEEP},
+        allowed = {"embeddings": {INT8, INT4, KEEP}, "decoder": {INT8, INT4, KEEP},
                    "audio": {INT8, INT4, KEEP, *FLOATS}, "vision": {INT8, INT4, KEEP, *FLOATS}}
         for name, options in allowed.items():
             if getattr(self, name) not in options:
@@ -102,7 +102,8 @@ def module_format(module: nn.Module, fmt: str, group_size: int) -> str | None:
     if fmt not in (INT8, INT4):
         return None
     if isinstance(module, nn.Embedding):
-        return INT8
+        fits = int4_supported(module.num_embeddings, module.embedding_dim, group_size)
+        return INT4 if fmt == INT4 and fits else INT8
     if type(module) is not nn.Linear or module.bias is not None:
         return None
     if min(module.in_features, module.out_features) < MIN_FEATURES:
@@ -126,7 +127,8 @@ def apply_plan(model: nn.Module, chosen: dict[str, str], group_size: int,
         if weight.is_meta:
             new = _skeleton(old, kind, group_size, weight.dtype)
         elif isinstance(old, nn.Embedding):
-            new = Int8Embedding.from_weight(weight.detach())
+            new = (Int4Embedding.from_weight(weight.detach(), group_size) if kind == INT4
+                   else Int8Embedding.from_weight(weight.detach()))
         else:
             new = (Int4Linear.from_weight(weight.detach(), group_size) if kind == INT4
                    else Int8Linear.from_weight(weight.detach()))
@@ -186,6 +188,8 @@ def quantize_module(module: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP
 def _skeleton(old: nn.Module, kind: str, group_size: int, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         if isinstance(old, nn.Embedding):
+            if kind == INT4:
+                return Int4Embedding(old.num_embeddings, old.embedding_dim, group_size, dtype)
             return Int8Embedding(old.num_embeddings, old.embedding_dim, dtype)
         if kind == INT4:
             return Int4Linear(old.in_features, old.out_features, group_size, dtype)
