@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--bf16", type=Path, required=True, help="the E2B-shape bf16 checkpoint folder")
     parser.add_argument("--int8", type=Path, help="its `gemma3n quantize --scheme int8` copy")
     parser.add_argument("--int4", type=Path, help="its `gemma3n quantize --scheme int4` copy")
+    parser.add_argument("--int4-embeddings", type=Path,
+                        help="a copy quantised with {\"decoder\": \"int4\", \"embeddings\": \"int4\"}")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     text, ids = prompt_of(args.bf16, 128)
@@ -104,7 +106,9 @@ def main() -> None:
             ("gemma3n int4 checkpoint", [*ours, "--model", str(args.int4), text] if args.int4 else None),
             ("gemma3n bf16 + --quantize int4", [*ours, "--model", str(args.bf16), "--quantize", "int4", text]),
             ("transformers bf16", None if args.skip_transformers else
-             [sys.executable, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)])]
+             [sys.executable, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)]),
+            ("gemma3n int4 checkpoint, int4 embeddings",
+             [*ours, "--model", str(args.int4_embeddings), text] if args.int4_embeddings else None)]
     for name, command in runs:
         if command is None:
             continue
