@@ -48,13 +48,15 @@ print(json.dumps({"load_seconds": load, "prompt_tokens": x.shape[1], "new_tokens
 
 
 def prompt_of(folder: Path, tokens: int) -> tuple[str, list[int]]:
-    """A prompt whose chat-templated encoding (as `gemma3n run` builds it) is exactly `tokens` long."""
+    """A prompt whose encoding as `gemma3n run` builds it (chat template if any) is exactly `tokens` long."""
     sys.path.insert(0, str(ROOT))
     from gemma3n.processor.chat import render_chat
     from gemma3n.processor.tokenizer import Tokenizer
     tok = Tokenizer.from_pretrained_dir(folder)
 
     def encode(text: str) -> list[int]:
+        if not tok.chat_template:  # as `gemma3n run`: raw text after BOS when the checkpoint has no template
+            return tok.encode(text, add_special_tokens=True)
         rendered = render_chat([{"role": "user", "content": text}], tok.chat_template, add_generation_prompt=True,
                                bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
         return tok.encode(rendered, add_special_tokens=False)

@@ -54,6 +54,8 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, quantize=None) -> tupl
             return stored_weight if dtype is None else stored_weight.to(dtype)
         apply_plan(lm, chosen, scheme.group_size, weights=weight,
                    release=lambda path: tensors.release(keys.source(path + ".weight")))
+    # the scheme in force, for encoders loaded later (gemma3n.quant.quantize_module(tower, scheme.vision, ...))
+    lm.quant_scheme = stored[0] if stored is not None else scheme
     return config, lm
 
 
@@ -75,6 +77,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None) -> tuple[Mo
     if chosen:
         from .quant import apply_plan
         apply_plan(lm, chosen, scheme.group_size, weights=lambda p: tensors[keys.source(p + ".weight")])
+    lm.quant_scheme = scheme
     return config, lm
 
 
