@@ -104,7 +104,23 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None)
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
         lm = lm.to(device)
-    return Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path))
+    model = Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path))
+    _return_freed_heap()
+    return model
+
+
+def _return_freed_heap() -> None:
+    """Give the heap that loading freed back to the OS (glibc keeps it otherwise): parsing a 262k-entry
+    tokenizer.json leaves ~200 MB of freed memory in the resident set (measured on the E2B-shape checkpoint)."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _load_tokenizer(path: Path):

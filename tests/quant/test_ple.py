@@ -118,3 +118,26 @@ def test_gguf_rows_are_dequantised_one_by_one(tmp_path, kind):
     assert torch.equal(table.materialise(), whole)
     ids = torch.tensor([[3, 0, 39], [3, 17, 5]])
     assert torch.equal(GGUFRowEmbedding(table)(ids), whole[ids])
+
+
+# -- end to end through a GGUF written by llama.cpp's own converter -------------------------------------------------
+
+from ..checkpoint.test_gguf import _convert, llama_cpp_converter, sentencepiece_model, tiny_gemma3n  # noqa: E402,F401
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_gguf_model_gathers_ple_rows_from_the_file(llama_cpp_converter, tiny_gemma3n, outtype):  # noqa: F811
+    _, folder, _ = tiny_gemma3n
+    path = _convert(llama_cpp_converter, folder, outtype)
+    model = gemma3n.load(path)
+    assert isinstance(model.lm.model.embed_tokens_per_layer, GGUFRowEmbedding)
+    ids = torch.randint(0, model.config.text.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    ple = model.lm.model.embed_tokens_per_layer
+    rows = ple.table.materialise()
+    gathered = model.logits(ids)
+    # the same model with the table materialised in RAM as an ordinary embedding gives identical logits
+    model.lm.model.embed_tokens_per_layer = nn.Embedding.from_pretrained(rows)
+    assert torch.equal(gathered, model.logits(ids))
+    if outtype == "f32":  # and equals the safetensors checkpoint it was converted from
+        assert torch.equal(gathered, gemma3n.load(folder, dtype="float32").logits(ids))
