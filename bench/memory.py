@@ -4,7 +4,8 @@ transformers bf16 on the same checkpoint, each in its own process, in one run.
     python bench/make_e2b_checkpoint.py /work/e2b                      # once: random weights, exact E2B shape
     gemma3n quantize /work/e2b /work/e2b-int8 --scheme int8            # once each
     gemma3n quantize /work/e2b /work/e2b-int4 --scheme int4
-    python bench/memory.py --bf16 /work/e2b --int8 /work/e2b-int8 --int4 /work/e2b-int4
+    python bench/memory.py --bf16 /work/e2b --int8 /work/e2b-int8 --int4 /work/e2b-int4 \
+        --extra "int4 + int4 embeddings=/work/e2b-int4e"
 
 Text prompt of 128 tokens (after the chat template), 32 new tokens, greedy. Peak RSS is the child's maximum
 resident set (os.wait4), which counts the memory-mapped file pages it touched as well as its own allocations.
@@ -95,8 +96,8 @@ def main() -> None:
     parser.add_argument("--bf16", type=Path, required=True, help="the E2B-shape bf16 checkpoint folder")
     parser.add_argument("--int8", type=Path, help="its `gemma3n quantize --scheme int8` copy")
     parser.add_argument("--int4", type=Path, help="its `gemma3n quantize --scheme int4` copy")
-    parser.add_argument("--int4-embeddings", type=Path,
-                        help="a copy quantised with {\"decoder\": \"int4\", \"embeddings\": \"int4\"}")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="another quantised copy to measure, e.g. 'int4 + int4 embeddings=/work/e2b-int4e'")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     text, ids = prompt_of(args.bf16, 128)
@@ -108,9 +109,9 @@ def main() -> None:
             ("gemma3n int4 checkpoint", [*ours, "--model", str(args.int4), text] if args.int4 else None),
             ("gemma3n bf16 + --quantize int4", [*ours, "--model", str(args.bf16), "--quantize", "int4", text]),
             ("transformers bf16", None if args.skip_transformers else
-             [sys.executable, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)]),
-            ("gemma3n int4 checkpoint, int4 embeddings",
-             [*ours, "--model", str(args.int4_embeddings), text] if args.int4_embeddings else None)]
+             [sys.executable, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)])]
+    runs += [(f"gemma3n {label}", [*ours, "--model", folder, text])
+             for label, _, folder in (extra.partition("=") for extra in args.extra)]
     for name, command in runs:
         if command is None:
             continue

@@ -9,6 +9,8 @@ Thresholds, from measurements on the real Gemma 3 270M (its Q4_K_M GGUF dequanti
   int8 everywhere            top-1 93.3%  mean KL 0.008
   int4 group 64 (+int8 emb.) top-1 73.7%  mean KL 0.30
   int4 group 32 (+int8 emb.) top-1 78.3%  mean KL 0.19
+  int8 decoder, int4 emb.    top-1 79.7%  mean KL 0.11   (the 640-wide 270M is dominated by its tied head)
+  int4 decoder + int4 emb.   top-1 63.7%  mean KL 0.43   (group 64; group 128: 61.3%, 0.63)
 This small model is sensitive, and its weights were already 4-5-bit (Q4_K / Q5_0), so int4 re-quantises them.
 We warn below 90% agreement or above KL 0.05 (int8 passes with margin; int4 here warns: its degradation is real
 and the user should know), and refuse below 60% or above KL 1.0: far outside every working scheme measured, the
