@@ -68,10 +68,13 @@ def verdict(scores: dict[str, float], scheme) -> str:
     return "ok"
 
 
-def guard_scheme(path, scheme, text: str = SAMPLE_TEXT, max_tokens: int = 300, dtype="bfloat16") -> dict:
-    """Measure a scheme on a checkpoint against its float (bf16) version, then warn or refuse (see verdict)."""
+def guard_scheme(path, scheme, text: str = SAMPLE_TEXT, max_tokens: int = 300, dtype="bfloat16",
+                 reference=None) -> dict:
+    """Measure a scheme on a checkpoint against its float (bf16) version, then warn or refuse (see verdict).
+
+    `reference`: the float model already loaded from `path` in `dtype`, to reuse across schemes."""
     import gemma3n
-    reference = gemma3n.load(path, dtype=dtype)
+    reference = reference or gemma3n.load(path, dtype=dtype)
     ids = torch.tensor([reference.tokenizer.encode(text, add_special_tokens=True)[:max_tokens]])
     quantised = gemma3n.load(path, dtype=dtype, quantize=scheme)
     scores = compare(reference, quantised, ids)
