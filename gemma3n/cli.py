@@ -26,6 +26,8 @@ def default_model_path() -> Path:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    p.add_argument("--quantize", "-q", metavar="SCHEME",
+                   help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="at most this many new tokens (256)")
     p.add_argument("--temperature", "-t", type=float, help="0 = greedy (default: the checkpoint's own settings)")
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_transcribe_parser(sub)
     _add_serve_parser(sub)
+    _add_quantize_command(sub)
     return parser
 
 
@@ -85,6 +88,24 @@ def _add_serve_parser(sub) -> None:
                        help=f"limit: {what} (default {getattr(d, name)})")
 
 
+def _add_quantize_command(sub) -> None:
+    q = sub.add_parser("quantize", help="write a weight-only quantised copy of a checkpoint folder")
+    q.add_argument("source", help="float checkpoint folder (Hugging Face layout)")
+    q.add_argument("destination", help="new folder for the quantised checkpoint")
+    q.add_argument("--scheme", default="int4",
+                   help="int8 | int4 | int4-g32 | int4-g128 ..., or JSON like "
+                        "'{\"decoder\": \"int4\", \"embeddings\": \"int8\", \"group_size\": 32}' (default int4)")
+
+
+def cmd_quantize(args) -> int:
+    from .quant import quantize_checkpoint
+    scheme = json.loads(args.scheme) if args.scheme.lstrip().startswith("{") else args.scheme
+    started = time.perf_counter()
+    summary = quantize_checkpoint(args.source, args.destination, scheme)
+    print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -97,7 +118,7 @@ def _load(args):
     start = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {path} ...", end="", file=sys.stderr, flush=True)
-    model = gemma3n.load(path, dtype=args.dtype)
+    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize)
     if sys.stderr.isatty():
         print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
@@ -117,7 +138,9 @@ def _messages(system: str | None, turns: list[dict]) -> list[dict]:
 
 def cmd_run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    loading = time.perf_counter()
     model = _load(args)
+    load_seconds = time.perf_counter() - loading
     model.allow_network = args.allow_network
     media = _media_parts(args)
     use_chat = bool(args.system or media) or bool(model.tokenizer and model.tokenizer.chat_template)
@@ -136,7 +159,7 @@ def cmd_run(args) -> int:
     g = it.generation
     decode_rate = (g.new_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 and g.new_tokens > 1 else None
     print(json.dumps({
-        "model": str(model.path), "text": text, "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
+        "model": str(model.path), "load_seconds": round(load_seconds, 3), "text": text, "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens,
         "finish_reason": g.finish_reason, "prefill_seconds": round(g.prefill_seconds, 4),
         "decode_seconds": round(g.decode_seconds, 4),
         "decode_tokens_per_second": round(decode_rate, 2) if decode_rate else None,
@@ -251,7 +274,8 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve}
+        commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
+                    "quantize": cmd_quantize}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import gguf
 import numpy as np
@@ -110,10 +110,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Model
     shared = _shared_kv_layers(meta, layers) if arch == G3N else set()
     entries = [(t, *_table_key(t.name, arch, layers, path)) for t in reader.tensors]
     _check_complete({key.replace("{i}", str(i)) for _, key, i in entries}, arch, layers, shared, path)
-    state = _load_tensors(entries, arch, shared, dtype)
-    if arch == G3N:
-        state["model.embed_tokens_per_layer.weight"] = _strip_zero_padding(
-            state["model.embed_tokens_per_layer.weight"], state["model.embed_tokens.weight"].shape[0])
+    state = GGUFTensors(entries, arch, shared, dtype)
     return ModelConfig.from_dict(_config_dict(meta, state, shared), source=str(path)), state
 
 
@@ -197,20 +194,89 @@ def _table_key(name: str, arch: str, layers: int, path: Path) -> tuple[str, int 
     return key, layer
 
 
-def _load_tensors(entries: list, arch: str, shared: set[int], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Dequantise the listed tensors one by one into a state dict under HF names."""
-    state: dict[str, Tensor] = {}
-    for t, key, layer in entries:
-        if layer in shared and key in _SHARED_KV_ONLY:
-            continue  # K/V of a layer that reads another layer's cache: unused, as in transformers
-        hf = NAME_TABLE[key][0].replace("{i}", str(layer))
-        shift = _NORM_SHIFT[arch] if hf.endswith("norm.weight") else 0.0
-        tensor = _dequantize(t, dtype, shift)
-        if "{j}" in hf:  # one stacked GGUF tensor -> separate HF tensors, each with its own storage
-            state.update({hf.replace("{j}", str(j)): part.clone() for j, part in enumerate(tensor)})
-        else:
-            state[hf] = tensor
-    return state
+PLE_NAME = "model.embed_tokens_per_layer.weight"
+
+
+class GGUFTensors(Mapping[str, Tensor]):
+    """The file's tensors under HF names, dequantised (a chunk of rows at a time) only when one is asked for, so
+    a loader holds at most the tensors it has taken. The per-layer embedding table is also available as a
+    `GGUFRows` (`row_table`), which dequantises only the rows of the tokens being processed."""
+
+    def __init__(self, entries: list, arch: str, shared: set[int], dtype: torch.dtype):
+        self.dtype = dtype
+        self._source: dict[str, tuple[Any, float, int | None]] = {}  # HF name -> (tensor, shift, stacked index)
+        for t, key, layer in entries:
+            if layer in shared and key in _SHARED_KV_ONLY:
+                continue  # K/V of a layer that reads another layer's cache: unused, as in transformers
+            hf = NAME_TABLE[key][0].replace("{i}", str(layer))
+            shift = _NORM_SHIFT[arch] if hf.endswith("norm.weight") else 0.0
+            if "{j}" in hf:  # one stacked GGUF tensor -> separate HF tensors
+                for j in range(int(t.shape[-1])):
+                    self._source[hf.replace("{j}", str(j))] = (t, shift, j)
+            else:
+                self._source[hf] = (t, shift, None)
+        self._rows = GGUFRows(self._source[PLE_NAME][0], dtype, self._vocab()) if PLE_NAME in self._source else None
+
+    def _vocab(self) -> int:
+        t = self._source["model.embed_tokens.weight"][0]
+        return int(t.shape[-1])
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name == PLE_NAME and self._rows is not None:
+            return self._rows.materialise()
+        t, shift, j = self._source[name]
+        tensor = _dequantize(t, self.dtype, shift)
+        return tensor if j is None else tensor[j].clone()  # its own storage, not a view of the stack
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name == PLE_NAME and self._rows is not None:
+            return self._rows.shape
+        t, _, j = self._source[name]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        return shape if j is None else shape[1:]
+
+    def row_table(self, name: str) -> "GGUFRows":
+        if name != PLE_NAME or self._rows is None:
+            raise KeyError(f"{name} is not a row-gathered table")
+        return self._rows
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+
+class GGUFRows:
+    """A [rows, width] GGUF table read row by row from the memory map, in whatever type it is stored (F16, Q8_0,
+    Q4_K, ...): `gather(ids)` dequantises just those rows. Trailing all-zero rows that the converter appended (see
+    the module docstring) are not part of the table."""
+
+    def __init__(self, t, dtype: torch.dtype, vocab_size: int):
+        self.tensor_type, self.dtype = t.tensor_type, dtype
+        raw = np.asarray(t.data)
+        self.raw = raw.reshape(raw.shape[0], -1)  # (rows, stored bytes or values per row), a view of the map
+        self.width = int(t.shape[0])
+        self.shape = (_unpadded_rows(self, vocab_size), self.width)
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        values = gguf.quants.dequantize(self.raw[start:stop], self.tensor_type)
+        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(-1, self.width).to(self.dtype)
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """ids (any shape) -> rows (*ids.shape, width), dequantising each distinct row once."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        picked = gguf.quants.dequantize(self.raw[unique.numpy()], self.tensor_type)
+        rows = torch.from_numpy(np.array(picked, dtype=np.float32)).reshape(-1, self.width).to(self.dtype)
+        return rows[inverse].reshape(*ids.shape, self.width)
+
+    def materialise(self) -> Tensor:
+        """The whole table (for tests and conversions; the model never calls this)."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        step = max(1, _CHUNK_ELEMENTS // self.width)
+        for start in range(0, self.shape[0], step):
+            out[start:start + step] = self.rows(start, min(start + step, self.shape[0]))
+        return out
 
 
 def _dequantize(t, dtype: torch.dtype, shift: float) -> Tensor:
@@ -246,22 +312,33 @@ def _check_complete(found: set[str], arch: str, layers: int, shared: set[int], p
         raise GGUFError(f"{path}: tensor {missing[0]}{more} is missing; the file is incomplete or not a {arch} model")
 
 
-def _strip_zero_padding(table: Tensor, vocab_size: int) -> Tensor:
-    """Drop the all-zero rows the converter appended to the per-layer table to reach vocab_size.
+class GGUFRowEmbedding(torch.nn.Module):
+    """An embedding whose table stays in the GGUF file; a lookup dequantises only the rows it returns."""
 
-    A table shorter than vocab_size was not padded (older converters) and is kept as it is. Scans from the end
-    in blocks so that only the padded tail is examined."""
-    if table.shape[0] != vocab_size:
-        return table
-    end = table.shape[0]
+    def __init__(self, table: GGUFRows):
+        super().__init__()
+        self.table = table
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table.gather(ids.cpu()).to(ids.device)
+
+
+def _unpadded_rows(table: GGUFRows, vocab_size: int) -> int:
+    """Rows of the per-layer table without the all-zero rows the converter appended to reach vocab_size.
+
+    A table shorter than vocab_size was not padded (older converters) and is kept whole. Scans from the end in
+    blocks so that only the padded tail is read."""
+    end = table.raw.shape[0]
+    if end != vocab_size:
+        return end
     while end > 0:
-        block = table[max(0, end - 1024):end]
+        block = table.rows(max(0, end - 1024), end)
         nonzero = block.ne(0).any(dim=1).nonzero()
         if nonzero.numel():
-            end = end - block.shape[0] + int(nonzero[-1]) + 1
-            break
+            return end - block.shape[0] + int(nonzero[-1]) + 1
         end -= block.shape[0]
-    return table[:end].clone() if end < table.shape[0] else table
+    return end
 
 
 def _shared_kv_layers(meta: _Metadata, layers: int) -> set[int]:
@@ -272,7 +349,7 @@ def _shared_kv_layers(meta: _Metadata, layers: int) -> set[int]:
 
 # -- config ------------------------------------------------------------------------------------------------------
 
-def _config_dict(meta: _Metadata, state: dict[str, Tensor], shared: set[int]) -> dict[str, Any]:
+def _config_dict(meta: _Metadata, state: GGUFTensors, shared: set[int]) -> dict[str, Any]:
     """An HF config.json-style dict (model_type gemma3_text / gemma3n_text) from metadata and tensor shapes."""
     layers = meta.get("block_count")
     heads = meta.get("attention.head_count")
@@ -280,7 +357,7 @@ def _config_dict(meta: _Metadata, state: dict[str, Tensor], shared: set[int]) ->
     head_dim = meta.get("attention.key_length", hidden // heads)
     window = meta.get("attention.sliding_window", 0)
     cfg: dict[str, Any] = dict(
-        vocab_size=state["model.embed_tokens.weight"].shape[0],
+        vocab_size=state.shape("model.embed_tokens.weight")[0],
         hidden_size=hidden,
         num_hidden_layers=layers,
         intermediate_size=meta.get("feed_forward_length"),
@@ -306,18 +383,18 @@ def _config_dict(meta: _Metadata, state: dict[str, Tensor], shared: set[int]) ->
     return cfg
 
 
-def _gemma3n_fields(meta: _Metadata, state: dict[str, Tensor], shared: int) -> dict[str, Any]:
+def _gemma3n_fields(meta: _Metadata, state: GGUFTensors, shared: int) -> dict[str, Any]:
     # The converter stores each layer's sparsity as the normal quantile z = icdf(p) (-inf for p = 0); invert it,
     # rounded to 6 decimals because z went through float32 (0.95 comes back as 0.9499999997).
     sparsity = [0.0 if math.isinf(z) else round(0.5 * math.erfc(-z / math.sqrt(2)), 6)
                 for z in meta.get("activation_sparsity_scale")]
     return dict(
         model_type="gemma3n_text",
-        vocab_size_per_layer_input=state["model.embed_tokens_per_layer.weight"].shape[0],
+        vocab_size_per_layer_input=state.shape(PLE_NAME)[0],
         hidden_size_per_layer_input=meta.get("embedding_length_per_layer_input"),
         num_kv_shared_layers=shared,
         activation_sparsity_pattern=sparsity,
-        laurel_rank=state["model.layers.0.laurel.linear_left.weight"].shape[0],
+        laurel_rank=state.shape("model.layers.0.laurel.linear_left.weight")[0],
         altup_num_inputs=meta.get("altup.num_inputs"),
         altup_active_idx=meta.get("altup.active_idx", 0),
         altup_correct_scale="model.layers.0.altup.correct_output_scale" in state,

@@ -95,6 +95,18 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
         return flat.view(dtype).view(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they are re-read from the file if touched again).
+
+        For a weight that has been converted (quantised) and is no longer used: its file pages would otherwise
+        stay in the resident set. Safe because the mapping is private and never written: a dropped page comes
+        back with the file's contents, also for the neighbouring tensors sharing the edge pages."""
+        begin, end = self.entries[name]["data_offsets"]
+        if end == begin or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+
 
 class Checkpoint(Mapping[str, torch.Tensor]):
     """All tensors of a checkpoint folder (sharded or not), by name, lazily from memory maps."""
@@ -137,6 +149,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file_of[name].shape(name)
+
+    def release(self, name: str) -> None:
+        self._file_of[name].release(name)
 
     def file_of(self, name: str) -> Path:
         return self._file_of[name].path

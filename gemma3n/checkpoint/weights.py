@@ -89,14 +89,21 @@ def assemble(build: Callable[[], nn.Module], tensors: Mapping[str, torch.Tensor]
         raise CheckpointError(f"{where(unexpected[0])}: unexpected tensor '{unexpected[0]}' "
                               f"({len(unexpected)} in all); the checkpoint does not match its config.json")
     state = {}
+    keep_stored = set(getattr(module, "stored_dtype_keys", ()))  # tables read row by row (see their module)
     for key, param in expected.items():
         tensor = tensors[key_map[key]]
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{where(key_map[key])}: tensor '{key_map[key]}' has shape {tuple(tensor.shape)}, "
                                   f"but config.json implies {tuple(param.shape)}")
+        if not param.is_floating_point():  # quantised weights (gemma3n.quant): the stored integer type exactly
+            if tensor.dtype != param.dtype:
+                raise CheckpointError(f"{where(key_map[key])}: tensor '{key_map[key]}' is {tensor.dtype}, "
+                                      f"expected {param.dtype} for a quantised weight")
+            state[key] = tensor
+            continue
         if not tensor.is_floating_point():
             raise CheckpointError(f"{where(key_map[key])}: tensor '{key_map[key]}' is {tensor.dtype}, not floating point")
-        state[key] = tensor.to(dtype) if dtype is not None else tensor
+        state[key] = tensor.to(dtype) if dtype is not None and key not in keep_stored else tensor
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 

@@ -24,7 +24,7 @@ class TiedCausalLM(nn.Module):
         return list(self.config.layer_types)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        cfg, w = self.config, self.model.embed_tokens.weight
+        cfg, w = self.config, self.model.norm.weight  # the norm: float in the compute dtype even when quantised
         return KVCache(self.cache_slot_types(), batch, max_len, cfg.num_key_value_heads, cfg.head_dim,
                        cfg.sliding_window, dtype or w.dtype, w.device)
 
@@ -33,7 +33,9 @@ class TiedCausalLM(nn.Module):
 
         Deliberate deviation: the reference soft-caps in the model dtype; we cap in float32 (identical in fp32,
         slightly more precise in bf16, where the reference's tanh rounds to 8 mantissa bits)."""
-        logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        table = self.model.embed_tokens
+        # a quantised table (gemma3n.quant.Int8Embedding) is its own head: one copy serves both directions
+        logits = (table.linear(hidden) if hasattr(table, "linear") else F.linear(hidden, table.weight)).float()
         return softcap(logits, self.config.final_logit_softcapping)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,

@@ -93,8 +93,8 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings times sqrt(D), the scale rounded to the weight dtype first as the reference does."""
-        w = self.embed_tokens.weight
-        return F.embedding(input_ids, w) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+        rows = self.embed_tokens(input_ids)  # a module call: the table may be quantised (gemma3n.quant)
+        return rows * torch.tensor(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:

@@ -220,15 +220,18 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Scaled token embeddings; the sqrt(D) scale is rounded to the weight dtype first, as the reference does."""
-        w = self.embed_tokens.weight
-        return F.embedding(input_ids, w) * torch.tensor(math.sqrt(self.config.hidden_size), dtype=w.dtype)
+        rows = self.embed_tokens(input_ids)  # a module call: the table may be quantised (gemma3n.quant)
+        return rows * torch.tensor(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
 
     def per_layer_tokens(self, input_ids: Tensor) -> Tensor:
-        """Token part of the per-layer embeddings (B, T, L, P); ids outside the PLE vocabulary use row 0."""
+        """Token part of the per-layer embeddings (B, T, L, P); ids outside the PLE vocabulary use row 0.
+
+        The table (2 B values in E2B) stays in its stored form, memory-mapped: only the rows of these tokens are
+        read and converted to the compute dtype, which gives the same values as converting the whole table."""
         cfg = self.config
         ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
-        w = self.embed_tokens_per_layer.weight
-        rows = F.embedding(ids, w) * torch.tensor(math.sqrt(cfg.hidden_size_per_layer_input), dtype=w.dtype)
+        rows = self.embed_tokens_per_layer(ids).to(self.norm.weight.dtype)
+        rows = rows * torch.tensor(math.sqrt(cfg.hidden_size_per_layer_input), dtype=rows.dtype)
         return rows.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
 
     def per_layer_inputs(self, embeds: Tensor, tokens: Tensor) -> Tensor:
@@ -299,6 +302,9 @@ class TextModel(nn.Module):
 
 class CausalLM(TiedCausalLM):
     """Text model + tied LM head + final soft-cap; the module names follow `Gemma3nForCausalLM`."""
+
+    # Kept in the stored dtype when loading converts the rest; rows are converted as they are gathered.
+    stored_dtype_keys = ("model.embed_tokens_per_layer.weight",)
 
     def __init__(self, cfg: TextConfig):
         super().__init__(cfg, TextModel(cfg))

@@ -1,0 +1,114 @@
+"""Quantised checkpoints: `quantize_checkpoint(src, dst, scheme)` writes one; `stored_plan(folder)` reads it back.
+
+The output is an ordinary safetensors folder whose config.json gains a "quantization" block:
+    {"format": "gemma3n-weight-only-1", "scheme": {...}, "group_size": 64, "modules": {module path: "int8"|"int4"}}
+A quantised linear `X` of the text decoder is stored as `X.qweight` + `X.scales` (int8) or `X.qweight` +
+`X.scales_and_zeros` (int4) under the source's own prefix (formats.py describes the layouts); everything else is
+copied as stored. The per-layer embedding table stays in its stored dtype: it is never resident (only the rows of
+the tokens being processed are read), and quantising it is known to hurt quality (Ollama keeps it F16 in Q4_K
+files). Tower tensors are copied (a float scheme converts them): towers are quantised by `quantize_module` when they
+are loaded, which costs little next to the decoder. Written tensor by tensor: memory stays at one tensor.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.safetensors import Checkpoint, CheckpointError
+from ..checkpoint.weights import TOWER_PREFIXES, text_key_map
+from ..checkpoint.writer import write_checkpoint
+from ..config import ModelConfig
+from .formats import int4_quantize, int8_quantize
+from .scheme import FLOATS, INT4, QuantScheme, parse_scheme, plan
+
+FORMAT = "gemma3n-weight-only-1"
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "generation_config.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                 "processor_config.json")
+
+
+def stored_plan(folder: Path) -> tuple[QuantScheme, dict[str, str]] | None:
+    """(scheme, module path -> format) of a quantised checkpoint folder; None for a float one."""
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    block = data.get("quantization")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or block.get("format") != FORMAT or not isinstance(block.get("modules"), dict):
+        raise CheckpointError(f"{folder / 'config.json'}: quantization block is not in the {FORMAT} format; "
+                              f"write the checkpoint again with `gemma3n quantize`")
+    return parse_scheme(block["scheme"]), dict(block["modules"])
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme, shard_bytes: int = 2 << 30) -> dict:
+    """Write a quantised copy of the checkpoint folder `src` into `dst` (created); returns a summary."""
+    src, dst = Path(src), Path(dst)
+    if stored_plan(src) is not None:
+        raise ValueError(f"{src} is already quantised; quantise the original float checkpoint")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    scheme = parse_scheme(scheme)
+    config = ModelConfig.from_file(src / "config.json")
+    tensors = Checkpoint(src)
+    keys = text_key_map(list(tensors), getattr(config.text, "first_shared_layer", None))
+    from ..api import text_model_class
+    with torch.device("meta"):
+        skeleton = text_model_class(config)(config.text)
+    chosen = plan(skeleton, scheme)
+    by_name = {keys.source(path + ".weight"): path for path in chosen}
+    entries, used = [], set(keys.mapping.values())
+    for name in sorted(tensors):
+        if name in by_name:
+            entries += _quantized_entries(tensors, name, chosen[by_name[name]], scheme.group_size)
+        elif name in used or name.startswith(TOWER_PREFIXES):
+            entries.append(_copied_entry(tensors, name, _tower_float(name, scheme)))
+        # anything else (the unused K/V of KV-sharing layers, a stored tied lm_head) is not needed: dropped
+    files = write_checkpoint(dst, entries, shard_bytes)
+    _write_config(src, dst, scheme, chosen)
+    for extra in _COPIED_FILES:
+        if (src / extra).exists():
+            shutil.copy2(src / extra, dst / extra)
+    return {"modules": len(chosen), "tensors": len(entries), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def _quantized_entries(tensors: Checkpoint, name: str, kind: str, group_size: int) -> list:
+    """Two entries (qweight, scales) computed by one quantisation, done when the first is written."""
+    base, (n, k) = name.removesuffix(".weight"), tensors.shape(name)
+    dtype = tensors[name].dtype
+    done: dict[str, torch.Tensor] = {}
+
+    def part(i: int):
+        if not done:
+            weight = tensors[name]
+            pair = int4_quantize(weight, group_size, dtype) if kind == INT4 else int8_quantize(weight, dtype)
+            done.update(enumerate(pair))
+        return done.pop(i)
+
+    if kind == INT4:
+        return [(f"{base}.qweight", (n, k // 2), torch.uint8, lambda: part(0)),
+                (f"{base}.scales_and_zeros", (k // group_size, n, 2), dtype, lambda: part(1))]
+    return [(f"{base}.qweight", (n, k), torch.int8, lambda: part(0)),
+            (f"{base}.scales", (n,), dtype, lambda: part(1))]
+
+
+def _copied_entry(tensors: Checkpoint, name: str, dtype: torch.dtype | None):
+    stored = tensors[name].dtype
+    target = dtype if dtype is not None and stored.is_floating_point else stored
+    return (name, tensors.shape(name), target, lambda: tensors[name].to(target))
+
+
+def _tower_float(name: str, scheme: QuantScheme) -> torch.dtype | None:
+    """The float dtype a scheme asks for a tower tensor ("vision": "float16"), else None (copied as stored)."""
+    if not name.startswith(TOWER_PREFIXES):
+        return None
+    fmt = scheme.vision if "vision" in name else scheme.audio if "audio" in name else None
+    return FLOATS.get(fmt)
+
+
+def _write_config(src: Path, dst: Path, scheme: QuantScheme, chosen: dict[str, str]) -> None:
+    data = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    data["quantization"] = {"format": FORMAT, "scheme": scheme.to_dict(), "group_size": scheme.group_size,
+                            "modules": chosen}
+    (dst / "config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

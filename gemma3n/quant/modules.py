@@ -1,0 +1,154 @@
+"""Quantised replacements for nn.Linear and the tied embedding / LM head.
+
+Decode and short prompts run PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`), which read the packed weights directly. Their cost grows with the rows of
+input (measured on this machine, [8192, 2048]: 128 rows take 3.7 ms in bf16, 40 ms int8, 29 ms int4), so long
+prompts dequantise the weight a block of output rows at a time and multiply densely; the temporary is one block,
+never the whole matrix. Dequantising is cheap for int8 (a cast and a multiply) and dear for int4 (unpacking
+nibbles in PyTorch costs about as much as 250 rows through the kernel), hence the two thresholds.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
+
+INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
+INT4_KERNEL_MAX_ROWS = 256
+_BLOCK_ROWS = 2048  # output rows dequantised at once on the dense path
+_HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 [N, K] and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, scale_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=scale_dtype))
+
+    @classmethod
+    def from_weight(cls, weight: Tensor) -> "Int8Linear":
+        out = cls(weight.shape[1], weight.shape[0], weight.dtype)
+        out.qweight, out.scales = int8_quantize(weight, weight.dtype)
+        return out
+
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        return int8_dequantize(self.qweight[rows], self.scales[rows], self.scales.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype), self.qweight, self.scales)
+        else:
+            out = _blockwise(flat.to(self.scales.dtype), self.dequantize, self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored as int4 groups of `group_size` inputs (formats.py describes the layout)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int,
+                 scale_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=scale_dtype))
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, group_size: int) -> "Int4Linear":
+        out = cls(weight.shape[1], weight.shape[0], group_size, weight.dtype)
+        out.qweight, out.scales_and_zeros = int4_quantize(weight, group_size, weight.dtype)
+        return out
+
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        # row blocks are whole tiles (_BLOCK_ROWS is a multiple of 64), so the packed slice unpacks on its own
+        sz = self.scales_and_zeros[:, rows]
+        return int4_dequantize(self.qweight[rows], sz, self.group_size, sz.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
+        if flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
+                                                               self.scales_and_zeros)
+        else:
+            out = _blockwise(flat, self.dequantize, self.out_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group_size={self.group_size}")
+
+
+class Int8Embedding(Int8Linear):
+    """A token embedding stored as int8 rows with one scale per row; `linear` is the tied LM head.
+
+    One table serves both: a row's scale is the head's per-output-channel scale, so nothing is stored twice."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(embedding_dim, num_embeddings, scale_dtype)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor) -> "Int8Embedding":
+        out = cls(weight.shape[0], weight.shape[1], weight.dtype)
+        out.qweight, out.scales = int8_quantize(weight, weight.dtype)
+        return out
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids -> rows in the compute dtype; only the gathered rows are dequantised."""
+        return F.embedding(ids, self.qweight).to(self.scales.dtype) * self.scales[ids][..., None]
+
+    def linear(self, x: Tensor) -> Tensor:
+        return Int8Linear.forward(self, x)
+
+
+class Int4Embedding(Int4Linear):
+    """A token embedding stored as int4 groups (Int4Linear's layout); `linear` is the tied LM head.
+
+    Half the bytes of Int8Embedding, for the tightest memory budgets; the head's error grows accordingly (see
+    gemma3n.quant.quality for measured agreement)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int,
+                 scale_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(embedding_dim, num_embeddings, group_size, scale_dtype)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, group_size: int) -> "Int4Embedding":
+        out = cls(weight.shape[0], weight.shape[1], group_size, weight.dtype)
+        out.qweight, out.scales_and_zeros = int4_quantize(weight, group_size, weight.dtype)
+        return out
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids -> rows in the compute dtype, unpacking only the gathered rows from their tiles."""
+        flat = ids.reshape(-1)
+        tiles = self.qweight.view(self.out_features // INT4_TILE, self.in_features, INT4_TILE // 2)
+        within = flat % INT4_TILE
+        packed = tiles[flat // INT4_TILE, :, within % (INT4_TILE // 2)]  # (n, K): each row's byte per column
+        q = torch.where((within < INT4_TILE // 2)[:, None], packed & 0x0F, packed >> 4)
+        sz = self.scales_and_zeros[:, flat].transpose(0, 1)  # (n, groups, 2)
+        q = q.to(sz.dtype).unflatten(1, (-1, self.group_size))
+        rows = ((q - 8) * sz[..., 0:1] + sz[..., 1:2]).flatten(1)
+        return rows.reshape(*ids.shape, self.in_features)
+
+    def linear(self, x: Tensor) -> Tensor:
+        return Int4Linear.forward(self, x)
+
+
+def _blockwise(x: Tensor, dequantize, out_features: int) -> Tensor:
+    """x W^T, dequantising W a block of output rows at a time."""
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, out_features, _BLOCK_ROWS):
+        rows = slice(start, min(start + _BLOCK_ROWS, out_features))
+        out[:, rows] = F.linear(x, dequantize(rows))
+    return out
+
+
+assert _BLOCK_ROWS % INT4_TILE == 0
