@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,8 +133,7 @@ def decode_image(data: bytes, where: str, settings: ServerSettings) -> Any:
     except APIError:
         raise
     except Exception as e:  # PIL raises many types for broken or unknown files
-        reason = str(e).split(" <_io.")[0]  # PIL names the BytesIO object, which means nothing to the client
-        raise bad_request(f"{where}: the data is not a readable image ({reason}); "
+        raise bad_request(f"{where}: the data is not a readable image ({_reason(e)}); "
                           "send a PNG, JPEG, GIF or WebP", param=where) from None
     return image
 
@@ -148,10 +148,16 @@ def check_audio(data: bytes, where: str, settings: ServerSettings) -> float:
         info = soundfile.info(io.BytesIO(data))
         seconds = info.frames / info.samplerate
     except Exception as e:  # libsndfile errors for anything it cannot parse
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise bad_request(f"{where}: the data is not readable audio ({reason}); send wav, mp3, flac or ogg",
+        raise bad_request(f"{where}: the data is not readable audio ({_reason(e)}); send wav, mp3, flac or ogg",
                           param=where) from None
     if seconds > settings.max_audio_seconds:
         raise bad_request(f"{where}: the audio lasts {seconds:.1f} s; at most {settings.max_audio_seconds:g} s "
                           "per clip are accepted", param=where)
     return seconds
+
+
+def _reason(error: Exception) -> str:
+    """A decoder's error, first line, without the in-memory file object it names (PIL and libsndfile both print
+    "<_io.BytesIO object at 0x...>", which means nothing to the client)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r" ?<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", text)

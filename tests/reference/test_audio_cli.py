@@ -3,8 +3,6 @@ subprocess: the printed text equals the reference model's greedy continuation of
 reference feature extractor's features (for transcribe: window by window, joined)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,32 +10,15 @@ import torch
 import gemma3n
 from gemma3n.cli import transcription_instruction, transcription_windows
 from gemma3n.processor.audio import load_audio
-from gemma3n.processor.chat import GEMMA3N_CHAT_TEMPLATE
 
 from ..processor.audio_samples import encode
 from ..test_cli import gemma3n_cli
-from .tiny import TINY_MEDIA_TOKENS, build_reference, save_reference
+from .tiny import build_reference, save_reference, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 NEW_TOKENS = 6
-SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
-           TINY_MEDIA_TOKENS["boi_token_id"]: "<start_of_image>", TINY_MEDIA_TOKENS["boa_token_id"]: "<start_of_audio>",
-           TINY_MEDIA_TOKENS["eoi_token_id"]: "<end_of_image>", TINY_MEDIA_TOKENS["image_token_id"]: "<image_soft_token>",
-           TINY_MEDIA_TOKENS["eoa_token_id"]: "<end_of_audio>", TINY_MEDIA_TOKENS["audio_token_id"]: "<audio_soft_token>"}
-
-
-def write_tiny_tokenizer(folder) -> None:
-    """A 512-entry word-level vocabulary whose control and media tokens sit at the tiny model's ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    vocab = {SPECIAL.get(i, f"w{i}"): i for i in range(512)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(SPECIAL[i], special=True) for i in sorted(SPECIAL)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "chat_template": GEMMA3N_CHAT_TEMPLATE}))
 
 
 @pytest.fixture(scope="module")

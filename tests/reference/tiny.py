@@ -1,6 +1,7 @@
 """Seeded tiny Gemma 3n checkpoints written by transformers' own save_pretrained (the real file layout)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -69,3 +70,26 @@ def save_reference(model, folder: Path, max_shard_size: str | None = None) -> Pa
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+# The tiny multimodal model's control and media tokens, at the ids its config names.
+TINY_SPECIAL_TOKENS = {
+    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<start_of_turn>", 106: "<end_of_turn>",
+    TINY_MEDIA_TOKENS["boi_token_id"]: "<start_of_image>", TINY_MEDIA_TOKENS["boa_token_id"]: "<start_of_audio>",
+    TINY_MEDIA_TOKENS["eoi_token_id"]: "<end_of_image>", TINY_MEDIA_TOKENS["image_token_id"]: "<image_soft_token>",
+    TINY_MEDIA_TOKENS["eoa_token_id"]: "<end_of_audio>", TINY_MEDIA_TOKENS["audio_token_id"]: "<audio_soft_token>"}
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A 512-entry word-level vocabulary ("w17" is id 17) whose control and media tokens sit at the tiny
+    multimodal model's ids, with the Gemma 3n chat template."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from gemma3n.processor.chat import GEMMA3N_CHAT_TEMPLATE
+    vocab = {TINY_SPECIAL_TOKENS.get(i, f"w{i}"): i for i in range(512)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(TINY_SPECIAL_TOKENS[i], special=True) for i in sorted(TINY_SPECIAL_TOKENS)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "chat_template": GEMMA3N_CHAT_TEMPLATE}))
