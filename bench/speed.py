@@ -11,7 +11,7 @@ plus the head and the argmax that picks the first token), then 64 tokens are dec
 prompt. Engines are alternated inside every trial so machine load falls on all alike; one warm-up trial, then the
 median of --trials. Achieved decode bandwidth = bytes of weights each engine reads per token / time per token,
 set beside a 2-thread read of a large float32 array. The last line printed is one JSON object.
-Run: python bench/speed.py [--trials 5] [--threads 2] [--hf-folder /work/e2b] [--skip transformers,llama.cpp]
+Run: python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--hf-folder /work/e2b] [--skip transformers,llama.cpp]
 """
 from __future__ import annotations
 
@@ -36,23 +36,29 @@ def prompt_ids(length: int, vocab: int) -> list[int]:
     return [2] + torch.randint(1000, min(vocab, 200_000), (length - 1,), generator=g).tolist()
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, trials: int = 7) -> float:
-    """GB/s of a plain summing read over a float32 array much larger than the caches."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    x.sum()
-    times = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
+class ReadBandwidth:
+    """GB/s of a plain summing read (torch, the benchmark's threads) over a 1 GiB float32 array, far larger than
+    the caches. Sampled once per round like an engine, so it sees the same machine load."""
+
+    name = "read"
+
+    def __init__(self, gib: float = 1.0):
+        self.x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+        self.x.sum()
+
+    def sample(self, reads: int = 3) -> float:
+        times = []
+        for _ in range(reads):
+            t0 = time.perf_counter()
+            self.x.sum()
+            times.append(time.perf_counter() - t0)
+        return self.x.numel() * 4 / min(times) / 1e9
 
 
 class Ours:
-    name = "gemma3n"
-
-    def __init__(self, path: Path, dtype):
+    def __init__(self, path: Path, dtype, name: str = "gemma3n"):
         import gemma3n
+        self.name = name
         self.model = gemma3n.load(path, dtype=dtype)
         self.lm = self.model.lm
         self.vocab = self.lm.config.vocab_size
@@ -178,9 +184,12 @@ def decode_bytes_gguf(path: Path) -> int:
 def run_trials(engines, trials: int) -> dict:
     """Warm-up, then `trials` rounds; in each round every engine runs every measurement in turn."""
     samples = {e.name: {"prefill": {n: [] for n in PROMPT_LENGTHS}, "decode": []} for e in engines}
+    samples["bandwidth"], reader = [], ReadBandwidth()
     prompts = {n: prompt_ids(n, min(e.vocab for e in engines)) for n in PROMPT_LENGTHS}
     for round_ in range(trials + 1):
         order = engines if round_ % 2 == 0 else engines[::-1]
+        if round_:
+            samples["bandwidth"].append(reader.sample())
         for e in order:
             for n in PROMPT_LENGTHS:
                 t = e.prefill(prompts[n])
@@ -194,8 +203,9 @@ def run_trials(engines, trials: int) -> dict:
     return samples
 
 
-def summarise(engines, samples, bandwidth: float) -> dict:
-    row = {}
+def summarise(engines, samples) -> dict:
+    bandwidth = statistics.median(samples["bandwidth"])
+    row = {"read_bandwidth_gb_s": round(bandwidth, 1)}
     for e in engines:
         s = samples[e.name]
         decode_s = statistics.median(s["decode"]) / DECODE_TOKENS
@@ -217,21 +227,21 @@ def summarise(engines, samples, bandwidth: float) -> dict:
 
 def bench_model(label: str, path: Path, args, with_llama: bool, dtype) -> dict:
     engines = [Ours(path, dtype)]
+    if args.also_bf16 and dtype is None:  # our loader's dtype option: results change (bf16 rounding), bytes halve
+        engines.append(Ours(path, torch.bfloat16, name="gemma3n-bf16"))
     if with_llama and "llama.cpp" not in args.skip:
         engines.append(LlamaCpp(path, args.threads))
     if "transformers" not in args.skip:
         engines.append(Transformers(path, dtype))
     samples = run_trials(engines, args.trials)
     row = {"model": label, "dtype": str(dtype or "as stored")}
-    row.update(summarise(engines, samples, args.bandwidth))
+    row.update(summarise(engines, samples))
     return row
 
 
 def main(args) -> None:
     from gemma3n.cli import default_model_path
     torch.set_num_threads(args.threads)
-    args.bandwidth = read_bandwidth(args.threads)
-    print(f"read bandwidth ({args.threads} threads): {args.bandwidth:.1f} GB/s", flush=True)
     gguf_path = default_model_path()
     rows = [bench_model(f"{gguf_path.name} (gemma3n/transformers dequantise to float32)", gguf_path, args,
                         with_llama=True, dtype=None)]
@@ -250,7 +260,7 @@ def main(args) -> None:
         "threads": args.threads, "load_average_at_end": [round(x, 2) for x in load], "torch": torch.__version__,
         "transformers": transformers.__version__, "llama_cpp_python": llama_version, "trials": args.trials,
         "prompt_tokens": list(PROMPT_LENGTHS), "decode_tokens": DECODE_TOKENS,
-        "read_bandwidth_gb_s": round(args.bandwidth, 1), "rows": rows,
+        "rows": rows,
     }))
 
 
@@ -260,5 +270,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-folder", help="a Hugging Face checkpoint folder to add (gemma3n and transformers)")
     parser.add_argument("--hf-dtype", default="bfloat16", help="dtype both engines load --hf-folder in")
+    parser.add_argument("--also-bf16", action="store_true",
+                        help="add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
     parser.add_argument("--skip", default="", help="comma-separated peers to leave out: transformers,llama.cpp")
     main(parser.parse_args())
