@@ -218,7 +218,7 @@ def summarise(engines, samples) -> dict:
         row[f"{e.name}_decode_bandwidth_fraction"] = round(e.weight_bytes / decode_s / 1e9 / bandwidth, 3)
     if "gemma3n" in samples:
         for e in engines:
-            if e.name != "gemma3n":
+            if not e.name.startswith("gemma3n"):  # peers only, not our own variants
                 row[f"decode_ratio_vs_{e.name}"] = round(row["gemma3n_decode_tok_s"] / row[f"{e.name}_decode_tok_s"], 2)
                 row[f"prefill128_ratio_vs_{e.name}"] = round(
                     row["gemma3n_prefill128_tok_s"] / row[f"{e.name}_prefill128_tok_s"], 2)
