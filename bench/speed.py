@@ -11,7 +11,8 @@ plus the head and the argmax that picks the first token), then 64 tokens are dec
 prompt. Engines are alternated inside every trial so machine load falls on all alike; one warm-up trial, then the
 median of --trials. Achieved decode bandwidth = bytes of weights each engine reads per token / time per token,
 set beside a 2-thread read of a large float32 array. The last line printed is one JSON object.
-Run: python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--hf-folder /work/e2b] [--skip transformers,llama.cpp]
+Run: python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--ours-quantize int8,int4]
+     [--hf-folder /work/e2b] [--skip transformers,llama.cpp]
 """
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Measure the gemma3n of the checkout this script is in, not whichever one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPT_LENGTHS = (128, 512)
 DECODE_TOKENS = 64
@@ -56,10 +61,11 @@ class ReadBandwidth:
 
 
 class Ours:
-    def __init__(self, path: Path, dtype, name: str = "gemma3n"):
+    def __init__(self, path: Path, dtype, name: str = "gemma3n", quantize: str | None = None):
         import gemma3n
         self.name = name
-        self.model = gemma3n.load(path, dtype=dtype)
+        extra = {"quantize": quantize} if quantize else {}  # only where the checkout has quantisation
+        self.model = gemma3n.load(path, dtype=dtype, **extra)
         self.lm = self.model.lm
         self.vocab = self.lm.config.vocab_size
         self.weight_bytes = decode_bytes_torch(self.lm)
@@ -165,10 +171,10 @@ def without_extra_buffers() -> None:
 
 
 def decode_bytes_torch(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once (the tied embedding counted once, as the head
-    reads all of it); buffers such as RoPE tables are not weights."""
+    """Bytes of weights one decode step reads: every parameter and buffer once (the tied embedding counted once, as
+    the head reads all of it; quantised weights live in buffers; the RoPE frequency buffers add a few bytes)."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
@@ -229,6 +235,8 @@ def bench_model(label: str, path: Path, args, with_llama: bool, dtype) -> dict:
     engines = [Ours(path, dtype)]
     if args.also_bf16 and dtype is None:  # our loader's dtype option: results change (bf16 rounding), bytes halve
         engines.append(Ours(path, torch.bfloat16, name="gemma3n-bf16"))
+    for scheme in filter(None, args.ours_quantize.split(",")):
+        engines.append(Ours(path, dtype, name=f"gemma3n-{scheme}", quantize=scheme))
     if with_llama and "llama.cpp" not in args.skip:
         engines.append(LlamaCpp(path, args.threads))
     if "transformers" not in args.skip:
@@ -272,5 +280,7 @@ if __name__ == "__main__":
     parser.add_argument("--hf-dtype", default="bfloat16", help="dtype both engines load --hf-folder in")
     parser.add_argument("--also-bf16", action="store_true",
                         help="add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
+    parser.add_argument("--ours-quantize", default="",
+                        help="comma-separated quantize= schemes to add as gemma3n variants (e.g. int8,int4)")
     parser.add_argument("--skip", default="", help="comma-separated peers to leave out: transformers,llama.cpp")
     main(parser.parse_args())
