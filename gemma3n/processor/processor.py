@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModelConfig
-from .chat import expand_placeholders, render_chat, validate_messages
+from .chat import AUDIO_TOKEN, IMAGE_TOKEN, expand_placeholders, render_chat, validate_messages
 
 SAMPLE_RATE = 16_000
 MAX_CLIP_SECONDS = 30  # the reference truncates each clip at 30 s (480,000 samples); we split instead
@@ -44,6 +44,7 @@ class Processor:
         text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
         if images or clips:
+            self._check_media_tokens(bool(images), bool(clips))
             text = expand_placeholders(text, cfg.vision_soft_tokens_per_image, cfg.audio_soft_tokens_per_image,
                                        num_images=len(images), num_audios=len(clips))
         ids = torch.tensor([tok.encode(text, add_special_tokens=False)], dtype=torch.long)  # the template writes <bos>
@@ -53,6 +54,16 @@ class Processor:
         if clips:
             out["input_features"], out["input_features_mask"] = self.audio_extractor(clips)
         return {k: v.to(device) for k, v in out.items()}
+
+    def _check_media_tokens(self, images: bool, clips: bool) -> None:
+        """The tokenizer must spell the placeholders as the ids the model expects, or the media would be lost."""
+        cfg = self.config
+        for wanted, token, token_id in ((images, IMAGE_TOKEN, cfg.image_token_id),
+                                        (clips, AUDIO_TOKEN, cfg.audio_token_id)):
+            found = self.tokenizer.token_to_id(token) if wanted else token_id
+            if found != token_id:
+                raise ValueError(f"this checkpoint's tokenizer maps {token} to {found}, but config.json expects id "
+                                 f"{token_id}; use the tokenizer that ships with the Gemma 3n checkpoint")
 
     def gather_media(self, messages, allow_network: bool = False) -> tuple[list[dict], list, list]:
         """Decode every media part, in order; returns the messages rewritten so that each remaining media part is

@@ -48,3 +48,21 @@ def test_processor_config_flat_and_nested(tmp_path):
     (tmp_path / "processor_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="processor_config.json: not valid JSON"):
         read_preprocessor_config(tmp_path)
+
+
+def test_a_tokenizer_without_the_media_tokens_is_refused():
+    """A tokenizer that does not spell <image_soft_token> as config.image_token_id would silently lose the image."""
+    from gemma3n.config import ModelConfig
+    from gemma3n.processor.processor import Processor
+
+    class NoMediaTokens:
+        chat_template, bos_token, eos_token = None, "<bos>", "<eos>"
+
+        def token_to_id(self, token):
+            return None
+
+    config = ModelConfig(family="gemma3n", model_type="gemma3n", text=None)
+    processor = Processor(NoMediaTokens(), config)
+    with pytest.raises(ValueError, match="maps <image_soft_token> to None, but config.json expects id 262145"):
+        processor._check_media_tokens(images=True, clips=False)
+    processor._check_media_tokens(images=False, clips=False)  # text only: nothing to check

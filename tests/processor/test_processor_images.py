@@ -30,7 +30,10 @@ def processors(mm_tokenizers):
                                  tokenizer=reference_tokenizer, chat_template=GEMMA3N_CHAT_TEMPLATE)
     our_tokenizer = copy.copy(our_tokenizer)
     our_tokenizer.chat_template = GEMMA3N_CHAT_TEMPLATE
-    return reference, Processor(our_tokenizer, ModelConfig(family="gemma3n", model_type="gemma3n", text=None))
+    # the 270M vocabulary gets the Gemma 3n media tokens appended, so the config names the ids they landed on
+    ids = {k: our_tokenizer.token_to_id(t) for k, t in (("image_token_id", "<image_soft_token>"),
+                                                        ("audio_token_id", "<audio_soft_token>"))}
+    return reference, Processor(our_tokenizer, ModelConfig(family="gemma3n", model_type="gemma3n", text=None, **ids))
 
 
 @pytest.fixture
