@@ -99,9 +99,13 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=FOLDER",
                         help="another quantised copy to measure, e.g. 'int4 + int4 embeddings=/work/e2b-int4e'")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--ours-python", default=sys.executable,
+                        help="interpreter for the gemma3n rows, e.g. .venv-run/bin/python (the CPU torch build that "
+                             "scripts/run.sh installs: its import is ~0.29 GiB smaller than the test env's CUDA build)")
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter for the transformers row")
     args = parser.parse_args()
     text, ids = prompt_of(args.bf16, 128)
-    ours = [sys.executable, "-m", "gemma3n.cli", "run", "--json", "--temperature", "0", "--max-new-tokens",
+    ours = [args.ours_python, "-m", "gemma3n.cli", "run", "--json", "--temperature", "0", "--max-new-tokens",
             str(NEW_TOKENS)]
     rows = {}
     runs = [("gemma3n bf16", [*ours, "--model", str(args.bf16), text]),
@@ -109,7 +113,7 @@ def main() -> None:
             ("gemma3n int4 checkpoint", [*ours, "--model", str(args.int4), text] if args.int4 else None),
             ("gemma3n bf16 + --quantize int4", [*ours, "--model", str(args.bf16), "--quantize", "int4", text]),
             ("transformers bf16", None if args.skip_transformers else
-             [sys.executable, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)])]
+             [args.peer_python, "-c", TRANSFORMERS_CHILD, str(args.bf16), json.dumps(ids)])]
     runs += [(f"gemma3n {label}", [*ours, "--model", folder, text])
              for label, _, folder in (extra.partition("=") for extra in args.extra)]
     for name, command in runs:
