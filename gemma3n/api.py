@@ -260,11 +260,8 @@ class Model:
         ids = _as_ids(inputs, self.device)
         self._check_ids(ids)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
-        if params.greedy and not params.stop:
-            return greedy_ids(self.decoder, ids, mask, params.max_new_tokens, self.stop_ids(),
-                              self.config.text.pad_token_id)
         rows = engine.generate_ids(self.decoder, ids, params, self.stop_ids(), attention_mask=mask,
-                                   tokenizer=self.tokenizer)
+                                   tokenizer=self.tokenizer, include_stop_ids=True)
         width = max(map(len, rows), default=0)
         pad = self.config.text.pad_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
@@ -359,21 +356,3 @@ def _as_ids(input_ids, device) -> torch.Tensor:
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be integer ids of shape [B, T]; got {tuple(ids.shape)} {ids.dtype}")
     return ids.long()
-
-
-def greedy_ids(lm: nn.Module, ids: torch.Tensor, mask, max_new_tokens: int, stop: set[int],
-               pad_id: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache; a row that has stopped emits the pad id, as the reference does."""
-    b, t = ids.shape
-    cache = lm.new_cache(b, t + max_new_tokens)
-    logits = lm(ids, mask, cache, last_only=True)
-    out, done = [], torch.zeros(b, dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out.append(nxt)
-        done |= torch.isin(nxt, torch.tensor(sorted(stop), device=ids.device))
-        if bool(done.all()) or len(out) == max_new_tokens:
-            break
-        logits = lm(nxt[:, None], None, cache, last_only=True)
-    return torch.stack(out, 1) if out else torch.empty(b, 0, dtype=torch.long)

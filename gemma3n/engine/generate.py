@@ -134,6 +134,7 @@ class Decoder:
         self.history[:, :length] = self.input_ids.masked_fill(~real, -1)
         self.prompt_tokens: list[int] = real.sum(-1).tolist()
         self.new_ids: list[list[int]] = [[] for _ in range(batch)]
+        self.stop_tokens: list[int | None] = [None] * batch  # the stop id that ended each row, if one did
         self.sampled = [0] * batch  # tokens produced per row, stop ids included
         self.finish_reasons: list[str | None] = [None] * batch
         self.prefill_seconds = self.decode_seconds = 0.0
@@ -207,6 +208,7 @@ class Decoder:
             self.sampled[row] += 1
             if token in self.stop_ids:
                 self.finish_reasons[row] = "stop"
+                self.stop_tokens[row] = token
                 produced.append(None)
                 continue
             self.new_ids[row].append(token)
@@ -297,14 +299,17 @@ def _results(decoder: Decoder, streams: list[TextStream] | None) -> list[Generat
 
 def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
                  attention_mask: Tensor | None = None, tokenizer=None, chunk_size: int = DEFAULT_CHUNK,
-                 inputs_embeds: Tensor | None = None) -> list[list[int]]:
-    """New ids of every row (stop ids excluded). Stop strings in `params` need `tokenizer`."""
+                 inputs_embeds: Tensor | None = None, include_stop_ids: bool = False) -> list[list[int]]:
+    """New ids of every row; a row that a stop id ended ends with that id only with `include_stop_ids` (the
+    transformers convention for returned ids). Stop strings in `params` need `tokenizer`."""
     decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
                       inputs_embeds=inputs_embeds)
     streams = _streams(tokenizer, params, decoder.batch) if params.stop else None
     for _ in _run(decoder, streams):
         pass
-    return decoder.new_ids
+    if not include_stop_ids:
+        return decoder.new_ids
+    return [ids + ([stop] if stop is not None else []) for ids, stop in zip(decoder.new_ids, decoder.stop_tokens)]
 
 
 def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,

@@ -279,3 +279,15 @@ def test_stream_made_under_inference_mode_runs_outside_it(model, prompt):
     text = "".join(it)
     with torch.inference_mode():
         assert text == generate(model, prompt(5), params, PieceTokenizer()).text
+
+
+def test_include_stop_ids_keeps_the_stop_id_that_ended_each_row(model, prompt, reference):
+    """Returned ids follow transformers: a row ended by a stop id ends with it (Model.generate pads after it)."""
+    ids = prompt(10, seed=11)
+    greedy = reference(model, ids, 6)
+    stop = greedy[2]
+    first = greedy.index(stop)  # the stop id may already occur earlier in the continuation
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    assert generate_ids(model, ids, params, [stop])[0] == greedy[:first]
+    assert generate_ids(model, ids, params, [stop], include_stop_ids=True)[0] == greedy[:first + 1]
+    assert generate_ids(model, ids, params, [], include_stop_ids=True)[0] == greedy  # ended by length: nothing added
