@@ -75,7 +75,7 @@ class Generator:
         params = self._params(None, None, self.settings.max_tokens, temperature=temperature)
         messages = [{"role": "user", "content": [{"type": "audio", "audio": data},
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
-        converted = Converted(messages=messages, audios=1, media=["audio"])
+        converted = Converted(messages=messages, media=["audio"])
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
         result = await self._collect(request, self._submit(Job(params, ids, media)))
         if isinstance(result, Response):

@@ -24,13 +24,17 @@ class Converted:
     """HF-format messages plus what they hold."""
 
     messages: list[dict]
-    images: int = 0
-    audios: int = 0
     media: list[str] = field(default_factory=list)  # "image" / "audio", in order
 
     @property
     def has_media(self) -> bool:
-        return bool(self.images or self.audios)
+        return bool(self.media)
+
+    def admit(self, kind: str, limit: int, noun: str, where: str) -> None:
+        """Count one more `kind` part, refusing the request past `limit` of them."""
+        if self.media.count(kind) >= limit:
+            raise bad_request(f"too many {noun}: at most {limit} per request", param=where)
+        self.media.append(kind)
 
 
 def convert_messages(messages: list[Message], settings: ServerSettings) -> Converted:
@@ -53,20 +57,14 @@ def _convert_part(part, where: str, settings: ServerSettings, out: Converted) ->
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
-        out.images += 1
-        if out.images > settings.max_images:
-            raise bad_request(f"too many images: at most {settings.max_images} per request", param=where)
-        out.media.append("image")
+        out.admit("image", settings.max_images, "images", where)
         data = image_bytes(part.image_url.url, where, settings)
         decode_image(data, where, settings)
         # The checked bytes, not the decoded image, go on: the processor then reads them as the reference reads a
         # URL (EXIF orientation applied), whereas an in-memory image would be taken as it is.
         return {"type": "image", "image": data}
     assert isinstance(part, AudioPart)
-    out.audios += 1
-    if out.audios > settings.max_audios:
-        raise bad_request(f"too many audio clips: at most {settings.max_audios} per request", param=where)
-    out.media.append("audio")
+    out.admit("audio", settings.max_audios, "audio clips", where)
     data = b64decode(part.input_audio.data, where, settings)
     check_audio(data, where, settings)
     return {"type": "audio", "audio": data}
