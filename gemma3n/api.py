@@ -323,16 +323,11 @@ class Model:
     def encode_prompt(self, prompt, add_generation_prompt: bool = True) -> torch.Tensor:
         """A string or chat messages -> [1, T] ids. A string is wrapped as one user turn when the checkpoint has a
         chat template, and completed as raw text (after BOS) when it has none."""
-        from .processor.chat import render_chat
         tok = self._require_tokenizer()
         if isinstance(prompt, str) and not tok.chat_template:
-            ids = tok.encode(prompt, add_special_tokens=True)
-        else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
-                               bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
-            ids = tok.encode(text, add_special_tokens=False)  # the template writes <bos> itself
-        return torch.tensor([ids], dtype=torch.long, device=self.device)
+            return torch.tensor([tok.encode(prompt, add_special_tokens=True)], dtype=torch.long, device=self.device)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.processor(messages, add_generation_prompt)["input_ids"]
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
