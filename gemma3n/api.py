@@ -109,15 +109,47 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None):
     deferred = {keys.source(p + ".weight"): p for p in chosen}
     if PLE_NAME in tensors:
         deferred[PLE_NAME] = "model.embed_tokens_per_layer"
+    kept = {} if chosen else _gguf_kept_as_stored(_skeleton(cls, config), tensors, keys)
+    deferred.update({keys.source(p + ".weight"): p for p in kept})
     lm = assemble(lambda: cls(config.text), deferred_tensors(tensors, deferred), keys, dtype, lambda name: str(path))
     if PLE_NAME in tensors:
         lm.model.embed_tokens_per_layer = GGUFRowEmbedding(tensors.row_table(PLE_NAME))
+    _swap_in_gguf_modules(lm, kept, tensors.dtype)
     if chosen:
         from .quant import apply_plan
         apply_plan(lm, chosen, scheme.group_size, weights=lambda p: tensors[keys.source(p + ".weight")])
     lm.quant_scheme = scheme
     # llama.cpp keeps the towers in a separate mmproj file, which is not supported: GGUF models are text-only.
     return config, lm, None
+
+
+def _skeleton(cls, config) -> nn.Module:
+    with torch.device("meta"):
+        return cls(config.text)
+
+
+def _gguf_kept_as_stored(skeleton: nn.Module, tensors, keys) -> dict[str, tuple[int, "np.ndarray"]]:
+    """Module path -> (GGML type, stored rows) for the linears and the token embedding that the native kernels
+    compute from the file's blocks directly (quantised and 16-bit types; float32 tensors load as they are)."""
+    from .quant.gguf_modules import supported
+    kept = {}
+    for path, module in skeleton.named_modules():
+        if path == "model.embed_tokens_per_layer" or not (
+                (type(module) is nn.Linear and module.bias is None) or type(module) is nn.Embedding):
+            continue
+        stored = tensors.stored(keys.source(path + ".weight"))
+        if stored is not None and stored[0] != 0 and supported(stored[0], module.weight.shape[1]):
+            kept[path] = stored
+    return kept
+
+
+def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None:
+    from .quant.gguf_modules import GGUFEmbedding, GGUFLinear, raw_rows
+    for path, (ggml_type, data) in kept.items():
+        parent, _, name = path.rpartition(".")
+        old = lm.get_submodule(path)
+        cls = GGUFEmbedding if isinstance(old, nn.Embedding) else GGUFLinear
+        setattr(lm.get_submodule(parent), name, cls(raw_rows(data), ggml_type, old.weight.shape[1], dtype))
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None) -> "Model":

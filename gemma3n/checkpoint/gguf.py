@@ -235,6 +235,21 @@ class GGUFTensors(Mapping[str, Tensor]):
         shape = tuple(int(d) for d in reversed(t.shape))
         return shape if j is None else shape[1:]
 
+    def stored(self, name: str) -> tuple[int, np.ndarray] | None:
+        """(GGML type, stored rows [out, bytes or values per row]) of a 2-D tensor kept as the file has it (a view
+        of the map, one slice of a stacked tensor); None for tensors that are shifted or not matrices."""
+        if name == PLE_NAME or name not in self._source:
+            return None
+        t, shift, j = self._source[name]
+        shape = self.shape(name)
+        if shift or len(shape) != 2:
+            return None
+        raw = np.asarray(t.data)
+        raw = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+        if j is not None:
+            raw = raw[j * shape[0]:(j + 1) * shape[0]]
+        return int(t.tensor_type), raw
+
     def row_table(self, name: str) -> "GGUFRows":
         if name != PLE_NAME or self._rows is None:
             raise KeyError(f"{name} is not a row-gathered table")

@@ -56,30 +56,45 @@ class MLP(nn.Module):
         return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
 
     def sparse_forward(self, x: Tensor, act: Tensor) -> Tensor:
-        """Only the units some token activates: their up-projection rows and down-projection columns (stored
-        transposed, so each is one contiguous row). The other units contribute exact zeros to the dense result."""
+        """Only the units some token activates: their up-projection rows and down-projection columns. The other
+        units contribute exact zeros to the dense result. Float weights are gathered (down_proj stored
+        transposed, so each column is one contiguous row); quantised ones read only those rows / columns where
+        their layout allows it (`forward_rows`, `forward_sparse_inputs`), and compute densely where it does not."""
         active = (act != 0).reshape(-1, act.shape[-1]).any(0).nonzero().squeeze(1)
-        plain = type(self.up_proj) is nn.Linear and type(self.down_proj) is nn.Linear  # not swapped (quantised)
-        if not plain or active.numel() * 2 > act.shape[-1]:  # or not sparse enough to pay for the gathers
+        if active.numel() * 2 > act.shape[-1]:  # not sparse enough to pay for the gathers
             return self.down_proj(act * self.up_proj(x))
-        up = F.linear(x, self.up_proj.weight.index_select(0, active))
-        down_t = self.down_proj.weight.t()  # (hidden, dim), contiguous after enable_sparse_decode
-        return F.linear(act.index_select(-1, active) * up, down_t.index_select(0, active).t())
+        up, down = self.up_proj, self.down_proj
+        if type(up) is nn.Linear:
+            up_active = F.linear(x, up.weight.index_select(0, active))
+        elif hasattr(up, "forward_rows"):
+            up_active = up.forward_rows(x, active)
+        else:
+            up_active = up(x).index_select(-1, active)
+        hidden = act.index_select(-1, active) * up_active
+        if type(down) is nn.Linear:
+            down_t = down.weight.t()  # (hidden, dim), contiguous after enable_sparse_decode
+            return F.linear(hidden, down_t.index_select(0, active).t())
+        full = act.new_zeros(act.shape).index_copy_(-1, active, hidden)
+        if hasattr(down, "forward_sparse_inputs"):
+            return down.forward_sparse_inputs(full, active)
+        return down(full)
 
 
 def enable_sparse_decode(model: nn.Module) -> int:
-    """Turn on the sparse path in every sparse float MLP of `model`, storing down_proj.weight transposed
-    (a (dim, hidden) view of a contiguous (hidden, dim) tensor: the dense path reads it as before). Returns how
-    many MLPs were switched. Call after loading; it copies those weights once."""
+    """Turn on the sparse path in every sparse MLP of `model`. A float down_proj.weight is stored transposed (a
+    (dim, hidden) view of a contiguous (hidden, dim) tensor: the dense path reads it as before); quantised
+    projections are used as they are. Returns how many MLPs were switched. Call after loading; it copies those
+    float weights once."""
     switched = 0
     for mlp in model.modules():
-        if not isinstance(mlp, MLP) or mlp.sparsity <= 0 or type(mlp.down_proj) is not nn.Linear:
+        if not isinstance(mlp, MLP) or mlp.sparsity <= 0:
             continue
-        weight = mlp.down_proj.weight
-        if weight.device.type == "meta":
-            continue
-        if not weight.t().is_contiguous():
-            mlp.down_proj.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
+        if type(mlp.down_proj) is nn.Linear:
+            weight = mlp.down_proj.weight
+            if weight.device.type == "meta":
+                continue
+            if not weight.t().is_contiguous():
+                mlp.down_proj.weight = nn.Parameter(weight.t().contiguous().t(), requires_grad=False)
         mlp.sparse_decode = True
         switched += 1
     return switched

@@ -1,7 +1,8 @@
 """Quantised replacements for nn.Linear and the tied embedding / LM head.
 
-Decode and short prompts run PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`,
-`aten._weight_int4pack_mm_for_cpu`), which read the packed weights directly. Their cost grows with the rows of
+Decode and short prompts (up to NATIVE_MAX_ROWS rows) run the native kernels (gemma3n.kernels), which read the packed
+weights directly at close to memory speed; without the native library they run PyTorch's own weight-only kernels
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), as do prompts a little longer. Their cost grows with the rows of
 input (measured on this machine, [8192, 2048]: 128 rows take 3.7 ms in bf16, 40 ms int8, 29 ms int4), so long
 prompts dequantise the weight a block of output rows at a time and multiply densely; the temporary is one block,
 never the whole matrix. Dequantising is cheap for int8 (a cast and a multiply) and dear for int4 (unpacking
@@ -13,7 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import kernels
 from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
+
+NATIVE_MAX_ROWS = 16  # up to this many rows of activations the native kernels run (gemma3n.kernels)
 
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256
@@ -42,11 +46,23 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
+        if _native(flat):
+            out = kernels.int8_matmul(self.qweight, self.scales, flat).to(self.scales.dtype)
+        elif flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype), self.qweight, self.scales)
         else:
             out = _blockwise(flat.to(self.scales.dtype), self.dequantize, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Only the output features `rows` (int64), reading only their weights: sparse MLPs' active units."""
+        flat = x.reshape(-1, self.in_features)
+        if _native(flat):
+            out = kernels.int8_matmul(self.qweight, self.scales, flat, rows).to(self.scales.dtype)
+        else:
+            out = F.linear(flat.to(self.scales.dtype), int8_dequantize(self.qweight[rows], self.scales[rows],
+                                                                        self.scales.dtype))
+        return out.reshape(*x.shape[:-1], rows.numel())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
@@ -76,12 +92,24 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
+        if _native(flat):
+            out = kernels.int4_matmul(self.qweight, self.scales_and_zeros, self.group_size, flat).to(flat.dtype)
+        elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
                                                                self.scales_and_zeros)
         else:
             out = _blockwise(flat, self.dequantize, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_sparse_inputs(self, x: Tensor, cols: Tensor) -> Tensor:
+        """x whose only non-zero input features are `cols` (int64, ascending) -> x W^T, reading only those
+        columns' weights (sparse MLPs' down projection); the same result as forward(x)."""
+        flat = x.reshape(-1, self.in_features)
+        if not _native(flat):
+            return self.forward(x)
+        out = kernels.int4_matmul(self.qweight, self.scales_and_zeros, self.group_size, flat,
+                                  cols.to(torch.int32).contiguous())
+        return out.to(self.scales_and_zeros.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -140,6 +168,10 @@ class Int4Embedding(Int4Linear):
 
     def linear(self, x: Tensor) -> Tensor:
         return Int4Linear.forward(self, x)
+
+
+def _native(flat: Tensor) -> bool:
+    return flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 
 
 def _blockwise(x: Tensor, dequantize, out_features: int) -> Tensor:

@@ -1,0 +1,254 @@
+"""Native kernels for quantised weights (native.c), loaded through ctypes, with the plain PyTorch code as fallback.
+
+`native()` returns the library or None. It is the extension that `pip install` compiled next to this file, or, in
+a source tree that was not installed, a copy compiled once into the user's cache with the system C compiler. Set
+GEMMA3N_NATIVE=0 to run without it (every caller then takes its PyTorch path, which is also what the tests compare
+the kernels against).
+
+Every function here takes and returns tensors: weights as stored (uint8 / int8 views, often of a memory map),
+activations converted to float32 rows, results float32 [M, N].
+
+Two precisions for the activations of those products:
+  * "int8" (the default on AVX2 machines): each activation row is rounded to int8 per block of 32 values
+    (`round_activations` shows the values used) and multiplied in integers, as llama.cpp does; several times
+    faster where converting weights to float is the bottleneck. Its distance to the float path is measured in the
+    tests and the README.
+  * "float32": the weight's exact dequantised values times x in float32 (GEMMA3N_ACTIVATIONS=float32 or
+    `set_activation_precision("float32")`): what the parity tests with the reference use.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ABI_VERSION = 3
+_SOURCE = Path(__file__).with_name("native.c")
+# what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
+COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
+SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+PRECISIONS = ("int8", "float32")
+_precision = os.environ.get("GEMMA3N_ACTIVATIONS", "int8")
+if _precision not in PRECISIONS:
+    raise ValueError(f"GEMMA3N_ACTIVATIONS={_precision!r}: use one of {PRECISIONS}")
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def native():
+    """The loaded library, or None when it is disabled (GEMMA3N_NATIVE=0) or cannot be found or built."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"], _state["why"] = _load()
+    return _state["lib"]
+
+
+def set_activation_precision(precision: str) -> None:
+    """"int8" (fast, default) or "float32" (exact) activations for the native quantised products."""
+    global _precision
+    if precision not in PRECISIONS:
+        raise ValueError(f"activation precision {precision!r}: use one of {PRECISIONS}")
+    _precision = precision
+
+
+def activation_precision() -> str:
+    return _precision
+
+
+def why_not() -> str | None:
+    """Why `native()` is None (None when it loaded)."""
+    native()
+    return _state.get("why")
+
+
+def _load():
+    if os.environ.get("GEMMA3N_NATIVE", "1") == "0":
+        return None, "disabled by GEMMA3N_NATIVE=0"
+    candidates = sorted(Path(__file__).parent.glob("_native*" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so")))
+    path = candidates[0] if candidates else None
+    if path is None or _stale(path):
+        path, why = _cached_build()
+        if path is None:
+            return None, why
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"cannot load {path}: {e}"
+    if lib.g3n_abi_version() != ABI_VERSION:
+        return None, f"{path} is an older build (ABI {lib.g3n_abi_version()}, expected {ABI_VERSION}); reinstall"
+    _declare(lib)
+    return lib, None
+
+
+def _stale(path: Path) -> bool:
+    """An in-tree build older than the source (an editable checkout whose native.c changed since pip ran)."""
+    return path.stat().st_mtime < _SOURCE.stat().st_mtime
+
+
+def _cached_build():
+    """Compile native.c into ~/.cache/gemma3n (once per source version and interpreter)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler found to build gemma3n/kernels/native.c (install gcc, or pip install again)"
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma3n"
+    target = cache / f"native-{digest}-{sys.implementation.cache_tag}.so"
+    if target.is_file():
+        return target, None
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / target.name
+        run = subprocess.run([compiler, *COMPILE_FLAGS, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if run.returncode:
+            return None, f"compiling native.c failed: {(run.stderr or run.stdout).strip()[-500:]}"
+        os.replace(out, target)  # atomic: a concurrent builder either sees nothing or the whole file
+    return target, None
+
+
+def _declare(lib) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.g3n_gguf_row_bytes.argtypes, lib.g3n_gguf_row_bytes.restype = [i32, i64], i64
+    lib.g3n_gguf_matmul.argtypes = [i32, p, i64, i64, p, p, i64, p, i32, i32]
+    lib.g3n_gguf_dequantize.argtypes = [i32, p, i64, i64, p, p, i32, i32]
+    lib.g3n_int8_matmul.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32, i32]
+    lib.g3n_int4_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
+    lib.g3n_round_activations.argtypes = [p, i64, i64, p]
+    lib.g3n_q8_supported.argtypes = [i32]
+    lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
+    lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
+    lib.g3n_int4_matmul_q8.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i32]
+    for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
+              lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
+              lib.g3n_int4_matmul_q8):
+        f.restype = i32
+
+
+# -- wrappers -----------------------------------------------------------------------------------------------------
+
+_VECTORISED = True  # tests set it False to run the portable C path
+
+
+def _rows_f32(x: Tensor, k: int) -> Tensor:
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _int8_activations(k: int) -> bool:
+    return _precision == "int8" and _VECTORISED and k % 32 == 0
+
+
+def _check_rows(rows: Tensor | None, n: int) -> None:
+    if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise IndexError(f"row index out of range for {n} rows")
+
+
+def round_activations(x: Tensor) -> Tensor:
+    """The values the int8-activation kernels multiply by: x [M, K] rounded to int8 per block of 32, as float32."""
+    k = x.shape[-1]
+    flat = _rows_f32(x, k)
+    out = torch.empty_like(flat)
+    _check(native().g3n_round_activations(flat.data_ptr(), flat.shape[0], k, out.data_ptr()), "rounding")
+    return out.reshape(x.shape)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise RuntimeError(f"native {what} failed (code {rc}): unsupported shape or type")
+
+
+def gguf_row_bytes(ggml_type: int, k: int) -> int:
+    """Stored bytes of one row of k values of a GGUF type; 0 when the kernels do not support that type / width."""
+    lib = native()
+    return 0 if lib is None else int(lib.g3n_gguf_row_bytes(int(ggml_type), k))
+
+
+def gguf_matmul(ggml_type: int, raw: Tensor, k: int, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    """x [M, K] float -> [M, R] float32 with W the GGUF rows `raw` (uint8 [N, row bytes]); `rows` (int64) picks R
+    of them (all N when None)."""
+    x = _rows_f32(x, k)
+    _check_rows(rows, raw.shape[0])
+    n = raw.shape[0] if rows is None else rows.numel()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    lib = native()
+    if _int8_activations(k) and lib.g3n_q8_supported(int(ggml_type)):
+        rc = lib.g3n_gguf_matmul_q8(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), x.data_ptr(), x.shape[0],
+                                    y.data_ptr(), torch.get_num_threads())
+        _check(rc, "GGUF matmul")
+        return y
+    rc = lib.g3n_gguf_matmul(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), x.data_ptr(), x.shape[0],
+                                  y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+    _check(rc, "GGUF matmul")
+    return y
+
+
+def gguf_dequantize(ggml_type: int, raw: Tensor, k: int, rows: Tensor | None = None) -> Tensor:
+    """GGUF rows (all, or the int64 `rows`) -> float32 [R, K]."""
+    _check_rows(rows, raw.shape[0])
+    n = raw.shape[0] if rows is None else rows.numel()
+    out = torch.empty(n, k, dtype=torch.float32)
+    rc = native().g3n_gguf_dequantize(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), out.data_ptr(),
+                                      torch.get_num_threads(), _VECTORISED)
+    _check(rc, "GGUF dequantize")
+    return out
+
+
+def int8_matmul(qweight: Tensor, scales: Tensor, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    """x [M, K] -> [M, R] float32 for int8 rows [N, K] with one scale per row (gemma3n.quant int8)."""
+    n_all, k = qweight.shape
+    x = _rows_f32(x, k)
+    _check_rows(rows, n_all)
+    n = n_all if rows is None else rows.numel()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if _int8_activations(k):
+        rc = native().g3n_int8_matmul_q8(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k,
+                                         _ptr(rows), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        if rc != -1:
+            _check(rc, "int8 matmul")
+            return y
+    rc = native().g3n_int8_matmul(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k, _ptr(rows),
+                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+    _check(rc, "int8 matmul")
+    return y
+
+
+def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor,
+                cols: Tensor | None = None) -> Tensor:
+    """x [M, K] -> [M, N] float32 for int4 in torch's CPU tile layout (gemma3n.quant.formats). `cols` (int32,
+    ascending) lists the only input columns that are non-zero in x: the others are skipped, not read. With int8
+    activations the sparse product multiplies the rounded x (`round_activations`), as the dense one does."""
+    n, half = qweight.shape
+    k = 2 * half
+    x = _rows_f32(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if _int8_activations(k):
+        if cols is None:
+            rc = native().g3n_int4_matmul_q8(qweight.data_ptr(), scales_and_zeros.data_ptr(),
+                                             SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, x.data_ptr(),
+                                             x.shape[0], y.data_ptr(), torch.get_num_threads())
+            if rc != -1:
+                _check(rc, "int4 matmul")
+                return y
+        else:
+            x = round_activations(x)
+    n_cols = 0 if cols is None else cols.numel()
+    rc = native().g3n_int4_matmul(qweight.data_ptr(), scales_and_zeros.data_ptr(),
+                                  SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, _ptr(cols), n_cols,
+                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+    _check(rc, "int4 matmul")
+    return y

@@ -1,0 +1,1057 @@
+/* Native matrix products over quantised weights, for decode (a few rows of activations) on the CPU.
+ *
+ * Weights stay in their stored form and are decoded in registers while they stream past, so a decode step reads
+ * the quantised bytes once and nothing else: GGUF blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16,
+ * BF16, F32) as llama.cpp writes them, and the project's own int8 (one scale per output row) and int4 (torch's
+ * CPU tile layout, gemma3n/quant/formats.py) formats. Activations and sums are float32: the result is the float32
+ * product of the dequantised weight with x, up to the order of the additions (the tests bound it).
+ *
+ * Every entry point is plain C (called through ctypes), computes y[m, n] = sum_k W[n, k] x[m, k] for row-major
+ * x [M, K] and y [M, N], and splits the output rows over OpenMP threads. OpenMP is the runtime PyTorch itself
+ * loads (its wheels ship libgomp.so.1), so both share one thread pool. AVX2 + FMA paths are chosen at run time;
+ * the portable C below them is the reference the vector code is tested against.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define G3N_X86 1
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define G3N_ABI_VERSION 3
+
+/* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,
+       T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30 };
+/* Scale dtypes of the int8 / int4 formats. */
+enum { S_F32 = 0, S_F16 = 1, S_BF16 = 2 };
+
+#define QK 32    /* values per block of the "legacy" GGUF types */
+#define QKK 256  /* values per super-block of the k-quants */
+#define MAX_BLOCK 256
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* scalar conversions                                                                                            */
+
+static inline float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return f32_from_bits(sign | 0x7F800000u | (man << 13));     /* inf / nan */
+    if (exp == 0) {
+        if (man == 0) return f32_from_bits(sign);
+        /* subnormal half: man * 2^-24, exact in float32 */
+        float v = (float)man * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    return f32_from_bits(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+static inline float bf16_to_float(uint16_t b) { return f32_from_bits((uint32_t)b << 16); }
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+static inline float scale_at(const void *s, int type, int64_t i) {
+    switch (type) {
+    case S_F16: return half_to_float(((const uint16_t *)s)[i]);
+    case S_BF16: return bf16_to_float(((const uint16_t *)s)[i]);
+    default: return ((const float *)s)[i];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* GGUF block geometry and portable block decoders (the reference for everything vectorised)                     */
+
+static int block_values(int type) {
+    switch (type) {
+    case T_F32: case T_F16: case T_BF16: return 1;
+    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: return QK;
+    case T_Q4_K: case T_Q5_K: case T_Q6_K: return QKK;
+    default: return 0;
+    }
+}
+
+static int block_bytes(int type) {
+    switch (type) {
+    case T_F32: return 4;
+    case T_F16: case T_BF16: return 2;
+    case T_Q4_0: return 2 + 16;
+    case T_Q4_1: return 4 + 16;
+    case T_Q5_0: return 2 + 4 + 16;
+    case T_Q5_1: return 4 + 4 + 16;
+    case T_Q8_0: return 2 + 32;
+    case T_Q4_K: return 4 + 12 + 128;
+    case T_Q5_K: return 4 + 12 + 32 + 128;
+    case T_Q6_K: return 128 + 64 + 16 + 2;
+    default: return 0;
+    }
+}
+
+/* The 6-bit (scale, min) pair of sub-block j of a Q4_K / Q5_K super-block, from its 12 packed bytes. */
+static inline void kquant_scale_min(int j, const uint8_t *q, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* One block -> block_values(type) floats. */
+static void decode_block(int type, const uint8_t *b, float *out) {
+    switch (type) {
+    case T_F32: memcpy(out, b, 4); return;
+    case T_F16: out[0] = half_to_float(rd16(b)); return;
+    case T_BF16: out[0] = bf16_to_float(rd16(b)); return;
+    case T_Q4_0: {
+        float d = half_to_float(rd16(b));
+        const uint8_t *qs = b + 2;
+        for (int j = 0; j < 16; j++) {
+            out[j] = (float)((qs[j] & 0x0F) - 8) * d;
+            out[j + 16] = (float)((qs[j] >> 4) - 8) * d;
+        }
+        return;
+    }
+    case T_Q4_1: {
+        float d = half_to_float(rd16(b)), m = half_to_float(rd16(b + 2));
+        const uint8_t *qs = b + 4;
+        for (int j = 0; j < 16; j++) {
+            out[j] = (float)(qs[j] & 0x0F) * d + m;
+            out[j + 16] = (float)(qs[j] >> 4) * d + m;
+        }
+        return;
+    }
+    case T_Q5_0: case T_Q5_1: {
+        int has_min = type == T_Q5_1;
+        float d = half_to_float(rd16(b)), m = has_min ? half_to_float(rd16(b + 2)) : 0.0f;
+        uint32_t qh = rd32(b + (has_min ? 4 : 2));
+        const uint8_t *qs = b + (has_min ? 8 : 6);
+        int offset = has_min ? 0 : 16;
+        for (int j = 0; j < 16; j++) {
+            int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+            int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+            out[j] = has_min ? (float)lo * d + m : (float)(lo - offset) * d;
+            out[j + 16] = has_min ? (float)hi * d + m : (float)(hi - offset) * d;
+        }
+        return;
+    }
+    case T_Q8_0: {
+        float d = half_to_float(rd16(b));
+        const int8_t *qs = (const int8_t *)(b + 2);
+        for (int j = 0; j < 32; j++) out[j] = (float)qs[j] * d;
+        return;
+    }
+    case T_Q4_K: case T_Q5_K: {
+        int five = type == T_Q5_K;
+        float d = half_to_float(rd16(b)), dmin = half_to_float(rd16(b + 2));
+        const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (five ? 48 : 16);
+        for (int c = 0; c < 4; c++) {  /* 64 values: low nibbles, then high nibbles, of 32 bytes */
+            int sc1, m1, sc2, m2;
+            kquant_scale_min(2 * c, scales, &sc1, &m1);
+            kquant_scale_min(2 * c + 1, scales, &sc2, &m2);
+            float d1 = d * (float)sc1, n1 = dmin * (float)m1, d2 = d * (float)sc2, n2 = dmin * (float)m2;
+            for (int l = 0; l < 32; l++) {
+                int lo = qs[32 * c + l] & 0x0F, hi = qs[32 * c + l] >> 4;
+                if (five) {
+                    lo += ((qh[l] >> (2 * c)) & 1) << 4;
+                    hi += ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                }
+                out[64 * c + l] = d1 * (float)lo - n1;
+                out[64 * c + 32 + l] = d2 * (float)hi - n2;
+            }
+        }
+        return;
+    }
+    case T_Q6_K: {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = half_to_float(rd16(b + 208));
+        for (int h = 0; h < 2; h++) {  /* two halves of 128 values */
+            for (int l = 0; l < 32; l++) {
+                int s = l / 16;
+                int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                out[128 * h + l] = d * (float)sc[s] * (float)q1;
+                out[128 * h + l + 32] = d * (float)sc[s + 2] * (float)q2;
+                out[128 * h + l + 64] = d * (float)sc[s + 4] * (float)q3;
+                out[128 * h + l + 96] = d * (float)sc[s + 6] * (float)q4;
+            }
+            ql += 64; qh += 32; sc += 8;
+        }
+        return;
+    }
+    }
+}
+
+static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *out);
+
+static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int vec) {
+#ifdef G3N_X86
+    if (vec && decode_row_avx2(type, row, k, out)) return;
+#else
+    (void)vec;
+#endif
+    int qv = block_values(type), qb = block_bytes(type);
+    if (type == T_F32) { memcpy(out, row, (size_t)k * 4); return; }
+    for (int64_t i = 0; i < k / qv; i++) decode_block(type, row + i * qb, out + i * qv);
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* AVX2 + FMA fused dot products (one weight row with one activation row)                                       */
+
+#ifdef G3N_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static inline __m256i load8_u8(const uint8_t *p) {  /* 8 bytes -> 8 int32 (zero-extended) */
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+AVX2 static inline __m256i load8_i8(const uint8_t *p) {  /* 8 bytes -> 8 int32 (sign-extended) */
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+AVX2 static float dot_q8_0(const uint8_t *row, const float *x, int64_t nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 34, x += 32) {
+        const uint8_t *q = row + 2;
+        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q)), _mm256_loadu_ps(x));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + 8)), _mm256_loadu_ps(x + 8));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 16)), _mm256_loadu_ps(x + 16), s);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 24)), _mm256_loadu_ps(x + 24), t);
+        __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+        if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
+        else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* Q4_0 / Q4_1 / Q5_0 / Q5_1: 16 bytes of nibbles (values j and j + 16), optional fifth bits, scale d, and either
+ * an offset (8 or 16, subtracted in integers) or a min m (added as m * sum(x) over the block). */
+AVX2 static float dot_legacy(int type, const uint8_t *row, const float *x, int64_t nb) {
+    const int bb = block_bytes(type), five = type == T_Q5_0 || type == T_Q5_1;
+    const int has_min = type == T_Q4_1 || type == T_Q5_1;
+    const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+    const __m256i offset = _mm256_set1_epi32(has_min ? 0 : (five ? 16 : 8));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += bb, x += 32) {
+        const uint8_t *qs = row + (has_min ? 4 : 2) + (five ? 4 : 0);
+        __m256i qh = five ? _mm256_set1_epi32((int)rd32(row + (has_min ? 4 : 2))) : _mm256_setzero_si256();
+        __m256 s = _mm256_setzero_ps(), t = _mm256_setzero_ps();
+        for (int j = 0; j < 16; j += 8) {
+            __m256i bytes = load8_u8(qs + j);
+            __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
+            if (five) {
+                __m256i idx = _mm256_add_epi32(lanes, _mm256_set1_epi32(j));
+                lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, idx), one), 4));
+                idx = _mm256_add_epi32(idx, _mm256_set1_epi32(16));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, idx), one), 4));
+            }
+            __m256 xl = _mm256_loadu_ps(x + j), xh = _mm256_loadu_ps(x + 16 + j);
+            s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, offset)), xl, s);
+            t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, offset)), xh, t);
+            if (has_min) macc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row + 2))),
+                                                _mm256_add_ps(xl, xh), macc);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row))), _mm256_add_ps(s, t), acc);
+    }
+    return hsum8(_mm256_add_ps(acc, macc));
+}
+
+/* Q4_K / Q5_K: per 32-value sub-block  d*sc * sum(q x) - dmin*m * sum(x). */
+AVX2 static float dot_q45_k(int type, const uint8_t *row, const float *x, int64_t nb) {
+    const int five = type == T_Q5_K, bb = block_bytes(type);
+    const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += bb, x += QKK) {
+        float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+        const uint8_t *scales = row + 4, *qh = row + 16, *qs = row + (five ? 48 : 16);
+        for (int c = 0; c < 4; c++) {
+            int sc1, m1, sc2, m2;
+            kquant_scale_min(2 * c, scales, &sc1, &m1);
+            kquant_scale_min(2 * c + 1, scales, &sc2, &m2);
+            const float *xa = x + 64 * c, *xb = xa + 32;
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), xs = _mm256_setzero_ps(),
+                   xt = _mm256_setzero_ps();
+            for (int l = 0; l < 32; l += 8) {
+                __m256i bytes = load8_u8(qs + 32 * c + l);
+                __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
+                if (five) {
+                    __m256i h = load8_u8(qh + l);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi32(
+                        _mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
+                }
+                __m256 xl = _mm256_loadu_ps(xa + l), xh = _mm256_loadu_ps(xb + l);
+                s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), xl, s0);
+                s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), xh, s1);
+                xs = _mm256_add_ps(xs, xl);
+                xt = _mm256_add_ps(xt, xh);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1), s0, acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc2), s1, acc);
+            macc = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (float)m1), xs, macc);
+            macc = _mm256_fmadd_ps(_mm256_set1_ps(dmin * (float)m2), xt, macc);
+        }
+    }
+    return hsum8(_mm256_sub_ps(acc, macc));
+}
+
+AVX2 static float dot_q6_k(const uint8_t *row, const float *x, int64_t nb) {
+    const __m256i low = _mm256_set1_epi32(0x0F), three = _mm256_set1_epi32(3), off = _mm256_set1_epi32(32);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 210, x += QKK) {
+        const uint8_t *ql = row, *qh = row + 128;
+        const int8_t *sc = (const int8_t *)(row + 192);
+        float d = half_to_float(rd16(row + 208));
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
+            const float *xh = x + 128 * h;
+            for (int g = 0; g < 2; g++) {  /* 16 values share a scale */
+                __m256 s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps(),
+                       s4 = _mm256_setzero_ps();
+                for (int l = 16 * g; l < 16 * g + 16; l += 8) {
+                    __m256i a = load8_u8(ql + l), b = load8_u8(ql + 32 + l), hb = load8_u8(qh + l);
+                    __m256i q1 = _mm256_or_si256(_mm256_and_si256(a, low), _mm256_slli_epi32(_mm256_and_si256(hb, three), 4));
+                    __m256i q2 = _mm256_or_si256(_mm256_and_si256(b, low),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4));
+                    __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(a, 4),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), three), 4));
+                    __m256i q4 = _mm256_or_si256(_mm256_srli_epi32(b, 4), _mm256_slli_epi32(_mm256_srli_epi32(hb, 6), 4));
+                    s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q1, off)), _mm256_loadu_ps(xh + l), s1);
+                    s2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q2, off)), _mm256_loadu_ps(xh + 32 + l), s2);
+                    s3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q3, off)), _mm256_loadu_ps(xh + 64 + l), s3);
+                    s4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q4, off)), _mm256_loadu_ps(xh + 96 + l), s4);
+                }
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[g]), s1, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[g + 2]), s2, acc1);
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[g + 4]), s3, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc[g + 6]), s4, acc1);
+            }
+        }
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+AVX2 static float dot_f32(const float *w, const float *x, int64_t k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < k; i++) s += w[i] * x[i];
+    return s;
+}
+
+AVX2 static float dot_f16(const uint8_t *w, const float *x, int64_t k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i))), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i + 16))),
+                             _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < k; i++) s += half_to_float(rd16(w + 2 * i)) * x[i];
+    return s;
+}
+
+AVX2 static float dot_bf16(const uint8_t *w, const float *x, int64_t k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        __m256i u0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i))), 16);
+        __m256i u1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i + 16))), 16);
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(u0), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(u1), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < k; i++) s += bf16_to_float(rd16(w + 2 * i)) * x[i];
+    return s;
+}
+
+AVX2 static float dot_i8(const int8_t *w, const float *x, int64_t k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8)), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < k; i++) s += (float)w[i] * x[i];
+    return s;
+}
+
+/* Vectorised block decoders for the hot types (same float operations as decode_block, so the same bits). */
+AVX2 static inline void store_scaled(float *out, __m256i q, __m256 d) {
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+}
+
+AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *out) {
+    const __m256i low = _mm256_set1_epi32(0x0F), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    switch (type) {
+    case T_Q8_0:
+        for (int64_t i = 0; i < k / QK; i++, row += 34, out += 32) {
+            __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+            for (int j = 0; j < 32; j += 8) store_scaled(out + j, load8_i8(row + 2 + j), d);
+        }
+        return 1;
+    case T_Q5_0: case T_Q4_0:
+        for (int64_t i = 0; i < k / QK; i++, out += 32) {
+            int five = type == T_Q5_0;
+            __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+            __m256i qh = five ? _mm256_set1_epi32((int)rd32(row + 2)) : _mm256_setzero_si256();
+            __m256i off = _mm256_set1_epi32(five ? 16 : 8);
+            const uint8_t *qs = row + (five ? 6 : 2);
+            for (int j = 0; j < 16; j += 8) {
+                __m256i bytes = load8_u8(qs + j);
+                __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
+                if (five) {
+                    __m256i idx = _mm256_add_epi32(lanes, _mm256_set1_epi32(j));
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, idx), one), 4));
+                    idx = _mm256_add_epi32(idx, _mm256_set1_epi32(16));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(qh, idx), one), 4));
+                }
+                store_scaled(out + j, _mm256_sub_epi32(lo, off), d);
+                store_scaled(out + 16 + j, _mm256_sub_epi32(hi, off), d);
+            }
+            row += five ? 22 : 18;
+        }
+        return 1;
+    case T_Q4_K:
+        for (int64_t i = 0; i < k / QKK; i++, row += 144, out += QKK) {
+            float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+            const uint8_t *qs = row + 16;
+            for (int c = 0; c < 4; c++) {
+                int sc1, m1, sc2, m2;
+                kquant_scale_min(2 * c, row + 4, &sc1, &m1);
+                kquant_scale_min(2 * c + 1, row + 4, &sc2, &m2);
+                __m256 d1 = _mm256_set1_ps(d * (float)sc1), n1 = _mm256_set1_ps(dmin * (float)m1);
+                __m256 d2 = _mm256_set1_ps(d * (float)sc2), n2 = _mm256_set1_ps(dmin * (float)m2);
+                for (int l = 0; l < 32; l += 8) {
+                    __m256i bytes = load8_u8(qs + 32 * c + l);
+                    __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low));
+                    __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                    _mm256_storeu_ps(out + 64 * c + l, _mm256_sub_ps(_mm256_mul_ps(d1, lo), n1));
+                    _mm256_storeu_ps(out + 64 * c + 32 + l, _mm256_sub_ps(_mm256_mul_ps(d2, hi), n2));
+                }
+            }
+        }
+        return 1;
+    case T_Q6_K: {
+        const __m256i off = _mm256_set1_epi32(32);
+        for (int64_t i = 0; i < k / QKK; i++, row += 210, out += QKK) {
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            float d = half_to_float(rd16(row + 208));
+            for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
+                float *o = out + 128 * h;
+                for (int l = 0; l < 32; l += 8) {
+                    int s = l / 16;
+                    __m256i a = load8_u8(ql + l), b = load8_u8(ql + 32 + l), hb = load8_u8(qh + l);
+                    __m256i q1 = _mm256_or_si256(_mm256_and_si256(a, low), _mm256_slli_epi32(_mm256_and_si256(hb, three), 4));
+                    __m256i q2 = _mm256_or_si256(_mm256_and_si256(b, low),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 2), three), 4));
+                    __m256i q3 = _mm256_or_si256(_mm256_srli_epi32(a, 4),
+                                                 _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(hb, 4), three), 4));
+                    __m256i q4 = _mm256_or_si256(_mm256_srli_epi32(b, 4), _mm256_slli_epi32(_mm256_srli_epi32(hb, 6), 4));
+                    store_scaled(o + l, _mm256_sub_epi32(q1, off), _mm256_set1_ps(d * (float)sc[s]));
+                    store_scaled(o + l + 32, _mm256_sub_epi32(q2, off), _mm256_set1_ps(d * (float)sc[s + 2]));
+                    store_scaled(o + l + 64, _mm256_sub_epi32(q3, off), _mm256_set1_ps(d * (float)sc[s + 4]));
+                    store_scaled(o + l + 96, _mm256_sub_epi32(q4, off), _mm256_set1_ps(d * (float)sc[s + 6]));
+                }
+            }
+        }
+        return 1;
+    }
+    case T_F16:
+        for (int64_t i = 0; i + 8 <= k; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
+        for (int64_t i = k / 8 * 8; i < k; i++) out[i] = half_to_float(rd16(row + 2 * i));
+        return 1;
+    }
+    return 0;
+}
+
+static int have_avx2(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    }
+    return cached;
+}
+#else
+static int have_avx2(void) { return 0; }
+#endif
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* portable dot products                                                                                         */
+
+static float dot_plain(const float *w, const float *x, int64_t k) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < k; i++) s += w[i] * x[i];
+    return s;
+}
+
+/* One GGUF row with one activation row; `buf` holds MAX_BLOCK floats for the portable path. */
+static float gguf_dot(int type, const uint8_t *row, const float *x, int64_t k, int vec, float *buf) {
+#ifdef G3N_X86
+    if (vec) {
+        switch (type) {
+        case T_F32: return dot_f32((const float *)row, x, k);
+        case T_F16: return dot_f16(row, x, k);
+        case T_BF16: return dot_bf16(row, x, k);
+        case T_Q8_0: return dot_q8_0(row, x, k / QK);
+        case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: return dot_legacy(type, row, x, k / QK);
+        case T_Q4_K: case T_Q5_K: return dot_q45_k(type, row, x, k / QKK);
+        case T_Q6_K: return dot_q6_k(row, x, k / QKK);
+        }
+    }
+#endif
+    int qv = block_values(type), qb = block_bytes(type);
+    if (qv == 1) qv = 64;  /* float rows: decode 64 values at a time */
+    float s = 0.0f;
+    for (int64_t i = 0; i < k; i += qv) {
+        int64_t n = k - i < qv ? k - i : qv;
+        if (block_values(type) == 1) {
+            for (int64_t j = 0; j < n; j++) decode_block(type, row + (i + j) * qb, buf + j);
+        } else {
+            decode_block(type, row + (i / qv) * qb, buf);
+        }
+        s += dot_plain(buf, x + i, n);
+    }
+    return s;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* exported: GGUF                                                                                                */
+
+EXPORT int g3n_abi_version(void) { return G3N_ABI_VERSION; }
+EXPORT int g3n_vectorised(void) { return have_avx2(); }
+
+/* Bytes of one row of `k` values, or 0 when the type is not supported (or k is not a whole number of blocks). */
+EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
+    int qv = block_values(type);
+    if (qv == 0 || k <= 0 || k % qv) return 0;
+    return k / qv * block_bytes(type);
+}
+
+/* y[m, r] = W[rows[r]] . x[m] for r < n_rows (rows NULL: rows 0 .. n_rows-1). vec = 0 forces the portable code. */
+EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
+                           const float *x, int64_t m, float *y, int threads, int vec) {
+    int64_t rb = g3n_gguf_row_bytes(type, k);
+    if (rb == 0) return -1;
+    vec = vec && have_avx2();
+    if (m == 1) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < n_rows; r++) {
+            float buf[MAX_BLOCK];
+            int64_t src = rows ? rows[r] : r;
+            y[r] = gguf_dot(type, w + src * rb, x, k, vec, buf);
+        }
+        return 0;
+    }
+    /* several activation rows: decode each weight row once into a buffer, then one float dot per activation row */
+    #pragma omp parallel num_threads(threads)
+    {
+        float *row = (float *)__builtin_alloca((size_t)k * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n_rows; r++) {
+            int64_t src = rows ? rows[r] : r;
+            decode_row(type, w + src * rb, k, row, vec);
+            for (int64_t i = 0; i < m; i++) {
+#ifdef G3N_X86
+                y[i * n_rows + r] = vec ? dot_f32(row, x + i * k, k) : dot_plain(row, x + i * k, k);
+#else
+                y[i * n_rows + r] = dot_plain(row, x + i * k, k);
+#endif
+            }
+        }
+    }
+    return 0;
+}
+
+/* out[r] = W[rows[r]] as floats (rows NULL: rows 0 .. n_rows-1). */
+EXPORT int g3n_gguf_dequantize(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
+                               float *out, int threads, int vec) {
+    int64_t rb = g3n_gguf_row_bytes(type, k);
+    if (rb == 0) return -1;
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n_rows * k > (1 << 16))
+    for (int64_t r = 0; r < n_rows; r++) decode_row(type, w + (rows ? rows[r] : r) * rb, k, out + r * k, vec);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* exported: int8, one scale per output row                                                                      */
+
+EXPORT int g3n_int8_matmul(const int8_t *q, const void *scales, int scale_type, int64_t n, int64_t k,
+                           const int64_t *rows, const float *x, int64_t m, float *y, int threads, int vec) {
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        int64_t src = rows ? rows[r] : r;
+        const int8_t *w = q + src * k;
+        float s = scale_at(scales, scale_type, src);
+        for (int64_t i = 0; i < m; i++) {
+            const float *xi = x + i * k;
+            float acc = 0.0f;
+#ifdef G3N_X86
+            if (vec) acc = dot_i8(w, xi, k);
+            else
+#endif
+                for (int64_t j = 0; j < k; j++) acc += (float)w[j] * xi[j];
+            y[i * n + r] = acc * s;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* exported: int4 in torch's CPU tile layout (gemma3n/quant/formats.py)                                          */
+/*   qweight [n/64][k][32 bytes]: byte j of column k holds row j (low nibble) and row j + 32 (high nibble) of the   */
+/*   tile; scales_and_zeros [k/g][n][2]; w = (q - 8) * scale + zero, so a group contributes                      */
+/*   scale * sum(q x) + (zero - 8 * scale) * sum(x).                                                             */
+/* `cols` (sorted ascending, n_cols of them) restricts the sum to those input columns: the others must be zero in  */
+/* every activation row (activation sparsity), which gives the dense result while reading only their bytes.      */
+
+#define TILE 64
+
+/* The columns of one group: [*c, end) of `cols`, or the group's whole range when cols is NULL. Advances *c. */
+static inline int64_t group_span(const int32_t *cols, int64_t n_cols, int64_t g, int64_t *c, int64_t *grp) {
+    if (!cols) {
+        *grp = *c / g;
+        *c += g;
+        return g;
+    }
+    *grp = cols[*c] / g;
+    int64_t end = (*grp + 1) * g, start = *c;
+    while (*c < n_cols && cols[*c] < end) (*c)++;
+    return *c - start;
+}
+
+static void int4_tile_plain(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                            int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m,
+                            float *y) {
+    int64_t total = cols ? n_cols : k;
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * k;
+        float out[TILE] = {0};
+        int64_t c = 0, grp;
+        while (c < total) {
+            int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
+            float part[TILE] = {0}, xsum = 0.0f;
+            for (int64_t e = 0; e < span; e++) {
+                int64_t col = cols ? cols[first + e] : first + e;
+                const uint8_t *b = tile + col * 32;
+                float xv = xi[col];
+                xsum += xv;
+                for (int j = 0; j < 32; j++) {
+                    part[j] += (float)(b[j] & 0x0F) * xv;
+                    part[j + 32] += (float)(b[j] >> 4) * xv;
+                }
+            }
+            for (int j = 0; j < TILE; j++) {
+                int64_t at = (grp * n + row0 + j) * 2;
+                float s = scale_at(sz, st, at), z = scale_at(sz, st, at + 1);
+                out[j] += s * part[j] + (z - 8.0f * s) * xsum;
+            }
+        }
+        for (int j = 0; j < TILE; j++) y[i * n + row0 + j] = out[j];
+    }
+}
+
+#ifdef G3N_X86
+AVX2 static inline void scales_zeros8(const void *sz, int st, int64_t at, __m256 *s, __m256 *z) {
+    /* 8 consecutive (scale, zero) pairs starting at element `at` -> two vectors */
+    float tmp[16];
+    if (st == S_BF16) {
+        __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at)));
+        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at + 8)));
+        _mm256_storeu_ps(tmp, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
+        _mm256_storeu_ps(tmp + 8, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+    } else if (st == S_F16) {
+        _mm256_storeu_ps(tmp, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at))));
+        _mm256_storeu_ps(tmp + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at + 8))));
+    } else {
+        memcpy(tmp, (const float *)sz + at, sizeof tmp);
+    }
+    *s = _mm256_setr_ps(tmp[0], tmp[2], tmp[4], tmp[6], tmp[8], tmp[10], tmp[12], tmp[14]);
+    *z = _mm256_setr_ps(tmp[1], tmp[3], tmp[5], tmp[7], tmp[9], tmp[11], tmp[13], tmp[15]);
+}
+
+AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                                int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m,
+                                float *y) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * k;
+        __m256 out[8];
+        for (int v = 0; v < 8; v++) out[v] = _mm256_setzero_ps();
+        int64_t c = 0, grp, total = cols ? n_cols : k;
+        while (c < total) {
+            int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
+            __m256 part[8];
+            for (int v = 0; v < 8; v++) part[v] = _mm256_setzero_ps();
+            float xsum = 0.0f;
+            for (int64_t e = 0; e < span; e++) {
+                int64_t col = cols ? cols[first + e] : first + e;
+                __m256i b = _mm256_loadu_si256((const __m256i *)(tile + col * 32));
+                __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                float xv = xi[col];
+                xsum += xv;
+                __m256 bx = _mm256_set1_ps(xv);
+                __m128i l0 = _mm256_castsi256_si128(lo), l1 = _mm256_extracti128_si256(lo, 1);
+                __m128i h0 = _mm256_castsi256_si128(hi), h1 = _mm256_extracti128_si256(hi, 1);
+                part[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l0)), bx, part[0]);
+                part[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l0, 8))), bx, part[1]);
+                part[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l1)), bx, part[2]);
+                part[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l1, 8))), bx, part[3]);
+                part[4] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h0)), bx, part[4]);
+                part[5] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h0, 8))), bx, part[5]);
+                part[6] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h1)), bx, part[6]);
+                part[7] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h1, 8))), bx, part[7]);
+            }
+            __m256 xs = _mm256_set1_ps(xsum);
+            for (int v = 0; v < 8; v++) {
+                __m256 s, z;
+                scales_zeros8(sz, st, (grp * n + row0 + 8 * v) * 2, &s, &z);
+                /* s * part + (z - 8 s) * xsum */
+                out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
+                out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
+            }
+        }
+        for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + i * n + row0 + 8 * v, out[v]);
+    }
+}
+#endif
+
+EXPORT int g3n_int4_matmul(const uint8_t *q, const void *sz, int scale_type, int64_t n, int64_t k, int64_t g,
+                           const int32_t *cols, int64_t n_cols, const float *x, int64_t m, float *y,
+                           int threads, int vec) {
+    if (n % TILE || g <= 0 || k % g) return -1;
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n / TILE; t++) {
+        const uint8_t *tile = q + t * TILE / 2 * k;
+#ifdef G3N_X86
+        if (vec) int4_tile_avx2(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
+        else
+#endif
+            int4_tile_plain(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
+    }
+    return 0;
+}
+
+/* ============================================================================================================ */
+/* int8 activations: the fast decode path                                                                        */
+/*                                                                                                              */
+/* Converting every weight to float costs about one vector instruction per weight, which on cores with narrow or */
+/* split 256-bit units (this project's AMD Zen machine) is slower than memory. Instead, as llama.cpp does, each  */
+/* activation row is rounded to int8 per block of 32 (x ~ dx * xq, dx = max|x| / 127, ties to even) and weights   */
+/* are multiplied as small integers (vpmaddubsw / vpmaddwd), scaled once per block. The result is the float32     */
+/* product of the dequantised weight with that rounded x, up to the order of the additions: the tests compare    */
+/* with exactly that, and measure its distance to the float path. Only AVX2 machines take it (else -1: callers   */
+/* use the float kernels above).                                                                                */
+
+#define XB 32  /* activation block */
+
+typedef struct {
+    int8_t *q;      /* [k] */
+    float *d;       /* [k / 32] block scales */
+    int32_t *s16;   /* [k / 16] sums of q per 16 */
+    float *fsum;    /* [k / 32] d * sum(q) per block: the block's sum of the rounded x */
+    uint16_t *pair; /* [k / 2] (q[2i], q[2i+1]) as one 16-bit pattern (the int4 tile kernel broadcasts it) */
+} qx_t;
+
+static void quantize_row(const float *x, int64_t k, qx_t *o) {
+    for (int64_t b = 0; b < k / XB; b++) {
+        const float *xb = x + b * XB;
+        float amax = 0.0f;
+        for (int j = 0; j < XB; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32_t s0 = 0, s1 = 0;
+        for (int j = 0; j < XB; j++) {
+            float v = nearbyintf(xb[j] * id);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            int8_t q = (int8_t)v;
+            o->q[b * XB + j] = q;
+            if (j < 16) s0 += q; else s1 += q;
+        }
+        o->d[b] = d;
+        o->s16[2 * b] = s0;
+        o->s16[2 * b + 1] = s1;
+        o->fsum[b] = d * (float)(s0 + s1);
+    }
+    for (int64_t i = 0; i < k / 2; i++)
+        o->pair[i] = (uint16_t)((uint8_t)o->q[2 * i] | ((uint16_t)(uint8_t)o->q[2 * i + 1] << 8));
+}
+
+/* m rows of x -> one allocation holding their qx_t parts; free with free(blocks). */
+static qx_t *quantize_rows(const float *x, int64_t m, int64_t k) {
+    size_t per = (size_t)k + (size_t)(k / XB) * 8 + (size_t)(k / 16) * 4 + (size_t)k + 64;
+    qx_t *v = (qx_t *)malloc(sizeof(qx_t) * (size_t)m + per * (size_t)m);
+    if (!v) return NULL;
+    uint8_t *mem = (uint8_t *)(v + m);
+    for (int64_t i = 0; i < m; i++, mem += per) {
+        uint8_t *p = (uint8_t *)(((uintptr_t)mem + 31) & ~(uintptr_t)31);
+        v[i].pair = (uint16_t *)p; p += k;            /* k/2 uint16 = k bytes */
+        v[i].d = (float *)p; p += (k / XB) * 4;
+        v[i].fsum = (float *)p; p += (k / XB) * 4;
+        v[i].s16 = (int32_t *)p; p += (k / 16) * 4;
+        v[i].q = (int8_t *)p;
+        quantize_row(x + i * k, k, &v[i]);
+    }
+    return v;
+}
+
+EXPORT int g3n_round_activations(const float *x, int64_t m, int64_t k, float *out) {
+    if (k % XB) return -1;
+    qx_t *v = quantize_rows(x, m, k);
+    if (!v) return -2;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < k; j++) out[i * k + j] = v[i].d[j / XB] * (float)v[i].q[j];
+    free(v);
+    return 0;
+}
+
+#ifdef G3N_X86
+AVX2 static inline __m256i dot_u8s8(__m256i u, __m256i s) {  /* 32 u8 x s8 -> 8 int32 sums of 4 */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+AVX2 static inline __m256i dot_s8s8(__m256i a, __m256i b) {
+    return dot_u8s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+AVX2 static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 32 bits -> 32 bytes, each 0x10 where its bit is set (the fifth bit of Q5 values) */
+AVX2 static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, mask), mask);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
+    switch (type) {
+    case T_Q8_0:
+        for (int64_t b = 0; b < k / 32; b++, row += 34) {
+            __m256i s = dot_s8s8(load32(row + 2), load32(x->q + 32 * b));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row)) * x->d[b]), _mm256_cvtepi32_ps(s), acc);
+        }
+        break;
+    case T_Q4_0: case T_Q5_0: {
+        int five = type == T_Q5_0;
+        for (int64_t b = 0; b < k / 32; b++) {
+            const uint8_t *qs = row + (five ? 6 : 2);
+            __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+            if (five) q = _mm256_or_si256(q, bits_to_0x10(rd32(row + 2)));
+            float dd = half_to_float(rd16(row)) * x->d[b];
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot_u8s8(q, load32(x->q + 32 * b))), acc);
+            corr += dd * (float)((five ? 16 : 8) * (x->s16[2 * b] + x->s16[2 * b + 1]));
+            row += five ? 22 : 18;
+        }
+        break;
+    }
+    case T_Q4_K:
+        for (int64_t i = 0; i < k / QKK; i++, row += 144) {
+            float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+            for (int c = 0; c < 4; c++) {
+                int sc1, m1, sc2, m2;
+                kquant_scale_min(2 * c, row + 4, &sc1, &m1);
+                kquant_scale_min(2 * c + 1, row + 4, &sc2, &m2);
+                int64_t b = i * 8 + 2 * c;
+                __m256i raw = load32(row + 16 + 32 * c);
+                __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc1 * x->d[b]),
+                                      _mm256_cvtepi32_ps(dot_u8s8(lo, load32(x->q + 32 * b))), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)sc2 * x->d[b + 1]),
+                                      _mm256_cvtepi32_ps(dot_u8s8(hi, load32(x->q + 32 * (b + 1)))), acc);
+                corr += dmin * ((float)m1 * x->fsum[b] + (float)m2 * x->fsum[b + 1]);
+            }
+        }
+        break;
+    case T_Q6_K: {
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        for (int64_t i = 0; i < k / QKK; i++, row += 210) {
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            float d = half_to_float(rd16(row + 208));
+            for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
+                __m256i a = load32(ql), bq = load32(ql + 32), hb = load32(qh);
+                __m256i q[4];
+                q[0] = _mm256_or_si256(_mm256_and_si256(a, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+                q[1] = _mm256_or_si256(_mm256_and_si256(bq, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+                q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low), _mm256_and_si256(hb, m30));
+                q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(bq, 4), low),
+                                       _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+                for (int j = 0; j < 4; j++) {
+                    int64_t b = i * 8 + h * 4 + j;  /* x block: values 32 j .. 32 j + 31 of this half */
+                    __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j]));
+                    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], load32(x->q + 32 * b)), scales);
+                    float dd = d * x->d[b];
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(s), acc);
+                    corr += dd * 32.0f * (float)(sc[2 * j] * x->s16[2 * b] + sc[2 * j + 1] * x->s16[2 * b + 1]);
+                }
+            }
+        }
+        break;
+    }
+    default:
+        return 0.0f;
+    }
+    return hsum8(acc) - corr;
+}
+
+AVX2 static float q8dot_i8(const int8_t *w, const qx_t *x, int64_t k) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k / 32; b++)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(x->d[b]),
+                              _mm256_cvtepi32_ps(dot_s8s8(load32(w + 32 * b), load32(x->q + 32 * b))), acc);
+    return hsum8(acc);
+}
+
+/* int4 tile layout: two input columns at a time, bytes interleaved so that vpmaddubsw pairs (row r, k) with
+ * (row r, k + 1); 16-bit sums of up to 8 column pairs cannot overflow (8 * 2 * 15 * 127 < 32767). Rows come out
+ * in the order of the unpack instructions; TILE_ROW_BASE maps each 8-row vector back. */
+static const int TILE_ROW_BASE[8] = {0, 16, 8, 24, 32, 48, 40, 56};
+
+AVX2 static void q8_int4_tile(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                              int64_t row0, const qx_t *x, float *y) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    __m256 out[8];
+    for (int v = 0; v < 8; v++) out[v] = _mm256_setzero_ps();
+    for (int64_t grp = 0; grp < k / g; grp++) {
+        __m256 part[8];
+        for (int v = 0; v < 8; v++) part[v] = _mm256_setzero_ps();
+        float xsum = 0.0f;
+        for (int64_t kb = grp * g; kb < (grp + 1) * g; kb += 32) {
+            __m256i acc32[8];
+            for (int v = 0; v < 8; v++) acc32[v] = _mm256_setzero_si256();
+            for (int half = 0; half < 2; half++) {
+                __m256i acc16[4];
+                for (int v = 0; v < 4; v++) acc16[v] = _mm256_setzero_si256();
+                for (int64_t col = kb + 16 * half; col < kb + 16 * half + 16; col += 2) {
+                    __m256i b0 = load32(tile + col * 32), b1 = load32(tile + (col + 1) * 32);
+                    __m256i lo0 = _mm256_and_si256(b0, low), lo1 = _mm256_and_si256(b1, low);
+                    __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+                    __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+                    __m256i xp = _mm256_set1_epi16((short)x->pair[col / 2]);
+                    acc16[0] = _mm256_add_epi16(acc16[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo0, lo1), xp));
+                    acc16[1] = _mm256_add_epi16(acc16[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo0, lo1), xp));
+                    acc16[2] = _mm256_add_epi16(acc16[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi0, hi1), xp));
+                    acc16[3] = _mm256_add_epi16(acc16[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi0, hi1), xp));
+                }
+                for (int v = 0; v < 4; v++) {
+                    acc32[2 * v] = _mm256_add_epi32(acc32[2 * v], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc16[v])));
+                    acc32[2 * v + 1] = _mm256_add_epi32(acc32[2 * v + 1],
+                                                        _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc16[v], 1)));
+                }
+            }
+            __m256 d = _mm256_set1_ps(x->d[kb / 32]);
+            for (int v = 0; v < 8; v++) part[v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc32[v]), part[v]);
+            xsum += x->fsum[kb / 32];
+        }
+        __m256 xs = _mm256_set1_ps(xsum);
+        for (int v = 0; v < 8; v++) {
+            __m256 s, z;
+            scales_zeros8(sz, st, (grp * n + row0 + TILE_ROW_BASE[v]) * 2, &s, &z);
+            out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
+            out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
+        }
+    }
+    for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + row0 + TILE_ROW_BASE[v], out[v]);
+}
+#endif
+
+static int q8_gguf_type(int type) {
+    return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q4_K || type == T_Q6_K;
+}
+
+EXPORT int g3n_q8_supported(int type) { return have_avx2() && q8_gguf_type(type); }
+
+EXPORT int g3n_gguf_matmul_q8(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
+                              const float *x, int64_t m, float *y, int threads) {
+#ifdef G3N_X86
+    int64_t rb = g3n_gguf_row_bytes(type, k);
+    if (rb == 0 || !q8_gguf_type(type) || !have_avx2() || k % XB) return -1;
+    qx_t *qx = quantize_rows(x, m, k);
+    if (!qx) return -2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        const uint8_t *row = w + (rows ? rows[r] : r) * rb;
+        for (int64_t i = 0; i < m; i++) y[i * n_rows + r] = q8dot_gguf(type, row, &qx[i], k);
+    }
+    free(qx);
+    return 0;
+#else
+    (void)type; (void)w; (void)n_rows; (void)k; (void)rows; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+#endif
+}
+
+EXPORT int g3n_int8_matmul_q8(const int8_t *q, const void *scales, int scale_type, int64_t n, int64_t k,
+                              const int64_t *rows, const float *x, int64_t m, float *y, int threads) {
+#ifdef G3N_X86
+    if (!have_avx2() || k % XB) return -1;
+    qx_t *qx = quantize_rows(x, m, k);
+    if (!qx) return -2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        int64_t src = rows ? rows[r] : r;
+        float s = scale_at(scales, scale_type, src);
+        for (int64_t i = 0; i < m; i++) y[i * n + r] = q8dot_i8(q + src * k, &qx[i], k) * s;
+    }
+    free(qx);
+    return 0;
+#else
+    (void)q; (void)scales; (void)scale_type; (void)n; (void)k; (void)rows; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+#endif
+}
+
+EXPORT int g3n_int4_matmul_q8(const uint8_t *q, const void *sz, int scale_type, int64_t n, int64_t k, int64_t g,
+                              const float *x, int64_t m, float *y, int threads) {
+#ifdef G3N_X86
+    if (!have_avx2() || n % TILE || g < 32 || g % 32 || k % g) return -1;
+    qx_t *qx = quantize_rows(x, m, k);
+    if (!qx) return -2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < n / TILE; t++)
+        for (int64_t i = 0; i < m; i++)
+            q8_int4_tile(q + t * TILE / 2 * k, sz, scale_type, n, k, g, t * TILE, &qx[i], y + i * n);
+    free(qx);
+    return 0;
+#else
+    (void)q; (void)sz; (void)scale_type; (void)n; (void)k; (void)g; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+#endif
+}
