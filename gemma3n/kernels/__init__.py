@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 _SOURCE = Path(__file__).with_name("native.c")
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
@@ -126,6 +126,8 @@ def _declare(lib) -> None:
     lib.g3n_int8_matmul.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32, i32]
     lib.g3n_int4_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
     lib.g3n_round_activations.argtypes = [p, i64, i64, p]
+    lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32]
+    lib.g3n_int4_dequantize_t.restype = i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
@@ -252,3 +254,16 @@ def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: T
                                   x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), _VECTORISED)
     _check(rc, "int4 matmul")
     return y
+
+
+def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, rows: slice) -> Tensor:
+    """W[rows, :]^T as float32 [K, R] for int4 in the tile layout; `rows` covers whole tiles of 64."""
+    n, half = qweight.shape
+    k = 2 * half
+    start, stop, _ = rows.indices(n)
+    out = torch.empty(k, stop - start, dtype=torch.float32)
+    rc = native().g3n_int4_dequantize_t(qweight.data_ptr(), scales_and_zeros.data_ptr(),
+                                        SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, start // 64,
+                                        (stop - start) // 64, out.data_ptr(), torch.get_num_threads())
+    _check(rc if start % 64 == 0 and (stop - start) % 64 == 0 else -1, "int4 dequantize")
+    return out

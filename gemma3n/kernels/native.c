@@ -22,7 +22,7 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define G3N_ABI_VERSION 3
+#define G3N_ABI_VERSION 4
 
 /* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,
@@ -55,6 +55,20 @@ static inline float bf16_to_float(uint16_t b) { return f32_from_bits((uint32_t)b
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* v rounded to the scale dtype (nearest even), back in float */
+static inline float round_as(int type, float v) {
+    if (type == S_BF16) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        if ((u & 0x7F800000u) != 0x7F800000u) u += 0x7FFFu + ((u >> 16) & 1u);
+        return f32_from_bits(u & 0xFFFF0000u);
+    }
+#ifdef __FLT16_MAX__
+    if (type == S_F16) return (float)(_Float16)v;
+#endif
+    return v;
+}
 
 static inline float scale_at(const void *s, int type, int64_t i) {
     switch (type) {
@@ -1054,4 +1068,36 @@ EXPORT int g3n_int4_matmul_q8(const uint8_t *q, const void *sz, int scale_type, 
     (void)q; (void)sz; (void)scale_type; (void)n; (void)k; (void)g; (void)x; (void)m; (void)y; (void)threads;
     return -1;
 #endif
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* exported: int4 tiles -> float32, transposed, for long prompts (dense GEMM on a cache-sized block)             */
+/* out [k][n_tiles * 64]: column k of tiles tile0 .. tile0 + n_tiles - 1, i.e. W[rows, :]^T for those rows.       */
+
+EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                                 int64_t tile0, int64_t n_tiles, float *out, int threads) {
+    if (n % TILE || g <= 0 || k % g || tile0 < 0 || (tile0 + n_tiles) * TILE > n) return -1;
+    int64_t width = n_tiles * TILE;
+    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t t = 0; t < n_tiles; t++) {
+        for (int64_t grp = 0; grp < k / g; grp++) {
+            const uint8_t *tile = q + (tile0 + t) * TILE / 2 * k;
+            float s[TILE], z[TILE];
+            for (int j = 0; j < TILE; j++) {
+                int64_t at = (grp * n + (tile0 + t) * TILE + j) * 2;
+                s[j] = scale_at(sz, st, at);
+                z[j] = scale_at(sz, st, at + 1);
+            }
+            for (int64_t col = grp * g; col < (grp + 1) * g; col++) {
+                const uint8_t *b = tile + col * 32;
+                float *o = out + col * width + t * TILE;
+                /* the operations of formats.int4_dequantize, each rounded to the scale dtype as PyTorch does */
+                for (int j = 0; j < 32; j++) {
+                    o[j] = round_as(st, round_as(st, (float)((b[j] & 0x0F) - 8) * s[j]) + z[j]);
+                    o[j + 32] = round_as(st, round_as(st, (float)((b[j] >> 4) - 8) * s[j + 32]) + z[j + 32]);
+                }
+            }
+        }
+    }
+    return 0;
 }

@@ -23,7 +23,23 @@ INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win;
 INT4_KERNEL_MAX_ROWS = 256
 _BLOCK_ROWS = 2048  # output rows dequantised at once on the dense path
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-_HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def _torch_int4_reads_our_layout() -> bool:
+    """PyTorch's CPU int4 kernel packs 64-row tiles on AVX-512 machines but 32-row tiles on AVX2 ones; our stored
+    layout is the 64-row one, so that kernel may only be used where it reads it (probed once at import)."""
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return False
+    from .formats import _pack_tiles
+    q = torch.randint(0, 16, (INT4_TILE, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    except RuntimeError:
+        return False
+    return torch.equal(theirs, _pack_tiles(q.to(torch.uint8)))
+
+
+_HAS_INT4 = _torch_int4_reads_our_layout()
 
 
 class Int8Linear(nn.Module):
@@ -87,6 +103,9 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, rows: slice = slice(None)) -> Tensor:
         # row blocks are whole tiles (_BLOCK_ROWS is a multiple of 64), so the packed slice unpacks on its own
+        if kernels.native() is not None:  # the same float values, unpacked natively (PyTorch's unpack is slow)
+            return kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows).t() \
+                .to(self.scales_and_zeros.dtype)
         sz = self.scales_and_zeros[:, rows]
         return int4_dequantize(self.qweight[rows], sz, self.group_size, sz.dtype)
 

@@ -12,12 +12,16 @@ def _weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-def test_int4_layout_is_the_cpu_kernels():
+def test_int4_layout_is_the_cpu_kernels_where_they_are_used():
+    """Our stored layout is PyTorch's AVX-512 one (64-row tiles); on AVX2 machines PyTorch packs 32-row tiles, and
+    its int4 kernel must then never be called on our weights."""
+    from gemma3n.quant import modules
     q = torch.randint(0, 16, (192, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
     packed = _pack_tiles(q.to(torch.uint8))
     assert torch.equal(int4_unpack(packed), q.to(torch.uint8))
     if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-        assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        same = torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+        assert modules._HAS_INT4 == same
 
 
 def test_int8_error_is_at_most_half_a_step():

@@ -1,0 +1,193 @@
+"""Native kernels (gemma3n/kernels) against independent references.
+
+GGUF blocks: `gguf.quants.dequantize` (llama.cpp's Python package) gives the weight; int8 / int4: the PyTorch
+formats (gemma3n.quant.formats). Float32-activation kernels must equal the float64 product of that weight with x
+to float32 rounding; int8-activation kernels must equal it with x replaced by `round_activations(x)`, whose own
+definition (int8 per block of 32, ties to even) is checked against a PyTorch rewrite. Both the AVX2 code and the
+portable C code run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemma3n import kernels
+from gemma3n.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+pytestmark = pytest.mark.skipif(kernels.native() is None, reason=f"native kernels unavailable: {kernels.why_not()}")
+
+GGUF_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+INT8_ACTIVATION_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+TOL = 2e-6  # relative to the largest output: float32 sums of up to 1024 terms
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def code_path(request, monkeypatch):
+    if request.param == "avx2" and not kernels.native().g3n_vectorised():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    monkeypatch.setattr(kernels, "_VECTORISED", request.param == "avx2")
+    return request.param
+
+
+@pytest.fixture
+def precision():
+    before = kernels.activation_precision()
+    yield kernels.set_activation_precision
+    kernels.set_activation_precision(before)
+
+
+def random_rows(qt, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random bytes as GGUF rows, with every float16 scale field set to a finite value (random bytes are a valid
+    block for every one of these types otherwise)."""
+    rng = np.random.default_rng(seed)
+    if qt in (Q.F32, Q.F16, Q.BF16):
+        values = rng.standard_normal((n, k)).astype(np.float32)
+        if qt == Q.F16:
+            return values.astype(np.float16).view(np.uint8).reshape(n, -1)
+        if qt == Q.BF16:
+            return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n, -1)
+        return values.view(np.uint8).reshape(n, -1)
+    size, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    blocks = rng.integers(0, 256, size=(n, k // size, nbytes), dtype=np.uint8)
+    halves = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2], Q.Q4_K: [0, 2],
+              Q.Q5_K: [0, 2], Q.Q6_K: [208]}[qt]
+    for offset in halves:
+        scale = rng.uniform(-0.05, 0.05, (n, k // size)).astype(np.float16)
+        blocks[:, :, offset:offset + 2] = scale.view(np.uint8).reshape(n, k // size, 2)
+    return blocks.reshape(n, -1)
+
+
+def reference_weight(qt, raw: np.ndarray, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(gguf.quants.dequantize(raw, qt), dtype=np.float64)).reshape(n, k)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_dequantize_is_gguf_bit_for_bit(qt, code_path):
+    n, k = 24, 512
+    raw = random_rows(qt, n, k)
+    ref = reference_weight(qt, raw, n, k).float()
+    assert torch.equal(kernels.gguf_dequantize(qt, torch.from_numpy(raw), k), ref)
+    rows = torch.tensor([5, 0, 23, 5])
+    assert torch.equal(kernels.gguf_dequantize(qt, torch.from_numpy(raw), k, rows), ref[rows])
+
+
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3])
+def test_gguf_matmul_float_activations(qt, m, code_path, precision):
+    precision("float32")
+    n, k = 72, 512
+    raw = random_rows(qt, n, k, seed=m)
+    w = reference_weight(qt, raw, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    assert rel_err(kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x), x.double() @ w.T) < TOL
+    rows = torch.tensor([70, 3, 3, 41])
+    assert rel_err(kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x, rows), x.double() @ w[rows].T) < TOL
+
+
+def test_round_activations_definition():
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)) * 3
+    x[1, 32:64] = 0  # an all-zero block stays zero
+    blocks = x.reshape(3, -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    expected = (torch.round(blocks * inv).clamp(-127, 127) * d).reshape(3, 96)
+    assert torch.equal(kernels.round_activations(x), expected)
+
+
+@pytest.mark.parametrize("qt", INT8_ACTIVATION_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2])
+def test_gguf_matmul_int8_activations(qt, m, precision):
+    if not kernels.native().g3n_q8_supported(int(qt)):
+        pytest.skip("no AVX2 here: the float kernels run instead")
+    precision("int8")
+    n, k = 72, 1024
+    raw = random_rows(qt, n, k, seed=10 + m)
+    w = reference_weight(qt, raw, n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x)
+    assert rel_err(y, kernels.round_activations(x).double() @ w.T) < TOL
+    assert rel_err(y, x.double() @ w.T) < 3e-2  # what rounding x to int8 costs, on random data
+    rows = torch.tensor([1, 70, 9])
+    assert torch.equal(kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x, rows), y[:, rows])
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rows(activations, scale_dtype, code_path, precision):
+    precision(activations)
+    w = torch.randn(130, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    q, s = int8_quantize(w, scale_dtype)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    xr = kernels.round_activations(x) if activations == "int8" and code_path == "avx2" else x
+    ref = xr.double() @ int8_dequantize(q, s, torch.float32).double().T
+    y = kernels.int8_matmul(q, s, x)
+    assert rel_err(y, ref) < TOL
+    rows = torch.tensor([129, 0, 64])
+    assert torch.equal(kernels.int8_matmul(q, s, x, rows), y[:, rows])
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_tiles(activations, group_size, scale_dtype, code_path, precision):
+    precision(activations)
+    w = torch.randn(192, 512, generator=torch.Generator().manual_seed(5)) * 0.05
+    packed, sz = int4_quantize(w, group_size, scale_dtype)
+    ref_w = int4_dequantize(packed, sz, group_size, torch.float32).double()
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(6))
+    int8 = activations == "int8" and code_path == "avx2"
+    y = kernels.int4_matmul(packed, sz, group_size, x)
+    assert rel_err(y, (kernels.round_activations(x) if int8 else x).double() @ ref_w.T) < TOL
+    # activation sparsity: only the listed columns are non-zero, and only they are read
+    cols = torch.sort(torch.randperm(512, generator=torch.Generator().manual_seed(7))[:26]).values
+    xs = torch.zeros_like(x)
+    xs[:, cols] = x[:, cols]
+    sparse = kernels.int4_matmul(packed, sz, group_size, xs, cols.to(torch.int32))
+    dense = kernels.int4_matmul(packed, sz, group_size, xs)
+    assert rel_err(sparse, dense.double()) < TOL
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_native_dequantize_is_the_pytorch_one(scale_dtype):
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(8))
+    packed, sz = int4_quantize(w, 64, scale_dtype)
+    native = kernels.int4_dequantize_t(packed, sz, 64, slice(64, 192)).t().to(scale_dtype)
+    assert torch.equal(native, int4_dequantize(packed[64:192], sz[:, 64:192], 64, scale_dtype))
+
+
+def test_bad_rows_are_refused_before_reading():
+    raw = torch.from_numpy(random_rows(Q.Q8_0, 4, 64))
+    with pytest.raises(IndexError):
+        kernels.gguf_matmul(Q.Q8_0, raw, 64, torch.randn(1, 64), torch.tensor([4]))
+    with pytest.raises(IndexError):
+        kernels.gguf_dequantize(Q.Q8_0, raw, 64, torch.tensor([-1]))
+
+
+def test_real_270m_tensors(request):
+    """Every quantised type in the packaged Gemma 3 270M GGUF, one real tensor each."""
+    from gemma3n.cli import default_model_path
+    reader = gguf.GGUFReader(default_model_path())
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type in seen or t.tensor_type == Q.F32 or len(t.shape) != 2:
+            continue
+        seen.add(t.tensor_type)
+        k, n = int(t.shape[0]), min(int(t.shape[1]), 512)
+        raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)[:n]
+        w = reference_weight(t.tensor_type, raw, n, k)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+        before = kernels.activation_precision()
+        try:
+            kernels.set_activation_precision("float32")
+            assert rel_err(kernels.gguf_matmul(t.tensor_type, torch.from_numpy(raw.copy()), k, x),
+                           x.double() @ w.T) < TOL, t.name
+        finally:
+            kernels.set_activation_precision(before)
+    assert {Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K} <= seen
