@@ -1,22 +1,44 @@
 """Question: how fast do gemma3n, llama.cpp and transformers prefill and decode the same model on this CPU, and how
-close does each decode come to the machine's memory bandwidth?
+close does each decode come to the machine's memory bandwidth? On the real Gemma 3 270M and on the Gemma 3n E2B
+shape, peers measured in the same run.
 
-Default model: the real Gemma 3 270M Q4_K_M GGUF, loaded by all three (gemma3n as `gemma3n.load(gguf)` loads it,
+270M row: the real Gemma 3 270M Q4_K_M GGUF, loaded by all three (gemma3n as `gemma3n.load(gguf)` loads it,
 llama.cpp natively through llama-cpp-python with its quantised kernels, transformers dequantised to float32).
-`--hf-folder DIR` adds a Hugging Face checkpoint (e.g. the E2B-shape one) for gemma3n and transformers; llama.cpp
-would need its converter and quantiser run on that folder first, which this script does not do.
+
+E2B rows (random weights of the exact E2B shape, see bench/make_e2b_checkpoint.py and bench/make_e2b_gguf.py):
+`--e2b-hf DIR` is the bf16 Hugging Face folder, loaded as stored by gemma3n and by transformers (bf16);
+`--e2b-ours PATH` (repeatable, `LABEL=PATH` to name it) adds gemma3n loading a quantised folder written by
+`gemma3n quantize` or a GGUF, each as stored; `--e2b-gguf FILE` is the GGUF llama.cpp's own converter and quantiser
+made of the same folder (bench/make_e2b_gguf.py), run by llama.cpp. To keep the resident set within 24 GiB the E2B
+engines are loaded one group at a time and freed after it: the bf16 group (gemma3n and transformers on --e2b-hf),
+then the quantised group (the --e2b-ours variants and llama.cpp); engines are alternated only within a group, so
+ratios across groups (e.g. gemma3n bf16 vs llama.cpp) were measured minutes apart. --e2b-one-group loads them all
+at once. Bytes read per decoded token leave out the per-layer embedding table (a decode step gathers one 7680-wide
+row of it, not the 262144-row table) and the vision/audio towers; they count every other weight once, as a dense
+decode reads it (the tied embedding once, as the head reads all of it).
 
 Each trial, per engine: a 128- and a 512-token prompt are prefilled (time to first token = the 128-token prefill
 plus the head and the argmax that picks the first token), then 64 tokens are decoded greedily after the 128-token
 prompt. Engines are alternated inside every trial so machine load falls on all alike; one warm-up trial, then the
 median of --trials. Achieved decode bandwidth = bytes of weights each engine reads per token / time per token,
-set beside a 2-thread read of a large float32 array. The last line printed is one JSON object.
-Run: python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--ours-quantize int8,int4]
-     [--hf-folder /work/e2b] [--skip transformers,llama.cpp]
+set beside a 2-thread read of a large float32 array. The last line printed is one JSON object; `ratios` holds,
+for every gemma3n variant and every peer of the same row, gemma3n / peer for decode and both prefills.
+--quick: one trial after a light warm-up (128-token prefill, 8 decoded tokens): a smoke run, not a measurement.
+
+llama.cpp is llama-cpp-python 0.3.36, not a dependency; installed into the test environment from the PyPI sdist,
+which builds the llama.cpp it vendors for this CPU (a few minutes on 2 cores):
+    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+Run (270M only):  python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--ours-quantize int8,int4]
+                  [--skip transformers,llama.cpp]
+Run (with E2B):   python bench/speed.py --e2b-hf /work/e2b --e2b-ours /work/e2b-int4 --e2b-ours /work/e2b-Q4_K_M.gguf \
+                  --e2b-gguf /work/e2b-Q4_K_M.gguf [--no-270m] [--e2b-skip transformers,llama.cpp,gemma3n-bf16]
+Smoke:            the same with --quick
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -33,6 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPT_LENGTHS = (128, 512)
 DECODE_TOKENS = 64
+QUICK_WARMUP_TOKENS = 8  # --quick: the warm-up decodes this many tokens after the 128-token prompt
+# not read whole per decoded token: the per-layer table (one row gathered per token) and the towers
+NOT_READ_PER_TOKEN = ("embed_tokens_per_layer", "per_layer_token_embd", "vision_tower", "audio_tower",
+                      "embed_vision", "embed_audio")
 
 
 def prompt_ids(length: int, vocab: int) -> list[int]:
@@ -61,7 +87,7 @@ class ReadBandwidth:
 
 
 class Ours:
-    def __init__(self, path: Path, dtype, name: str = "gemma3n", quantize: str | None = None):
+    def __init__(self, path: Path, dtype=None, name: str = "gemma3n", quantize: str | None = None):
         import gemma3n
         self.name = name
         extra = {"quantize": quantize} if quantize else {}  # only where the checkout has quantisation
@@ -89,9 +115,8 @@ class Ours:
 
 
 class Transformers:
-    name = "transformers"
-
-    def __init__(self, path: Path, dtype):
+    def __init__(self, path: Path, dtype, name: str = "transformers"):
+        self.name = name
         from transformers import AutoModelForCausalLM
         if path.is_dir():
             self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
@@ -121,10 +146,9 @@ class Transformers:
 
 
 class LlamaCpp:
-    name = "llama.cpp"
-
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, name: str = "llama.cpp"):
         import llama_cpp
+        self.name = name
         without_extra_buffers()
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
@@ -152,11 +176,14 @@ class LlamaCpp:
             toks.append(nxt)
         return time.perf_counter() - t0, toks
 
+    def close(self) -> None:
+        self.llm.close()
+
 
 def without_extra_buffers() -> None:
     """Load llama.cpp models without its "extra" CPU buffer types (AMX / repacked weights): on this machine the
     AMX matmul (ggml_backend_amx_mul_mat) segfaults on the first decode, as gdb shows. Plain ggml CPU kernels
-    remain (AVX-512 / VNNI quantised dot products)."""
+    remain (the quantised dot products of whatever SIMD the build found: AVX2 here, AVX-512 / VNNI elsewhere)."""
     import llama_cpp.llama_cpp as low
     if getattr(low.llama_model_default_params, "_no_extra", False):
         return
@@ -172,31 +199,40 @@ def without_extra_buffers() -> None:
 
 def decode_bytes_torch(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (the tied embedding counted once, as
-    the head reads all of it; quantised weights live in buffers; the RoPE frequency buffers add a few bytes)."""
+    the head reads all of it; quantised weights live in buffers; the RoPE frequency buffers add a few bytes), less
+    NOT_READ_PER_TOKEN (the per-layer table, of which a step gathers one row, and any vision/audio tower)."""
     seen, total = set(), 0
-    for p in [*model.parameters(), *model.buffers()]:
-        if p.data_ptr() not in seen:
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.data_ptr() not in seen and not any(part in name for part in NOT_READ_PER_TOKEN):
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
 
 
 def decode_bytes_gguf(path: Path) -> int:
-    """Bytes of the GGUF's tensors as stored (llama.cpp reads them in place, quantised)."""
+    """Bytes of the GGUF's tensors as stored (llama.cpp reads them in place, quantised), less NOT_READ_PER_TOKEN."""
     import gguf
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
+               if not any(part in t.name for part in NOT_READ_PER_TOKEN))
 
 
-def run_trials(engines, trials: int) -> dict:
-    """Warm-up, then `trials` rounds; in each round every engine runs every measurement in turn."""
-    samples = {e.name: {"prefill": {n: [] for n in PROMPT_LENGTHS}, "decode": []} for e in engines}
-    samples["bandwidth"], reader = [], ReadBandwidth()
+def run_trials(engines, trials: int, reader: "ReadBandwidth", samples: dict, quick: bool) -> None:
+    """Warm-up, then `trials` rounds; in each round every engine runs every measurement in turn (order reversed
+    every other round). Adds to `samples`."""
+    for e in engines:
+        samples[e.name] = {"prefill": {n: [] for n in PROMPT_LENGTHS}, "decode": []}
     prompts = {n: prompt_ids(n, min(e.vocab for e in engines)) for n in PROMPT_LENGTHS}
     for round_ in range(trials + 1):
         order = engines if round_ % 2 == 0 else engines[::-1]
         if round_:
             samples["bandwidth"].append(reader.sample())
         for e in order:
+            t0 = time.perf_counter()
+            if round_ == 0 and quick:  # light warm-up: every weight touched once, the 512 shape left cold
+                e.prefill(prompts[PROMPT_LENGTHS[0]])
+                t, toks = e.decode(prompts[PROMPT_LENGTHS[0]], QUICK_WARMUP_TOKENS)
+                print(f"warm-up {e.name}: {time.perf_counter() - t0:.0f} s, first tokens {toks[:6]}", flush=True)
+                continue
             for n in PROMPT_LENGTHS:
                 t = e.prefill(prompts[n])
                 if round_:
@@ -204,58 +240,108 @@ def run_trials(engines, trials: int) -> dict:
             t, toks = e.decode(prompts[PROMPT_LENGTHS[0]], DECODE_TOKENS)
             if round_:
                 samples[e.name]["decode"].append(t)
-            print(f"round {round_} {e.name}: decode {DECODE_TOKENS / t:.1f} tok/s, first tokens {toks[:6]}",
-                  flush=True)
-    return samples
+            print(f"round {round_} {e.name}: decode {DECODE_TOKENS / t:.2f} tok/s, first tokens {toks[:6]} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def summarise(engines, samples) -> dict:
+def summarise(engines: list[dict], samples) -> dict:
+    """engines: name and weight_bytes of each engine measured (their models may be freed already)."""
     bandwidth = statistics.median(samples["bandwidth"])
     row = {"read_bandwidth_gb_s": round(bandwidth, 1)}
     for e in engines:
-        s = samples[e.name]
+        s, name = samples[e["name"]], e["name"]
         decode_s = statistics.median(s["decode"]) / DECODE_TOKENS
         for n in PROMPT_LENGTHS:
-            row[f"{e.name}_prefill{n}_tok_s"] = round(n / statistics.median(s["prefill"][n]), 1)
-        row[f"{e.name}_ttft128_ms"] = round(1000 * statistics.median(s["prefill"][PROMPT_LENGTHS[0]]), 1)
-        row[f"{e.name}_decode_tok_s"] = round(1 / decode_s, 2)
-        row[f"{e.name}_weight_mb_per_token"] = round(e.weight_bytes / 1e6, 1)
-        row[f"{e.name}_decode_gb_s"] = round(e.weight_bytes / decode_s / 1e9, 2)
-        row[f"{e.name}_decode_bandwidth_fraction"] = round(e.weight_bytes / decode_s / 1e9 / bandwidth, 3)
-    if "gemma3n" in samples:
+            row[f"{name}_prefill{n}_tok_s"] = round(n / statistics.median(s["prefill"][n]), 1)
+        row[f"{name}_ttft128_ms"] = round(1000 * statistics.median(s["prefill"][PROMPT_LENGTHS[0]]), 1)
+        row[f"{name}_decode_tok_s"] = round(1 / decode_s, 2)
+        row[f"{name}_weight_mb_per_token"] = round(e["weight_bytes"] / 1e6, 1)
+        row[f"{name}_decode_gb_s"] = round(e["weight_bytes"] / decode_s / 1e9, 2)
+        row[f"{name}_decode_bandwidth_fraction"] = round(e["weight_bytes"] / decode_s / 1e9 / bandwidth, 3)
+    ours = [e["name"] for e in engines if e["name"].startswith("gemma3n")]
+    peers = [e["name"] for e in engines if not e["name"].startswith("gemma3n")]  # not against our own variants
+    if "gemma3n" in ours:  # the 270M row's historical keys
+        for peer in peers:
+            row[f"decode_ratio_vs_{peer}"] = round(row["gemma3n_decode_tok_s"] / row[f"{peer}_decode_tok_s"], 2)
+            row[f"prefill128_ratio_vs_{peer}"] = round(
+                row["gemma3n_prefill128_tok_s"] / row[f"{peer}_prefill128_tok_s"], 2)
+    row["ratios"] = {f"{o} / {peer}": {
+        "decode": round(row[f"{o}_decode_tok_s"] / row[f"{peer}_decode_tok_s"], 2),
+        **{f"prefill{n}": round(row[f"{o}_prefill{n}_tok_s"] / row[f"{peer}_prefill{n}_tok_s"], 2)
+           for n in PROMPT_LENGTHS}} for o in ours for peer in peers}
+    return row
+
+
+def measure(label: str, groups: list[list], args, reader: ReadBandwidth, extra: dict | None = None) -> dict:
+    """groups: lists of engine factories. Each group is loaded, measured (alternated) and freed before the next."""
+    samples, measured, group_names = {"bandwidth": []}, [], []
+    for factories in groups:
+        engines, t0 = [], time.perf_counter()
+        for make in factories:
+            t1 = time.perf_counter()
+            engines.append(make())
+            print(f"{label}: loaded {engines[-1].name} in {time.perf_counter() - t1:.1f} s", flush=True)
+        run_trials(engines, args.trials, reader, samples, args.quick)
+        measured += [{"name": e.name, "weight_bytes": e.weight_bytes} for e in engines]
+        group_names.append([e.name for e in engines])
+        print(f"{label}: group {group_names[-1]} took {time.perf_counter() - t0:.0f} s", flush=True)
         for e in engines:
-            if not e.name.startswith("gemma3n"):  # peers only, not our own variants
-                row[f"decode_ratio_vs_{e.name}"] = round(row["gemma3n_decode_tok_s"] / row[f"{e.name}_decode_tok_s"], 2)
-                row[f"prefill128_ratio_vs_{e.name}"] = round(
-                    row["gemma3n_prefill128_tok_s"] / row[f"{e.name}_prefill128_tok_s"], 2)
+            getattr(e, "close", lambda: None)()
+        del engines
+        gc.collect()
+    row = {"model": label, **(extra or {}), "alternated_groups": group_names}
+    row.update(summarise(measured, samples))
     return row
 
 
-def bench_model(label: str, path: Path, args, with_llama: bool, dtype) -> dict:
-    engines = [Ours(path, dtype)]
-    if args.also_bf16 and dtype is None:  # our loader's dtype option: results change (bf16 rounding), bytes halve
-        engines.append(Ours(path, torch.bfloat16, name="gemma3n-bf16"))
+def bench_270m(args, reader: ReadBandwidth) -> dict:
+    from gemma3n.cli import default_model_path
+    path = default_model_path()
+    engines = [lambda: Ours(path)]
+    if args.also_bf16:  # our loader's dtype option: results change (bf16 rounding), bytes halve
+        engines.append(lambda: Ours(path, torch.bfloat16, name="gemma3n-bf16"))
     for scheme in filter(None, args.ours_quantize.split(",")):
-        engines.append(Ours(path, dtype, name=f"gemma3n-{scheme}", quantize=scheme))
-    if with_llama and "llama.cpp" not in args.skip:
-        engines.append(LlamaCpp(path, args.threads))
+        engines.append(lambda scheme=scheme: Ours(path, name=f"gemma3n-{scheme}", quantize=scheme))
+    if "llama.cpp" not in args.skip:
+        engines.append(lambda: LlamaCpp(path, args.threads))
     if "transformers" not in args.skip:
-        engines.append(Transformers(path, dtype))
-    samples = run_trials(engines, args.trials)
-    row = {"model": label, "dtype": str(dtype or "as stored")}
-    row.update(summarise(engines, samples))
-    return row
+        engines.append(lambda: Transformers(path, None))
+    return measure(f"{path.name} (gemma3n/transformers dequantise to float32)", [engines], args, reader,
+                   {"dtype": "as stored"})
+
+
+def bench_e2b(args, reader: ReadBandwidth) -> dict:
+    skip = set(filter(None, args.e2b_skip.split(",")))
+    bf16, quantised = [], []
+    if args.e2b_hf:
+        hf = Path(args.e2b_hf)
+        if "gemma3n-bf16" not in skip:
+            bf16.append(lambda: Ours(hf, name="gemma3n-bf16"))
+        if "transformers" not in skip:
+            bf16.append(lambda: Transformers(hf, torch.bfloat16, name="transformers-bf16"))
+    for spec in args.e2b_ours:
+        label, _, path = spec.rpartition("=")
+        path = Path(path)
+        name = f"gemma3n-{label or (path.stem if path.suffix == '.gguf' else path.name)}"
+        if name not in skip:
+            quantised.append(lambda path=path, name=name: Ours(path, name=name))
+    if args.e2b_gguf and "llama.cpp" not in skip:
+        gguf_path = Path(args.e2b_gguf)
+        quantised.append(lambda: LlamaCpp(gguf_path, args.threads, name=f"llama.cpp-{gguf_path.stem}"))
+    groups = [g for g in ([bf16 + quantised] if args.e2b_one_group else [bf16, quantised]) if g]
+    inputs = {"hf": args.e2b_hf, "ours": args.e2b_ours, "llama_cpp_gguf": args.e2b_gguf}
+    return measure("E2B shape, random weights", groups, args, reader, {"inputs": inputs})
 
 
 def main(args) -> None:
-    from gemma3n.cli import default_model_path
     torch.set_num_threads(args.threads)
-    gguf_path = default_model_path()
-    rows = [bench_model(f"{gguf_path.name} (gemma3n/transformers dequantise to float32)", gguf_path, args,
-                        with_llama=True, dtype=None)]
-    if args.hf_folder:
-        rows.append(bench_model(f"{args.hf_folder} ({args.hf_dtype}; llama.cpp skipped: needs its converter)",
-                                Path(args.hf_folder), args, with_llama=False, dtype=getattr(torch, args.hf_dtype)))
+    if args.quick:
+        args.trials = 1
+    started, rows, reader = time.perf_counter(), [], ReadBandwidth()
+    if not args.no_270m:
+        rows.append(bench_270m(args, reader))
+    if args.e2b_hf or args.e2b_ours or args.e2b_gguf:
+        rows.append(bench_e2b(args, reader))
     import transformers
     load = os.getloadavg()
     try:
@@ -267,20 +353,30 @@ def main(args) -> None:
         "bench": "speed", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "threads": args.threads, "load_average_at_end": [round(x, 2) for x in load], "torch": torch.__version__,
         "transformers": transformers.__version__, "llama_cpp_python": llama_version, "trials": args.trials,
-        "prompt_tokens": list(PROMPT_LENGTHS), "decode_tokens": DECODE_TOKENS,
-        "rows": rows,
+        "quick": args.quick, "prompt_tokens": list(PROMPT_LENGTHS), "decode_tokens": DECODE_TOKENS,
+        "seconds": round(time.perf_counter() - started), "rows": rows,
     }))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one trial after a light warm-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hf-folder", help="a Hugging Face checkpoint folder to add (gemma3n and transformers)")
-    parser.add_argument("--hf-dtype", default="bfloat16", help="dtype both engines load --hf-folder in")
     parser.add_argument("--also-bf16", action="store_true",
-                        help="add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
+                        help="270M: add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
     parser.add_argument("--ours-quantize", default="",
-                        help="comma-separated quantize= schemes to add as gemma3n variants (e.g. int8,int4)")
-    parser.add_argument("--skip", default="", help="comma-separated peers to leave out: transformers,llama.cpp")
+                        help="270M: comma-separated quantize= schemes to add as gemma3n variants (e.g. int8,int4)")
+    parser.add_argument("--skip", default="", help="270M: comma-separated peers to leave out: transformers,llama.cpp")
+    parser.add_argument("--no-270m", action="store_true", help="leave out the 270M row")
+    parser.add_argument("--e2b-hf", "--hf-folder", help="E2B-shape bf16 Hugging Face folder: gemma3n and "
+                                                         "transformers, bf16 (--hf-folder: the former name)")
+    parser.add_argument("--e2b-ours", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="E2B: gemma3n loading this quantised folder or GGUF as stored (repeatable)")
+    parser.add_argument("--e2b-gguf", help="E2B: the GGUF llama.cpp made (bench/make_e2b_gguf.py), for llama.cpp")
+    parser.add_argument("--e2b-skip", default="",
+                        help="E2B: comma-separated engines to leave out (transformers, llama.cpp, gemma3n-bf16, "
+                             "gemma3n-LABEL)")
+    parser.add_argument("--e2b-one-group", action="store_true",
+                        help="E2B: load and alternate all engines together (needs more memory than 24 GiB)")
     main(parser.parse_args())
