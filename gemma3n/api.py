@@ -97,7 +97,7 @@ def _tower_loader(kind: str, config: ModelConfig, tensors, prefix: str, dtype, d
     return load
 
 
-def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None):
+def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None, device: str = "cpu"):
     """Tensors are dequantised one at a time; the per-layer table stays in the file (rows dequantised per lookup);
     with `quantize`, each planned weight is dequantised and re-quantised on its own, never the whole model."""
     from .checkpoint.gguf import PLE_NAME, GGUFRowEmbedding, read_gguf
@@ -109,7 +109,8 @@ def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None):
     deferred = {keys.source(p + ".weight"): p for p in chosen}
     if PLE_NAME in tensors:
         deferred[PLE_NAME] = "model.embed_tokens_per_layer"
-    kept = {} if chosen else _gguf_kept_as_stored(_skeleton(cls, config), tensors, keys)
+    # the native kernels read the file's blocks on the CPU; elsewhere (and with quantize=) tensors are dequantised
+    kept = {} if chosen or device != "cpu" else _gguf_kept_as_stored(_skeleton(cls, config), tensors, keys)
     deferred.update({keys.source(p + ".weight"): p for p in kept})
     lm = assemble(lambda: cls(config.text), deferred_tensors(tensors, deferred), keys, dtype, lambda name: str(path))
     if PLE_NAME in tensors:
@@ -170,7 +171,7 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None)
     if path.is_dir():
         config, lm, multimodal = _load_folder(path, dtype, device, quantize)
     elif path.suffix.lower() == ".gguf":
-        config, lm, multimodal = _load_gguf(path, dtype, quantize)
+        config, lm, multimodal = _load_gguf(path, dtype, quantize, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
