@@ -39,11 +39,14 @@ def _as_f32(x: Tensor) -> Tensor:
 
 def _normalise(x: Tensor, eps: float) -> Tensor:
     """x / sqrt(mean(x^2) + eps) in float32, in as few ops as give the same bits as the plain expression
-    `h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)`: x * x is pow(x, 2), and adding eps as a float32
-    0-dim tensor in place is what adding the Python float does (it is converted to float32 first), minus the
-    conversion and the new tensor. pow(-0.5) rather than rsqrt, as the reference does (parity with JAX to the ulp)."""
+    `h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)`: x * x is pow(x, 2); mean is sum then an
+    in-place division by the count (so says ATen on the CPU), here by a float32 0-dim count; adding eps as a float32
+    0-dim tensor in place is what adding the Python float does (it is converted to float32 first). Each saves a
+    scalar conversion or a new tensor. pow(-0.5) rather than rsqrt, as the reference does (parity with JAX)."""
     h = _as_f32(x)
-    return h * torch.pow(torch.mean(h * h, -1, keepdim=True).add_(const(eps, torch.float32)), -0.5)
+    f32 = torch.float32
+    mean_square = torch.sum(h * h, -1, keepdim=True).div_(const(float(h.shape[-1]), f32)).add_(const(eps, f32))
+    return h * torch.pow(mean_square, -0.5)
 
 
 _CONSTS: dict[tuple[float, torch.dtype], Tensor] = {}
