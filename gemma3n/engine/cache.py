@@ -58,6 +58,8 @@ class KVCache:
         start, end = self.length, self.length + new_tokens
         if end > self.max_len:
             raise ValueError(f"the sequence needs {end} positions but the cache holds {self.max_len}")
+        if attention_mask is None and new_tokens == 1:
+            return self._decode_step(start)
         mask = _as_mask(attention_mask, self.batch, new_tokens, self.valid.device)
         self.valid[:, start:end] = mask
         positions = self.next_position[:, None] + mask.long().cumsum(-1) - 1
@@ -90,6 +92,23 @@ class KVCache:
         s.k[:, :, cells] = k[:, :, t - keep:]
         s.v[:, :, cells] = v[:, :, t - keep:]
         return k_all, v_all
+
+    def _decode_step(self, start: int) -> Step:
+        """`start` for one real token per row, in ~10 ops instead of ~50, with the same positions and masks: the
+        query (index `start`) is the newest key, so the causal and window conditions hold for every key the
+        slots return (a ring holds only the last `ring` <= window indices), and it sees itself (valid now)."""
+        self.valid[:, start] = True
+        positions = self.next_position[:, None].clone()
+        self.next_position += 1
+        masks = {}
+        for kind in set(self.slot_types):
+            if kind == SLIDING:
+                key_valid = self._key_valid(self._key_index(kind, start, start + 1))
+            else:  # keys 0..start; a view is safe: columns already written never change
+                key_valid = self.valid[:, :start + 1]
+            masks[kind] = key_valid[:, None, None, :]
+        self.length = start + 1
+        return Step(positions=positions, masks=masks, new_tokens=1)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 

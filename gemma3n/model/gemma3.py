@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from ..config import FULL, SLIDING, Gemma3TextConfig
 from ..engine.cache import KVCache, ephemeral_step
 from .causal_lm import TiedCausalLM
-from .layers import RMSNorm, RotaryEmbedding, apply_rope
+from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, rotate
 from .text import MLP
 
 # Gemma 3 checkpoints store norm weights as (scale - 1); RMSNorm adds this offset back.
@@ -48,8 +48,8 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        k, v = store(apply_rope(k, cos, sin), v)
-        q = apply_rope(q, cos, sin)
+        k, v = store(rotate(k, cos, sin), v)
+        q = rotate(q, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -94,7 +94,7 @@ class TextModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings times sqrt(D), the scale rounded to the weight dtype first as the reference does."""
         rows = self.embed_tokens(input_ids)  # a module call: the table may be quantised (gemma3n.quant)
-        return rows * torch.tensor(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
+        return rows * const(math.sqrt(self.config.hidden_size), rows.dtype)  # the same 0-dim tensor, made once
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:
@@ -107,12 +107,14 @@ class TextModel(nn.Module):
             step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, x.device)
         else:
             step = cache.start(attention_mask, t)
-        ropes = {kind: rope(step.positions, x.dtype) for kind, rope in self.rope.items()}
+        # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
+        ropes = {kind: rope.tables(step.positions, x.dtype) for kind, rope in self.rope.items()}
+        masks = {kind: additive_mask(m, x.dtype) for kind, m in step.masks.items()}
         for i, layer in enumerate(self.layers):
             def store(k: Tensor, v: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
-            x = layer(x, ropes[layer.kind], step.masks[layer.kind], store)
+            x = layer(x, ropes[layer.kind], masks[layer.kind], store)
         return self.norm(x[:, -1:] if last_only else x)
 
 

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from ..config import SLIDING, TextConfig
 from ..engine.cache import KVCache, Step, ephemeral_step
 from .causal_lm import TiedCausalLM
-from .layers import RMSNorm, RotaryEmbedding, apply_rope, gaussian_topk, gelu_tanh, normal_quantile, \
-    rms_norm_no_scale
+from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, gaussian_topk, gelu_tanh, normal_quantile, \
+    rms_norm_no_scale, rotate, scalar_operand
 
 _INV_SQRT2 = 2.0 ** -0.5
 
@@ -115,22 +115,24 @@ class AltUp(nn.Module):
 
     def route(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, streams) router weights; tanh in float32 as the reference does."""
-        scale = torch.tensor(self.router_input_scale, dtype=x.dtype, device=x.device)
+        scale = const(self.router_input_scale, x.dtype)  # the same 0-dim tensor, made once
         routed = self.modality_router(self.router_norm(x) * scale)
-        return torch.tanh(routed.float()).type_as(x)
+        r = torch.tanh(routed if routed.dtype == torch.float32 else routed.float())
+        return r if r.dtype == x.dtype else r.to(x.dtype)
 
     def predict(self, x: Tensor) -> Tensor:
         """x (S, B, T, D) -> predictions P_q = X_q + sum_p c[S*q + p] X_p."""
         r = self.route(x[0])
         coefs = self.prediction_coefs(r).unflatten(-1, (self.streams, self.streams))  # (B, T, q, p)
         mixed = torch.matmul(x.permute(1, 2, 3, 0), coefs.transpose(-1, -2))  # (B, T, D, q)
-        return (mixed.permute(3, 0, 1, 2) + x).type_as(x)
+        return mixed.permute(3, 0, 1, 2) + x  # already x's dtype
 
     def correct(self, predictions: Tensor, activated: Tensor) -> Tensor:
         """C_q = P_q + (k_q + 1) * (activated - P_0), k from the router on the layer output."""
-        k = self.correction_coefs(self.route(activated)) + 1.0  # (B, T, S)
+        k = self.correction_coefs(self.route(activated)) + scalar_operand(1.0, activated.dtype)  # (B, T, S)
         innovation = activated - predictions[0]
-        return (predictions + k.permute(2, 0, 1)[..., None] * innovation).type_as(activated)
+        corrected = predictions + k.permute(2, 0, 1)[..., None] * innovation
+        return corrected if corrected.dtype == activated.dtype else corrected.to(activated.dtype)
 
 
 class Attention(nn.Module):
@@ -155,12 +157,12 @@ class Attention(nn.Module):
         shape = (*x.shape[:2], self.kv_heads, self.head_dim)
         k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = rms_norm_no_scale(self.v_proj(x).view(shape), self.eps).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        return rotate(k, cos, sin), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
-        q = apply_rope(q, cos, sin)
+        q = rotate(q, cos, sin)
         k, v = kv
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
@@ -188,20 +190,24 @@ class DecoderLayer(nn.Module):
 
     def forward(self, streams: Tensor, ple: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
                 kv_source) -> Tensor:
-        """streams (S, B, T, D), ple (B, T, P) -> streams. `kv_source(normed)` returns this layer's (K, V)."""
+        """streams (S, B, T, D), ple (B, T, P) -> streams. `rope` is the (cos, signed sin) pair of
+        `RotaryEmbedding.tables`; `kv_source(normed)` returns this layer's (K, V)."""
         predictions = self.altup.predict(streams)
         active = predictions[0]
         normed = self.input_layernorm(active)
         laurel = self.laurel(normed)
         attn = self.self_attn(normed, *rope, mask, kv_source(normed))
-        x = (active + self.post_attention_layernorm(attn) + laurel) / math.sqrt(2)
+        x = (active + self.post_attention_layernorm(attn) + laurel) / scalar_operand(math.sqrt(2), active.dtype)
         out = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         corrected = self.altup.correct(predictions, out)
         gate = corrected[0]
         if self.correct_scale:
-            gate = (gate * self.altup.correct_output_scale).type_as(out)
+            gate = gate * self.altup.correct_output_scale
+            gate = gate if gate.dtype == out.dtype else gate.to(out.dtype)
         gate = gelu_tanh(self.per_layer_input_gate(gate)) * ple
         injected = self.post_per_layer_input_norm(self.per_layer_projection(gate))
+        # A cat, not an in-place add: `corrected` has the permuted layout of the predictions, and the next layer's
+        # reductions over the contiguous copy the cat makes give other bits than over that layout.
         return torch.cat((corrected[:1], corrected[1:] + injected), 0)
 
 
@@ -236,7 +242,7 @@ class TextModel(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         """Scaled token embeddings; the sqrt(D) scale is rounded to the weight dtype first, as the reference does."""
         rows = self.embed_tokens(input_ids)  # a module call: the table may be quantised (gemma3n.quant)
-        return rows * torch.tensor(math.sqrt(self.config.hidden_size), dtype=rows.dtype)
+        return rows * const(math.sqrt(self.config.hidden_size), rows.dtype)  # the same 0-dim tensor, made once
 
     def per_layer_tokens(self, input_ids: Tensor) -> Tensor:
         """Token part of the per-layer embeddings (B, T, L, P); ids outside the PLE vocabulary use row 0.
@@ -246,16 +252,16 @@ class TextModel(nn.Module):
         cfg = self.config
         ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
         rows = self.embed_tokens_per_layer(ids).to(self.norm.weight.dtype)
-        rows = rows * torch.tensor(math.sqrt(cfg.hidden_size_per_layer_input), dtype=rows.dtype)
+        rows = rows * const(math.sqrt(cfg.hidden_size_per_layer_input), rows.dtype)
         return rows.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
 
     def per_layer_inputs(self, embeds: Tensor, tokens: Tensor) -> Tensor:
         """(projection of the embeddings, normed per layer slice + token part) / sqrt(2) -> (B, T, L, P)."""
         cfg = self.config
         proj = self.per_layer_model_projection(embeds)
-        proj = proj * torch.tensor(cfg.hidden_size ** -0.5, dtype=embeds.dtype)
+        proj = proj * const(cfg.hidden_size ** -0.5, embeds.dtype)
         proj = self.per_layer_projection_norm(proj.unflatten(-1, (cfg.num_hidden_layers, -1)))
-        return (proj + tokens) * torch.tensor(_INV_SQRT2, dtype=embeds.dtype)
+        return (proj + tokens) * const(_INV_SQRT2, embeds.dtype)
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
@@ -292,14 +298,15 @@ class TextModel(nn.Module):
         With `last_only`, the layers that only read another layer's K/V run on the last position alone: nothing
         after them looks at the other positions, and every other part of a layer is position-wise, so the last
         position's output is unchanged while prefill skips most of those layers' work."""
-        ropes = {kind: rope(step.positions, streams.dtype) for kind, rope in self.rope.items()}
-        masks = dict(step.masks)
+        # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
+        ropes = {kind: rope.tables(step.positions, streams.dtype) for kind, rope in self.rope.items()}
+        masks = {kind: additive_mask(m, streams.dtype) for kind, m in step.masks.items()}
         produced: dict[int, tuple[Tensor, Tensor]] = {}
         producer_of = self.config.kv_producer
         for i, layer in enumerate(self.layers):
             if last_only and producer_of[i] != i and streams.shape[2] > 1:
                 streams, ple = streams[:, :, -1:], ple[:, -1:]
-                ropes = {kind: (cos[:, -1:], sin[:, -1:]) for kind, (cos, sin) in ropes.items()}
+                ropes = {kind: (cos[:, :, -1:], sin[:, :, -1:]) for kind, (cos, sin) in ropes.items()}
                 masks = {kind: m[:, :, -1:] for kind, m in masks.items()}
             rope = ropes[layer.kind]
 

@@ -130,7 +130,7 @@ def _our_layer(model, i, streams, ple, t):
     text = model.lm.model
     layer = text.layers[i]
     step = ephemeral_step(None, 1, t, list(model.config.text.layer_types), model.config.text.sliding_window, "cpu")
-    rope = text.rope[layer.kind](step.positions, streams.dtype)
+    rope = text.rope[layer.kind].tables(step.positions, streams.dtype)
     with torch.no_grad():
         return layer(streams, ple, rope, step.masks[layer.kind], lambda n: layer.self_attn.project_kv(n, *rope))
 
