@@ -338,6 +338,8 @@ def main(args) -> None:
     torch.set_num_threads(args.threads)
     if args.quick:  # checks that every engine loads and runs, fast; its numbers are not the benchmark's
         args.trials, PROMPT_LENGTHS, DECODE_TOKENS = 1, QUICK_LENGTHS, QUICK_DECODE
+    elif args.prompt_lengths:  # e.g. "128": leave out the 512-token prefill on slow machines
+        PROMPT_LENGTHS = tuple(int(n) for n in args.prompt_lengths.split(","))
     started, rows, reader = time.perf_counter(), [], ReadBandwidth()
     if not args.no_270m:
         rows.append(bench_270m(args, reader))
@@ -365,6 +367,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: one trial of 16/32-token prompts and 8 decoded tokens after a light warm-up")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-lengths", default="", help="comma-separated prefill lengths (default 128,512); "
+                        "the first is also the decode prompt and the time-to-first-token length")
     parser.add_argument("--also-bf16", action="store_true",
                         help="270M: add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
     parser.add_argument("--ours-quantize", default="",

@@ -155,6 +155,15 @@ def _int8_activations(k: int) -> bool:
     return _precision == "int8" and _VECTORISED and k % 32 == 0
 
 
+_Q8_TYPES: dict[int, bool] = {}
+
+
+def _q8_type(lib, ggml_type: int) -> bool:
+    if ggml_type not in _Q8_TYPES:
+        _Q8_TYPES[ggml_type] = bool(lib.g3n_q8_supported(ggml_type))
+    return _Q8_TYPES[ggml_type]
+
+
 def _check_rows(rows: Tensor | None, n: int) -> None:
     if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise IndexError(f"row index out of range for {n} rows")
@@ -188,7 +197,7 @@ def gguf_matmul(ggml_type: int, raw: Tensor, k: int, x: Tensor, rows: Tensor | N
     n = raw.shape[0] if rows is None else rows.numel()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     lib = native()
-    if _int8_activations(k) and lib.g3n_q8_supported(int(ggml_type)):
+    if _int8_activations(k) and _q8_type(lib, int(ggml_type)):
         rc = lib.g3n_gguf_matmul_q8(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), x.data_ptr(), x.shape[0],
                                     y.data_ptr(), torch.get_num_threads())
         _check(rc, "GGUF matmul")
