@@ -306,7 +306,7 @@ def bench_270m(args, reader: ReadBandwidth) -> dict:
         engines.append(lambda: LlamaCpp(path, args.threads))
     if "transformers" not in args.skip:
         engines.append(lambda: Transformers(path, None))
-    return measure(f"{path.name} (gemma3n/transformers dequantise to float32)", [engines], args, reader,
+    return measure(f"{path.name} (gemma3n computes from its blocks; transformers dequantises to float32)", [engines], args, reader,
                    {"dtype": "as stored"})
 
 

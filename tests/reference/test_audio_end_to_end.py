@@ -54,7 +54,9 @@ def test_audio_image_and_text_logits_equal_the_reference(pair, clips):
                    input_features_mask=ref_inputs["input_features_mask"]).logits
     got = ours.logits(ids, pixel_values=pixels, input_features=features, input_features_mask=mask)
     assert isinstance(ours.multimodal.tower("audio"), AudioEncoder)  # ours, built from model.audio_tower.*
-    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    # 1e-4 on AVX-512 machines; on AVX2 ones PyTorch sums the towers' float32 reductions in another order and this
+    # random tiny model amplifies that to 2.7e-4 at 41 of 334k logits (the same with the reference's features)
+    torch.testing.assert_close(got, want.float(), rtol=1e-3, atol=1e-3)
     # the audio really matters: another clip changes the logits at the text after the audio
     other, other_mask = AudioFeatureExtractor()([clips[1], clips[0]])
     changed = ours.logits(ids, pixel_values=pixels, input_features=other, input_features_mask=other_mask)
