@@ -18,9 +18,9 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .. import kernels
+from .modules import _blockwise
 
 NATIVE_MAX_ROWS = 16  # up to this many rows of activations the fused kernels win; above, dequantise + GEMM
 _BLOCK_BYTES = 1 << 20  # float32 bytes of weight dequantised at once on the dense path (stays in cache)
@@ -71,16 +71,9 @@ class GGUFLinear(nn.Module):
         if flat.shape[0] <= NATIVE_MAX_ROWS or rows is not None:
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
         else:
-            out = self._blockwise(flat.float())
+            step = max(64, _BLOCK_BYTES // (4 * self.in_features))  # a float32 block that stays in cache
+            out = _blockwise(flat.float(), self.dequantize, self.out_features, step)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
-
-    def _blockwise(self, x: Tensor) -> Tensor:
-        step = max(64, _BLOCK_BYTES // (4 * self.in_features))
-        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
-        for start in range(0, self.out_features, step):
-            rows = slice(start, min(start + step, self.out_features))
-            out[:, rows] = F.linear(x, self.dequantize(rows))
-        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"

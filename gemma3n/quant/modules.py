@@ -193,16 +193,16 @@ def _native(flat: Tensor) -> bool:
     return flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 
 
-def _blockwise(x: Tensor, dequantize, out_features: int) -> Tensor:
-    """x W^T, dequantising W a block of output rows at a time.
+def _blockwise(x: Tensor, dequantize, out_features: int, block_rows: int = _BLOCK_ROWS) -> Tensor:
+    """x W^T, dequantising W `block_rows` output rows at a time.
 
     On the CPU a 16-bit product is computed in float32 and rounded once: the same products (exact in float32) and
     float32 sums that a bfloat16 GEMM makes, but CPUs without bfloat16 units (AVX2) run it many times faster."""
     wide = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
     xs = x.float() if wide else x
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    for start in range(0, out_features, _BLOCK_ROWS):
-        rows = slice(start, min(start + _BLOCK_ROWS, out_features))
+    for start in range(0, out_features, block_rows):
+        rows = slice(start, min(start + block_rows, out_features))
         w = dequantize(rows)
         out[:, rows] = F.linear(xs, w.float() if wide else w)
     return out
