@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 _SOURCE = Path(__file__).with_name("native.c")
+_SOURCES = (_SOURCE, _SOURCE.with_name("decode_step.c"))  # native.c includes the others
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -95,7 +96,7 @@ def _load():
 
 def _stale(path: Path) -> bool:
     """An in-tree build older than the source (an editable checkout whose native.c changed since pip ran)."""
-    return path.stat().st_mtime < _SOURCE.stat().st_mtime
+    return path.stat().st_mtime < max(source.stat().st_mtime for source in _SOURCES)
 
 
 def _cached_build():
@@ -103,7 +104,8 @@ def _cached_build():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler found to build gemma3n/kernels/native.c (install gcc, or pip install again)"
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join(COMPILE_FLAGS).encode())
+    digest = digest.hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gemma3n"
     target = cache / f"native-{digest}-{sys.implementation.cache_tag}.so"
     if target.is_file():
@@ -132,6 +134,7 @@ def _declare(lib) -> None:
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
     lib.g3n_int4_matmul_q8.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i32]
+    lib.g3n_decode_step.argtypes, lib.g3n_decode_step.restype = [p, p], i32  # model/native_decode.py
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
               lib.g3n_int4_matmul_q8):

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..config import FULL, SLIDING, Gemma3TextConfig
 from ..engine.cache import KVCache, ephemeral_step
+from . import native_decode
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, rotate
 from .text import MLP
@@ -107,6 +108,9 @@ class TextModel(nn.Module):
             step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, x.device)
         else:
             step = cache.start(attention_mask, t)
+        native = native_decode.for_step(self, cache, t, inputs_embeds)
+        if native is not None:  # a decode step in one native call (native_decode.py); these layers stay the reference
+            return self.norm(native.run(x, step))
         # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
         ropes = {kind: rope.tables(step.positions, x.dtype) for kind, rope in self.rope.items()}
         masks = {kind: additive_mask(m, x.dtype) for kind, m in step.masks.items()}

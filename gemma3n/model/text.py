@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ..config import SLIDING, TextConfig
 from ..engine.cache import KVCache, Step, ephemeral_step
+from . import native_decode
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, gaussian_topk, gelu_tanh, normal_quantile, \
     rms_norm_no_scale, rotate, scalar_operand
@@ -277,6 +278,9 @@ class TextModel(nn.Module):
             step = ephemeral_step(attention_mask, b, t, list(cfg.layer_types), cfg.sliding_window, embeds.device)
         else:
             step = cache.start(attention_mask, t)
+        native = native_decode.for_step(self, cache, t, inputs_embeds)
+        if native is not None:  # a decode step in one native call (native_decode.py); run_layers stays the reference
+            return self.norm(self.collapse(native.run(self.expand(embeds), step, ple)))
         return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache, last_only)))
 
     def expand(self, x0: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gemma3n import kernels
+from gemma3n.model import native_decode
 from gemma3n.quant.gguf_modules import GGUFEmbedding, GGUFLinear
 from gemma3n.quant.quality import SAMPLE_TEXT
 
@@ -24,13 +25,18 @@ def model_270m():
     return gemma3n.load(default_model_path())
 
 
-def _decode_logits(model, ids: list[int], precision: str) -> torch.Tensor:
+def _decode_logits(model, ids: list[int], precision: str, native: bool = True) -> torch.Tensor:
     kernels.set_activation_precision(precision)
+    native_decode.set_enabled(native)
     out = []
-    with torch.inference_mode():
-        cache = model.lm.new_cache(1, len(ids) + 1)
-        for t in ids:
-            out.append(model.lm(torch.tensor([[t]]), None, cache, last_only=True)[0, -1].float())
+    try:
+        with torch.inference_mode():
+            cache = model.lm.new_cache(1, len(ids) + 1)
+            for t in ids:
+                out.append(model.lm(torch.tensor([[t]]), None, cache, last_only=True)[0, -1].float())
+    finally:
+        native_decode.set_enabled(True)
+    assert (getattr(cache, "native_decoder", (None, None))[1] is not None) == native
     return torch.stack(out)
 
 
@@ -53,6 +59,23 @@ def test_int8_activations_agree_with_float_activations(model_270m):
     top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     assert top1 >= 0.93 and kl < 0.01, (top1, kl)  # measured: 96.9%, 0.0024
+
+
+def test_native_decode_step_equals_the_eager_layers(model_270m):
+    """The whole-stack native step (model/native_decode.py) on the real model's K-quant blocks: float32
+    activations to float32 rounding; int8 activations as close as two roundings of x can be (a float32-rounding
+    difference in x may move one rounded value by a whole step of its block, so the comparison is of the
+    distributions, as between precisions)."""
+    ids = model_270m.tokenizer.encode(SAMPLE_TEXT, add_special_tokens=True)[:48]
+    native = _decode_logits(model_270m, ids, "float32", native=True)
+    eager = _decode_logits(model_270m, ids, "float32", native=False)
+    torch.testing.assert_close(native, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    native = _decode_logits(model_270m, ids, "int8", native=True)
+    eager = _decode_logits(model_270m, ids, "int8", native=False)
+    p, q = torch.log_softmax(eager, -1), torch.log_softmax(native, -1)
+    top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert top1 >= 0.9 and kl < 0.01, (top1, kl)  # measured: 95.8% (46 of 48), 0.0025
 
 
 def test_greedy_generation_on_the_default_path(model_270m):

@@ -1,0 +1,173 @@
+"""The native decode step (model/native_decode.py, kernels/decode_step.c) against the eager layers it replaces.
+
+Same model, same prompt, one cache per path: after a prefill (always eager), each decode step's logits from the
+native step must equal the eager step's to float32 rounding (relative to the largest logit) and give the same
+greedy tokens, for Gemma 3n (AltUp, LAuReL, per-layer inputs, KV sharing, sparse layers, per-layer widths,
+sequences past the sliding window) and Gemma 3 (linear RoPE scaling on global layers), batches with left padding,
+float, int8, int4 and GGUF weights. Where it does not apply, the eager layers must run."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gemma3n import kernels
+from gemma3n.config import FULL, SLIDING, Gemma3TextConfig, TextConfig
+from gemma3n.model import native_decode
+from gemma3n.model.gemma3 import Gemma3CausalLM
+from gemma3n.model.text import CausalLM, enable_sparse_decode
+from gemma3n.quant.formats import int4_supported
+from gemma3n.quant.modules import Int4Linear, Int8Linear
+from tests.reference.tiny import randomize, text_config
+
+pytestmark = pytest.mark.skipif(kernels.native() is None, reason=f"native kernels unavailable: {kernels.why_not()}")
+
+RTOL = 1e-4
+PROMPT = 11
+STEPS = 20  # with the prompt, past every tiny config's sliding window (ring buffers wrap)
+
+GEMMA3 = dict(
+    vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=5, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4, rms_norm_eps=1e-6,
+    layer_types=[SLIDING, FULL, SLIDING, SLIDING, FULL], final_logit_softcapping=30.0, max_position_embeddings=256,
+    rope_parameters={FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 10_000.0},
+                     SLIDING: {"rope_type": "default", "rope_theta": 100.0}},
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_switch():
+    before = native_decode.enabled()
+    yield
+    native_decode.set_enabled(before)
+
+
+def gemma3n_model(name: str, sparse: bool = False) -> CausalLM:
+    lm = randomize(CausalLM(TextConfig.from_dict(text_config(name))), seed=0)
+    if sparse:
+        enable_sparse_decode(lm)
+    return lm
+
+
+def gemma3_model() -> Gemma3CausalLM:
+    return randomize(Gemma3CausalLM(Gemma3TextConfig.from_dict(GEMMA3)), seed=0)
+
+
+def decode(lm, batch: int, native: bool, steps: int = STEPS, forced: torch.Tensor | None = None):
+    """Greedy decode after a prompt (row 1 left-padded when batch > 1), or the ids `forced` (B, steps) fed one
+    at a time: the logits of every step, and the cache."""
+    native_decode.set_enabled(native)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, lm.config.vocab_size, (batch, PROMPT), generator=g)
+    mask = None
+    if batch > 1:
+        mask = torch.ones(batch, PROMPT, dtype=torch.long)
+        mask[1, :3] = 0
+    out = []
+    with torch.inference_mode():
+        cache = lm.new_cache(batch, PROMPT + steps + 1)
+        logits = lm(ids, mask, cache, last_only=True)
+        for i in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True) if forced is None else forced[:, i:i + 1]
+            logits = lm(nxt, None if mask is None else torch.ones_like(nxt), cache, last_only=True)
+            out.append(logits[:, -1])
+    return torch.stack(out, 1), cache
+
+
+def assert_native_equals_eager(lm, batch: int = 1, rtol: float = RTOL):
+    got, cache = decode(lm, batch, native=True)
+    assert cache.native_decoder[1] is not None, "the native step did not run"
+    expected, eager_cache = decode(lm, batch, native=False)
+    assert getattr(eager_cache, "native_decoder", None) is None
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert err < rtol, f"max relative difference {err:.2e}"
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["mixed", "four_to_one"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gemma3n_native_step_equals_eager(name, batch, sparse):
+    assert_native_equals_eager(gemma3n_model(name, sparse), batch)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gemma3_native_step_equals_eager(batch):
+    assert_native_equals_eager(gemma3_model(), batch)
+
+
+def _swap_linears(lm: nn.Module, make) -> None:
+    """Every nn.Linear inside the decoder layers replaced by make(weight) (or kept where make returns None)."""
+    for layer in lm.model.layers:
+        for name, m in list(layer.named_modules()):
+            if type(m) is nn.Linear:
+                new = make(m.weight.detach())
+                if new is not None:
+                    parent, _, leaf = name.rpartition(".")
+                    setattr(layer.get_submodule(parent) if parent else layer, leaf, new)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_quantised_weights(kind, precision):
+    kernels.set_activation_precision(precision)
+    lm = gemma3n_model("mixed")
+
+    def make(w):
+        if kind == "int4" and int4_supported(w.shape[0], w.shape[1], 32):
+            return Int4Linear.from_weight(w, 32)
+        return Int8Linear.from_weight(w) if w.shape[1] % 32 == 0 else None
+    _swap_linears(lm, make)
+    enable_sparse_decode(lm)  # sparse up rows (int8) and down columns (int4) in the native step too
+    # int8 activations round x per block of 32: a float32-rounding difference in x may move one value by a whole
+    # step of its block, so the two paths agree to that step (~1e-2 of the largest logit in this chaotic model)
+    assert_native_equals_eager(lm, batch=2, rtol=RTOL if precision == "float32" else 2e-2)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_gguf_weights(qtype):
+    gguf = pytest.importorskip("gguf")
+    from gemma3n.quant.gguf_modules import GGUFLinear
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    lm = gemma3_model()
+
+    def make(w):
+        if w.shape[1] % 32:
+            return None
+        raw = gguf.quants.quantize(w.numpy().astype(np.float32), t)
+        return GGUFLinear(torch.from_numpy(np.ascontiguousarray(raw)), int(t), w.shape[1], torch.float32)
+    _swap_linears(lm, make)
+    assert_native_equals_eager(lm, batch=1)
+
+
+def test_bfloat16_model_is_computed_in_float32():
+    """A bfloat16 model: the native step computes in float32 (with a bfloat16 cache), so it is closer to the same
+    weights run in float32 than the eager bfloat16 step is."""
+    lm = randomize(CausalLM(TextConfig.from_dict(text_config("mixed"))), seed=0).to(torch.bfloat16)
+    forced = torch.randint(1, lm.config.vocab_size, (1, STEPS), generator=torch.Generator().manual_seed(2))
+    native, cache = decode(lm, 1, native=True, forced=forced)
+    assert cache.native_decoder[1] is not None
+    eager, _ = decode(lm, 1, native=False, forced=forced)
+    exact, _ = decode(copy.deepcopy(lm).float(), 1, native=False, forced=forced)  # the same weights in float32
+    scale = exact.abs().max()
+    native_err, eager_err = ((native - exact).abs().max() / scale).item(), ((eager - exact).abs().max() / scale).item()
+    assert native_err < eager_err, (native_err, eager_err)
+
+
+def test_where_it_does_not_apply_the_eager_layers_run():
+    lm = gemma3n_model("mixed").double()  # no float64 kernels: eager
+    _, cache = decode(lm, 1, native=True, steps=2)
+    assert cache.native_decoder[1] is None
+    lm = gemma3n_model("mixed")
+    _, cache = decode(lm, 1, native=False, steps=2)  # switched off
+    assert getattr(cache, "native_decoder", None) is None
+    native_decode.set_enabled(True)
+    cache = lm.new_cache(1, 8)
+    with torch.no_grad():
+        lm(torch.tensor([[1, 2, 3]]), None, cache)  # prefill: eager
+        assert getattr(cache, "native_decoder", None) is None
+    lm(torch.tensor([[4]]), None, cache)  # autograd on: eager (the native step records no graph)
+    assert getattr(cache, "native_decoder", None) is None
