@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 _SOURCE = Path(__file__).with_name("native.c")
 _SOURCES = (_SOURCE, _SOURCE.with_name("decode_step.c"))  # native.c includes the others
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
@@ -128,7 +128,7 @@ def _declare(lib) -> None:
     lib.g3n_int8_matmul.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32, i32]
     lib.g3n_int4_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
     lib.g3n_round_activations.argtypes = [p, i64, i64, p]
-    lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32]
+    lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.restype = i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
@@ -276,6 +276,6 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
     out = torch.empty(k, stop - start, dtype=torch.float32)
     rc = native().g3n_int4_dequantize_t(qweight.data_ptr(), scales_and_zeros.data_ptr(),
                                         SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, start // 64,
-                                        (stop - start) // 64, out.data_ptr(), torch.get_num_threads())
+                                        (stop - start) // 64, out.data_ptr(), torch.get_num_threads(), _VECTORISED)
     _check(rc if start % 64 == 0 and (stop - start) % 64 == 0 else -1, "int4 dequantize")
     return out

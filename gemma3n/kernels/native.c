@@ -22,7 +22,7 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define G3N_ABI_VERSION 5
+#define G3N_ABI_VERSION 6
 
 /* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,
@@ -1074,9 +1074,48 @@ EXPORT int g3n_int4_matmul_q8(const uint8_t *q, const void *sz, int scale_type, 
 /* exported: int4 tiles -> float32, transposed, for long prompts (dense GEMM on a cache-sized block)             */
 /* out [k][n_tiles * 64]: column k of tiles tile0 .. tile0 + n_tiles - 1, i.e. W[rows, :]^T for those rows.       */
 
+#ifdef G3N_X86
+/* v rounded to the scale dtype (nearest even), 8 at a time: round_as */
+AVX2 static inline __m256 round_as8(int type, __m256 v) {
+    if (type == S_BF16) {
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+        __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7F800000)),
+                                             _mm256_set1_epi32(0x7F800000));  /* inf / NaN: not rounded */
+        r = _mm256_blendv_epi8(r, u, special);
+        return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (type == S_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+/* columns c0 .. c1 - 1 of one 64-row tile -> out[col * width + j], with this group's scales s and zeros z */
+AVX2 static void int4_dequantize_cols_avx2(const uint8_t *tile, const float *s, const float *z, int st, int64_t c0,
+                                           int64_t c1, float *out, int64_t width) {
+    __m256 sv[8], zv[8];
+    for (int v = 0; v < 8; v++) { sv[v] = _mm256_loadu_ps(s + 8 * v); zv[v] = _mm256_loadu_ps(z + 8 * v); }
+    const __m256i low = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
+    for (int64_t col = c0; col < c1; col++) {
+        const uint8_t *b = tile + col * 32;
+        float *o = out + col * width;
+        for (int part = 0; part < 4; part++) {  /* bytes 8 part .. 8 part + 7: rows 8 part.. (low) and 32 + .. */
+            __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8 * part)));
+            __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, low), eight));
+            __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), eight));
+            lo = round_as8(st, _mm256_add_ps(round_as8(st, _mm256_mul_ps(lo, sv[part])), zv[part]));
+            hi = round_as8(st, _mm256_add_ps(round_as8(st, _mm256_mul_ps(hi, sv[part + 4])), zv[part + 4]));
+            _mm256_storeu_ps(o + 8 * part, lo);
+            _mm256_storeu_ps(o + 32 + 8 * part, hi);
+        }
+    }
+}
+#endif
+
 EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g,
-                                 int64_t tile0, int64_t n_tiles, float *out, int threads) {
+                                 int64_t tile0, int64_t n_tiles, float *out, int threads, int vec) {
     if (n % TILE || g <= 0 || k % g || tile0 < 0 || (tile0 + n_tiles) * TILE > n) return -1;
+    vec = vec && have_avx2();
     int64_t width = n_tiles * TILE;
     #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t t = 0; t < n_tiles; t++) {
@@ -1088,6 +1127,12 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
                 s[j] = scale_at(sz, st, at);
                 z[j] = scale_at(sz, st, at + 1);
             }
+#ifdef G3N_X86
+            if (vec) {
+                int4_dequantize_cols_avx2(tile, s, z, st, grp * g, (grp + 1) * g, out + t * TILE, width);
+                continue;
+            }
+#endif
             for (int64_t col = grp * g; col < (grp + 1) * g; col++) {
                 const uint8_t *b = tile + col * 32;
                 float *o = out + col * width + t * TILE;

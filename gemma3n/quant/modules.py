@@ -116,9 +116,23 @@ class Int4Linear(nn.Module):
         elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
                                                                self.scales_and_zeros)
+        elif x.device.type == "cpu" and kernels.native() is not None:
+            out = self._native_blockwise(flat)
         else:
             out = _blockwise(flat, self.dequantize, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _native_blockwise(self, flat: Tensor) -> Tensor:
+        """Long prompts: x W^T a cache-sized block of rows at a time, the block unpacked natively straight into
+        float32 W^T (values exactly those of `dequantize`, rounded to the scale dtype), so the GEMM reads it as it
+        is: no transposed copy, no conversion to the scale dtype and back (as `_blockwise` would do)."""
+        xs = flat.float()
+        out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
+        for start in range(0, self.out_features, _BLOCK_ROWS):
+            rows = slice(start, min(start + _BLOCK_ROWS, self.out_features))
+            w_t = kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows)
+            out[:, rows] = torch.mm(xs, w_t)
+        return out
 
     def forward_sparse_inputs(self, x: Tensor, cols: Tensor) -> Tensor:
         """x whose only non-zero input features are `cols` (int64, ascending) -> x W^T, reading only those

@@ -155,7 +155,7 @@ def test_int4_tiles(activations, group_size, scale_dtype, code_path, precision):
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int4_native_dequantize_is_the_pytorch_one(scale_dtype):
+def test_int4_native_dequantize_is_the_pytorch_one(scale_dtype, code_path):
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(8))
     packed, sz = int4_quantize(w, 64, scale_dtype)
     native = kernels.int4_dequantize_t(packed, sz, 64, slice(64, 192)).t().to(scale_dtype)
