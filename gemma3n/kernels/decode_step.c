@@ -32,7 +32,7 @@ typedef struct {
     int32_t slot;         /* the KV slot attended to (this layer's, or its producer's) */
     int32_t writes;       /* computes K/V and stores it in `slot` */
     int32_t sparse;       /* Gaussian top-k on the gate (mean + z * std cut-off) */
-    int32_t sparse_skip;  /* and only the active units' up rows / down columns are computed */
+    int32_t sparse_skip;  /* up to this many rows, only the active units' up rows / down columns are computed */
     float z;
 } g3n_layer;
 
@@ -49,7 +49,8 @@ typedef struct {
     const float *ple;              /* Gemma 3n: [B][L][P] */
     const float *cos[2], *sin[2];  /* per kind [B][hd]; sin with its first half negated (layers.rope_tables) */
     const uint8_t *mask[2];        /* per kind [B][tk]: 1 = may attend */
-    int64_t tk[2], cell[2];        /* per kind: keys visible; the cache cell the new K/V goes to */
+    int64_t tk[2];                 /* per kind: keys visible */
+    const int64_t *cell[2];        /* per kind [B]: the cache cell each row's new K/V goes to */
     void *const *k, *const *v;     /* per slot [B][Hkv][cap][hd] */
     const int64_t *cap;            /* per slot */
     int32_t cache_type;            /* S_F32 or S_BF16 */
@@ -221,9 +222,10 @@ static int attention(const g3n_model *M, const g3n_layer *L, const g3n_step *S, 
         float *k = sc->kv, *v = sc->kv + B * Hkv * hd;
         if ((rc = lin_apply(&L->k, normed, B, k, NULL, 0, S->threads, S->q8))) return rc;
         if ((rc = lin_apply(&L->v, normed, B, v, NULL, 0, S->threads, S->q8))) return rc;
-        int64_t cap = S->cap[L->slot], cell = S->cell[kind];
+        int64_t cap = S->cap[L->slot];
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < Hkv; h++) {
+                int64_t cell = S->cell[kind][b];
                 float *kh = k + (b * Hkv + h) * hd, *vh = v + (b * Hkv + h) * hd;
                 rms_norm(kh, L->k_norm, hd, M->eps, kh);
                 rope(kh, S->cos[kind] + b * hd, S->sin[kind] + b * hd, hd);
@@ -257,14 +259,15 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
     }
     for (int64_t i = 0; i < B * F; i++) gate[i] = gelu_tanh(gate[i]);
     int64_t n_active = 0;
-    if (L->sparse && L->sparse_skip) {
+    int skip = L->sparse && B <= L->sparse_skip;  /* text.MLP.forward's rule (SPARSE_MAX_TOKENS) */
+    if (skip) {
         for (int64_t i = 0; i < F; i++) {
             int any = 0;
             for (int64_t b = 0; b < B; b++) any |= gate[b * F + i] != 0.0f;
             if (any) { sc->rows[n_active] = i; sc->cols[n_active] = (int32_t)i; n_active++; }
         }
     }
-    int sparse = L->sparse && L->sparse_skip && n_active * 2 <= F;  /* text.MLP.sparse_forward's rule */
+    int sparse = skip && n_active * 2 <= F;  /* text.MLP.sparse_forward's rule */
     if (!sparse) {
         if ((rc = lin_apply(&L->up, h, B, up, NULL, 0, S->threads, S->q8))) return rc;
         for (int64_t i = 0; i < B * F; i++) hidden[i] = gate[i] * up[i];

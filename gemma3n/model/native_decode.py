@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import SLIDING
+from ..engine.batch import BatchCache
 from ..engine.cache import KVCache, Step
 from ..quant.gguf_modules import GGUFLinear
 from ..quant.modules import NATIVE_MAX_ROWS, Int4Linear, Int8Linear
@@ -69,7 +70,7 @@ class _Model(ctypes.Structure):
 class _Step(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("x", _c_void_p), ("ple", _c_void_p),
                 ("cos", _c_void_p * 2), ("sin", _c_void_p * 2), ("mask", _c_void_p * 2),
-                ("tk", ctypes.c_int64 * 2), ("cell", ctypes.c_int64 * 2),
+                ("tk", ctypes.c_int64 * 2), ("cell", _c_void_p * 2),
                 ("k", _c_void_p), ("v", _c_void_p), ("cap", _c_void_p),
                 ("cache_type", ctypes.c_int32), ("threads", ctypes.c_int32), ("q8", ctypes.c_int32)]
 
@@ -79,9 +80,10 @@ class Unsupported(Exception):
 
 
 class NativeDecoder:
-    """The native description of one model's layers and one cache; `run` does a step. Build with `for_step`."""
+    """The native description of one model's layers (for one cache, made at its first decode step: `for_step`);
+    `bind` points it at the cache's tensors, `run` does a step."""
 
-    def __init__(self, text_model: nn.Module, cache: KVCache):
+    def __init__(self, text_model: nn.Module):
         from . import gemma3, text  # the two decoders; imported here, they import this module
         self.keep: list[Tensor] = []  # every tensor a pointer below refers to stays alive with this object
         cfg = text_model.config
@@ -111,7 +113,7 @@ class NativeDecoder:
             if desc.down.kind == L_FLOAT_T and not (mlp.sparsity > 0 and mlp.sparse_decode):
                 raise Unsupported("a transposed down projection outside a sparse MLP")
             desc.sparse = int(mlp.sparsity > 0)
-            desc.sparse_skip = int(mlp.sparsity > 0 and mlp.sparse_decode and cache.batch <= mlp.SPARSE_MAX_TOKENS)
+            desc.sparse_skip = mlp.SPARSE_MAX_TOKENS if mlp.sparsity > 0 and mlp.sparse_decode else 0
             desc.z = _as_model_dtype(mlp.z, dtype)
             desc.in_norm = self._norm(layer.input_layernorm, offset)
             desc.post_attn_norm = self._norm(layer.post_attention_layernorm, offset)
@@ -133,16 +135,21 @@ class NativeDecoder:
                             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, hd=cfg.head_dim,
                             streams=streams, ple_dim=ple_dim, eps=cfg.rms_norm_eps, attn_scale=attn_scale,
                             router_scale=router_scale, layers=layers)
-        # the cache's slots, fixed for its lifetime
-        if cache.slots[0].k.dtype not in _CACHE_TYPES or cache.slots[0].k.device.type != "cpu":
-            raise Unsupported(f"a {cache.slots[0].k.dtype} cache on {cache.slots[0].k.device}")
-        n = len(cache.slots)
-        self.k_ptrs = (_c_void_p * n)(*[s.k.data_ptr() for s in cache.slots])
-        self.v_ptrs = (_c_void_p * n)(*[s.v.data_ptr() for s in cache.slots])
-        self.caps = (ctypes.c_int64 * n)(*[s.k.shape[2] for s in cache.slots])
-        self.ring = next((s.k.shape[2] for s, t in zip(cache.slots, cache.slot_types) if t == SLIDING), 1)
-        self.cache_type, self.cache, self.dtype = _CACHE_TYPES[cache.slots[0].k.dtype], cache, dtype
-        self.text_model = text_model
+        self.dtype, self.text_model = dtype, text_model
+        self.bound: tuple | None = None
+
+    def bind(self, cache) -> bool:
+        """Point the step at the cache's K/V tensors as they are now (a BatchCache replaces them when rows join or
+        leave); False when their dtype, device or layout is not one the native step writes."""
+        slots = _slot_tensors(cache)
+        if any(t.dtype not in _CACHE_TYPES or t.device.type != "cpu" or not t.is_contiguous()
+               or t.dtype != slots[0][0].dtype for pair in slots for t in pair):
+            return False
+        n = len(slots)
+        self.bound = (cache, (_c_void_p * n)(*[k.data_ptr() for k, _ in slots]),
+                      (_c_void_p * n)(*[v.data_ptr() for _, v in slots]),
+                      (ctypes.c_int64 * n)(*[k.shape[2] for k, _ in slots]), _CACHE_TYPES[slots[0][0].dtype])
+        return True
 
     # -- descriptions ----------------------------------------------------------------------------------------------
 
@@ -183,27 +190,28 @@ class NativeDecoder:
     def run(self, x: Tensor, step: Step, ple: Tensor | None = None) -> Tensor:
         """x: Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) -> the same shape, after
         every layer, in x's dtype. `step` is this call's `cache.start(...)`."""
-        cache, b = self.cache, self.cache.batch
+        cache, k_ptrs, v_ptrs, caps, cache_type = self.bound
+        b = cache.batch
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr():
             work = work.clone()  # computed in place: never write into the caller's tensor
-        s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(self.k_ptrs, _c_void_p),
-                  v=ctypes.cast(self.v_ptrs, _c_void_p), cap=ctypes.cast(self.caps, _c_void_p),
-                  cache_type=self.cache_type, threads=torch.get_num_threads(),
+        s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(k_ptrs, _c_void_p), v=ctypes.cast(v_ptrs, _c_void_p),
+                  cap=ctypes.cast(caps, _c_void_p), cache_type=cache_type, threads=torch.get_num_threads(),
                   q8=int(kernels.activation_precision() == "int8" and kernels._VECTORISED))
         keep = [work]
         if ple is not None:
             ple = ple.to(torch.float32).contiguous()
             keep.append(ple)
             s.ple = ple.data_ptr()
+        cells = _write_cells(cache)
         for kind, rope in self.text_model.rope.items():
             i = _kind(kind)
             cos, sin = rope.tables(step.positions, x.dtype)
             cos, sin = cos.reshape(b, -1).float().contiguous(), sin.reshape(b, -1).float().contiguous()
             mask = step.masks[kind].reshape(b, -1).contiguous()
-            keep += [cos, sin, mask]
+            keep += [cos, sin, mask, cells[i]]
             s.cos[i], s.sin[i], s.mask[i], s.tk[i] = cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), mask.shape[1]
-            s.cell[i] = (cache.length - 1) % self.ring if i == 0 else cache.length - 1
+            s.cell[i] = cells[i].data_ptr()
         rc = kernels.native().g3n_decode_step(ctypes.byref(self.model), ctypes.byref(s))
         if rc:
             raise RuntimeError(f"native decode step failed (code {rc})")
@@ -212,20 +220,40 @@ class NativeDecoder:
 
 def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
              inputs_embeds: Tensor | None) -> NativeDecoder | None:
-    """The native decoder for this forward call, or None where the eager layers run: no cache, more than one new
-    column, a multimodal merge, a batch wider than the native kernels take, the step disabled, or a model it does
-    not describe. Built once per cache (at its first decode step) and kept on it."""
-    if not _enabled or cache is None or new_tokens != 1 or inputs_embeds is not None \
+    """The native decoder for this forward call, or None where the eager layers run: no cache, or another kind
+    of cache (the server's BatchCache, whose rows write at cells of their own), more than one new column, a
+    multimodal merge, a batch wider than the native kernels take, autograd on, the step disabled, or a model it
+    does not describe. Built once per cache (at its first decode step) and kept on it."""
+    if not _enabled or type(cache) not in (KVCache, BatchCache) or new_tokens != 1 or inputs_embeds is not None \
             or cache.batch > NATIVE_MAX_ROWS or torch.is_grad_enabled() or kernels.native() is None:
         return None
     held = getattr(cache, "native_decoder", None)
     if held is None or held[0] is not text_model:
         try:
-            decoder = NativeDecoder(text_model, cache)
+            decoder = NativeDecoder(text_model)
         except Unsupported:
             decoder = None
         held = cache.native_decoder = (text_model, decoder)
-    return held[1]
+    decoder = held[1]
+    return decoder if decoder is not None and decoder.bind(cache) else None
+
+
+def _slot_tensors(cache) -> list[tuple[Tensor, Tensor]]:
+    if type(cache) is KVCache:
+        return [(s.k, s.v) for s in cache.slots]
+    return list(zip(cache.keys, cache.values))
+
+
+def _write_cells(cache) -> tuple[Tensor, Tensor]:
+    """(sliding, global) int64 [B]: the cell each row's new K/V goes to in this step, as `update` writes it.
+    Call after the cache's `start`."""
+    if type(cache) is KVCache:
+        index = cache.length - 1
+        ring = next((s.k.shape[2] for s, t in zip(cache.slots, cache.slot_types) if t == SLIDING), 1)
+        return (torch.full((cache.batch,), index % ring, dtype=torch.int64),
+                torch.full((cache.batch,), index, dtype=torch.int64))
+    write = cache._write.to(torch.int64)
+    return torch.remainder(write, cache.ring or 1).contiguous(), write.contiguous()
 
 
 def _kind(kind: str) -> int:

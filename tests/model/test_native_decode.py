@@ -171,3 +171,34 @@ def test_where_it_does_not_apply_the_eager_layers_run():
         assert getattr(cache, "native_decoder", None) is None
     lm(torch.tensor([[4]]), None, cache)  # autograd on: eager (the native step records no graph)
     assert getattr(cache, "native_decoder", None) is None
+
+
+def test_continuous_batch_rows_equal_the_eager_layers():
+    """The server's BatchCache (rows joining and leaving, each at its own position and cache cell)."""
+    from gemma3n.engine.batch import ContinuousBatch
+    from gemma3n.engine.sampling import SamplingParams
+    lm = gemma3n_model("mixed", sparse=True)
+    arrivals = {0: [(0, 3, 30), (1, 12, 18)], 2: [(2, 5, 25)], 5: [(3, 20, 12), (4, 9, 40)]}
+
+    def run(native: bool):
+        native_decode.set_enabled(native)
+        batch, seqs, tokens, used = ContinuousBatch(lm, chunk_size=4), {}, {}, False
+        for step in range(200):
+            for key, n, budget in arrivals.get(step, []):
+                ids = torch.randint(1, lm.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(key))
+                seqs[key] = batch.add(ids, SamplingParams(max_new_tokens=budget, temperature=0), ())
+                tokens[key] = []
+            with torch.inference_mode():
+                for seq, token in batch.step():
+                    key = next(k for k, s in seqs.items() if s is seq)
+                    if token is not None:
+                        tokens[key].append(token)
+            held = getattr(batch.cache, "native_decoder", None)
+            used |= held is not None and held[1] is not None
+            if step > max(arrivals) and not len(batch):
+                return tokens, used
+        raise AssertionError("the batch did not finish")
+    native, used = run(True)
+    assert used, "the native step did not run"
+    eager, _ = run(False)
+    assert native == eager
