@@ -20,6 +20,7 @@ typedef struct {
     int32_t kind, type;  /* L_*; the GGUF type, or the scale dtype (S_*) of int8 / int4 */
     const void *w, *s;   /* weights; int8 scales / int4 scales_and_zeros */
     int64_t n, k, g;     /* out features, in features, int4 group size */
+    int32_t group;       /* the profile counter its time adds to (g3n_step.prof) */
 } g3n_lin;
 
 typedef struct {
@@ -55,10 +56,13 @@ typedef struct {
     const int64_t *cap;            /* per slot */
     int32_t cache_type;            /* S_F32 or S_BF16 */
     int32_t threads, q8;           /* OpenMP threads; int8 activations for the products that have them */
+    double *prof;                  /* NULL, or seconds added per g3n_lin.group, then [PROF_ATTEND], [PROF_TOTAL] */
 } g3n_step;
 
-static int lin_apply(const g3n_lin *L, const float *x, int64_t m, float *y, const int64_t *rows, int64_t n_rows,
-                     int threads, int q8) {
+enum { PROF_GROUPS = 3, PROF_ATTEND = 3, PROF_TOTAL = 4 };
+
+static int lin_run(const g3n_lin *L, const float *x, int64_t m, float *y, const int64_t *rows, int64_t n_rows,
+                   int threads, int q8) {
     int64_t n = rows ? n_rows : L->n;
     int rc;
     switch (L->kind) {
@@ -103,6 +107,14 @@ static int lin_apply(const g3n_lin *L, const float *x, int64_t m, float *y, cons
     default:
         return -1;
     }
+}
+
+static int lin_apply(const g3n_lin *L, const float *x, int64_t m, float *y, const int64_t *rows, int64_t n_rows,
+                     const g3n_step *S) {
+    double t0 = S->prof ? omp_get_wtime() : 0.0;
+    int rc = lin_run(L, x, m, y, rows, n_rows, S->threads, S->q8);
+    if (S->prof && L->group >= 0 && L->group < PROF_GROUPS) S->prof[L->group] += omp_get_wtime() - t0;
+    return rc;
 }
 
 /* ---- small float32 pieces (one row of `n` values) ------------------------------------------------------------ */
@@ -211,7 +223,7 @@ typedef struct {
 static int attention(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const float *normed, scratch_t *sc) {
     int64_t B = S->batch, H = M->heads, Hkv = M->kv_heads, hd = M->hd;
     int kind = L->kind, rc;
-    if ((rc = lin_apply(&L->q, normed, B, sc->q, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->q, normed, B, sc->q, NULL, 0, S))) return rc;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             float *qh = sc->q + (b * H + h) * hd;
@@ -220,8 +232,8 @@ static int attention(const g3n_model *M, const g3n_layer *L, const g3n_step *S, 
         }
     if (L->writes) {
         float *k = sc->kv, *v = sc->kv + B * Hkv * hd;
-        if ((rc = lin_apply(&L->k, normed, B, k, NULL, 0, S->threads, S->q8))) return rc;
-        if ((rc = lin_apply(&L->v, normed, B, v, NULL, 0, S->threads, S->q8))) return rc;
+        if ((rc = lin_apply(&L->k, normed, B, k, NULL, 0, S))) return rc;
+        if ((rc = lin_apply(&L->v, normed, B, v, NULL, 0, S))) return rc;
         int64_t cap = S->cap[L->slot];
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < Hkv; h++) {
@@ -235,8 +247,10 @@ static int attention(const g3n_model *M, const g3n_layer *L, const g3n_step *S, 
                 kv_store(S->v[L->slot], S->cache_type, at, vh, hd);
             }
     }
+    double t0 = S->prof ? omp_get_wtime() : 0.0;
     attend(M, S, L->slot, kind, sc->q, sc->attn);
-    return lin_apply(&L->o, sc->attn, B, sc->a, NULL, 0, S->threads, S->q8);
+    if (S->prof) S->prof[PROF_ATTEND] += omp_get_wtime() - t0;
+    return lin_apply(&L->o, sc->attn, B, sc->a, NULL, 0, S);
 }
 
 /* h [B][D] -> MLP output [B][D] in `out` */
@@ -245,7 +259,7 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
     int64_t B = S->batch, F = L->gate.n, D = M->d;
     float *gate = sc->f1, *up = sc->f2, *hidden = sc->f3;
     int rc;
-    if ((rc = lin_apply(&L->gate, h, B, gate, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->gate, h, B, gate, NULL, 0, S))) return rc;
     if (L->sparse) {  /* layers.gaussian_topk: ReLU(x - (mean + z * population std)) */
         for (int64_t b = 0; b < B; b++) {
             float *g = gate + b * F;
@@ -269,15 +283,15 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
     }
     int sparse = skip && n_active * 2 <= F;  /* text.MLP.sparse_forward's rule */
     if (!sparse) {
-        if ((rc = lin_apply(&L->up, h, B, up, NULL, 0, S->threads, S->q8))) return rc;
+        if ((rc = lin_apply(&L->up, h, B, up, NULL, 0, S))) return rc;
         for (int64_t i = 0; i < B * F; i++) hidden[i] = gate[i] * up[i];
-        return lin_apply(&L->down, hidden, B, out, NULL, 0, S->threads, S->q8);
+        return lin_apply(&L->down, hidden, B, out, NULL, 0, S);
     }
     /* up: only the active rows where the format can read rows; else all, then keep the active ones */
     if (L->up.kind == L_GGUF || L->up.kind == L_INT8) {
-        if ((rc = lin_apply(&L->up, h, B, up, sc->rows, n_active, S->threads, S->q8))) return rc;
+        if ((rc = lin_apply(&L->up, h, B, up, sc->rows, n_active, S))) return rc;
     } else {
-        if ((rc = lin_apply(&L->up, h, B, hidden, NULL, 0, S->threads, S->q8))) return rc;
+        if ((rc = lin_apply(&L->up, h, B, hidden, NULL, 0, S))) return rc;
         for (int64_t b = 0; b < B; b++)
             for (int64_t j = 0; j < n_active; j++) up[b * n_active + j] = hidden[b * F + sc->rows[j]];
     }
@@ -292,10 +306,13 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
             if ((rc = g3n_round_activations(hidden, B, F, gate))) return rc;
             xin = gate;
         }
-        return g3n_int4_matmul((const uint8_t *)L->down.w, L->down.s, L->down.type, D, F, L->down.g, sc->cols,
-                               n_active, xin, B, out, S->threads, 1);
+        double t0 = S->prof ? omp_get_wtime() : 0.0;
+        rc = g3n_int4_matmul((const uint8_t *)L->down.w, L->down.s, L->down.type, D, F, L->down.g, sc->cols,
+                             n_active, xin, B, out, S->threads, 1);
+        if (S->prof) S->prof[L->down.group] += omp_get_wtime() - t0;
+        return rc;
     }
-    return lin_apply(&L->down, hidden, B, out, NULL, 0, S->threads, S->q8);  /* L_FLOAT_T skips zero inputs */
+    return lin_apply(&L->down, hidden, B, out, NULL, 0, S);  /* L_FLOAT_T skips zero inputs */
 }
 
 /* ---- the layers ----------------------------------------------------------------------------------------------- */
@@ -327,7 +344,7 @@ static int altup_route(const g3n_model *M, const g3n_layer *L, const g3n_step *S
         rms_norm(x + b * D, L->router_norm, D, M->eps, tmp + b * D);
         for (int64_t i = 0; i < D; i++) tmp[b * D + i] *= M->router_scale;
     }
-    int rc = lin_apply(&L->router, tmp, B, r, NULL, 0, S->threads, S->q8);
+    int rc = lin_apply(&L->router, tmp, B, r, NULL, 0, S);
     for (int64_t i = 0; i < B * M->streams; i++) r[i] = tanhf(r[i]);
     return rc;
 }
@@ -341,7 +358,7 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     if (B * NS * NS > 64 * 16 || B * NS > 64) return -3;
     /* AltUp predict: P_q = X_q + sum_p c[q][p] X_p, c from the router on stream 0 */
     if ((rc = altup_route(M, L, S, X, r, sc->a))) return rc;
-    if ((rc = lin_apply(&L->pred, r, B, coef, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->pred, r, B, coef, NULL, 0, S))) return rc;
     for (int64_t q = 0; q < NS; q++)
         for (int64_t b = 0; b < B; b++) {
             const float *c = coef + b * NS * NS + q * NS;
@@ -356,8 +373,8 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     float *normed = sc->b, *laurel = sc->c;
     for (int64_t b = 0; b < B; b++) rms_norm(active + b * D, L->in_norm, D, M->eps, normed + b * D);
     /* LAuReL: normed + norm(right(left(normed))) */
-    if ((rc = lin_apply(&L->laurel_left, normed, B, sc->f1, NULL, 0, S->threads, S->q8))) return rc;
-    if ((rc = lin_apply(&L->laurel_right, sc->f1, B, sc->f2, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->laurel_left, normed, B, sc->f1, NULL, 0, S))) return rc;
+    if ((rc = lin_apply(&L->laurel_right, sc->f1, B, sc->f2, NULL, 0, S))) return rc;
     for (int64_t b = 0; b < B; b++) {
         rms_norm(sc->f2 + b * D, L->laurel_norm, D, M->eps, laurel + b * D);
         for (int64_t i = 0; i < D; i++) laurel[b * D + i] += normed[b * D + i];
@@ -381,7 +398,7 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     }
     /* AltUp correct: C_q = P_q + (k_q + 1) (out - P_0), k from the router on the layer output */
     if ((rc = altup_route(M, L, S, out, r, sc->a))) return rc;
-    if ((rc = lin_apply(&L->corr, r, B, coef, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->corr, r, B, coef, NULL, 0, S))) return rc;
     for (int64_t q = 0; q < NS; q++)
         for (int64_t b = 0; b < B; b++) {
             float kq = coef[b * NS + q] + 1.0f;
@@ -392,11 +409,11 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     /* per-layer input: norm(proj(gelu(gate(C_0 * scale)) * ple)) added to streams 1.. */
     float *g = sc->a;
     for (int64_t i = 0; i < BD; i++) g[i] = L->out_scale ? X[i] * L->out_scale[i % D] : X[i];
-    if ((rc = lin_apply(&L->ple_gate, g, B, sc->f1, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->ple_gate, g, B, sc->f1, NULL, 0, S))) return rc;
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < P; i++)
             sc->f1[b * P + i] = gelu_tanh(sc->f1[b * P + i]) * S->ple[(b * M->n_layers + layer) * P + i];
-    if ((rc = lin_apply(&L->ple_proj, sc->f1, B, sc->f2, NULL, 0, S->threads, S->q8))) return rc;
+    if ((rc = lin_apply(&L->ple_proj, sc->f1, B, sc->f2, NULL, 0, S))) return rc;
     for (int64_t b = 0; b < B; b++) {
         rms_norm(sc->f2 + b * D, L->ple_norm, D, M->eps, sc->b + b * D);
         for (int64_t q = 1; q < NS; q++)
@@ -426,8 +443,10 @@ EXPORT int g3n_decode_step(const g3n_model *M, const g3n_step *S) {
     scratch_t sc = {mem, mem + per, mem + 2 * per, mem + 3 * per, mem + 4 * per, mem + 5 * per, mem + 6 * per,
                     mem + 7 * per, mem + 8 * per, mem + 9 * per, rows, cols};
     int rc = 0;
+    double t0 = S->prof ? omp_get_wtime() : 0.0;
     for (int i = 0; i < M->n_layers && !rc; i++)
         rc = M->arch == 3 ? gemma3_layer(M, &M->layers[i], S, &sc) : gemma3n_layer(M, &M->layers[i], i, S, &sc);
+    if (S->prof) S->prof[PROF_TOTAL] += omp_get_wtime() - t0;
     free(mem); free(rows); free(cols);
     return rc;
 }

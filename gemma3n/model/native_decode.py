@@ -45,7 +45,13 @@ def enabled() -> bool:
 
 class _Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("type", ctypes.c_int32), ("w", _c_void_p), ("s", _c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("g", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("g", ctypes.c_int64), ("group", ctypes.c_int32)]
+
+
+# what a step's profile (NativeDecoder.profile) adds up: the products by group, attention, the whole native call
+PROFILE = ("attention projections", "MLP", "AltUp, LAuReL, per-layer input", "attention over the cache",
+           "native call")
+_GROUP = {"q": 0, "k": 0, "v": 0, "o": 0, "gate": 1, "up": 1, "down": 1}
 
 
 _LINS = ("q", "k", "v", "o", "gate", "up", "down", "laurel_left", "laurel_right", "router", "pred", "corr",
@@ -72,7 +78,8 @@ class _Step(ctypes.Structure):
                 ("cos", _c_void_p * 2), ("sin", _c_void_p * 2), ("mask", _c_void_p * 2),
                 ("tk", ctypes.c_int64 * 2), ("cell", _c_void_p * 2),
                 ("k", _c_void_p), ("v", _c_void_p), ("cap", _c_void_p),
-                ("cache_type", ctypes.c_int32), ("threads", ctypes.c_int32), ("q8", ctypes.c_int32)]
+                ("cache_type", ctypes.c_int32), ("threads", ctypes.c_int32), ("q8", ctypes.c_int32),
+                ("prof", _c_void_p)]
 
 
 class Unsupported(Exception):
@@ -135,8 +142,12 @@ class NativeDecoder:
                             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, hd=cfg.head_dim,
                             streams=streams, ple_dim=ple_dim, eps=cfg.rms_norm_eps, attn_scale=attn_scale,
                             router_scale=router_scale, layers=layers)
+        for desc in layers:
+            for name in _LINS:
+                getattr(desc, name).group = _GROUP.get(name, 2)
         self.dtype, self.text_model = dtype, text_model
         self.bound: tuple | None = None
+        self.profile: Tensor | None = None  # set to torch.zeros(len(PROFILE), dtype=float64) to collect seconds
 
     def bind(self, cache) -> bool:
         """Point the step at the cache's K/V tensors as they are now (a BatchCache replaces them when rows join or
@@ -198,17 +209,19 @@ class NativeDecoder:
         s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(k_ptrs, _c_void_p), v=ctypes.cast(v_ptrs, _c_void_p),
                   cap=ctypes.cast(caps, _c_void_p), cache_type=cache_type, threads=torch.get_num_threads(),
                   q8=int(kernels.activation_precision() == "int8" and kernels._VECTORISED))
+        if self.profile is not None:
+            s.prof = self.profile.data_ptr()
         keep = [work]
         if ple is not None:
             ple = ple.to(torch.float32).contiguous()
             keep.append(ple)
             s.ple = ple.data_ptr()
         cells = _write_cells(cache)
-        for kind, rope in self.text_model.rope.items():
+        for kind, allowed in step.masks.items():  # the attention types the layers have
             i = _kind(kind)
-            cos, sin = rope.tables(step.positions, x.dtype)
+            cos, sin = self.text_model.rope[kind].tables(step.positions, x.dtype)
             cos, sin = cos.reshape(b, -1).float().contiguous(), sin.reshape(b, -1).float().contiguous()
-            mask = step.masks[kind].reshape(b, -1).contiguous()
+            mask = allowed.reshape(b, -1).contiguous()
             keep += [cos, sin, mask, cells[i]]
             s.cos[i], s.sin[i], s.mask[i], s.tk[i] = cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), mask.shape[1]
             s.cell[i] = cells[i].data_ptr()

@@ -99,6 +99,13 @@ def test_gemma3_native_step_equals_eager(batch):
     assert_native_equals_eager(gemma3_model(), batch)
 
 
+@pytest.mark.parametrize("kind", [SLIDING, FULL])
+def test_one_attention_type(kind):
+    """Models whose layers are all sliding or all global: the cache has masks for one type only."""
+    cfg = Gemma3TextConfig.from_dict({**GEMMA3, "layer_types": [kind] * GEMMA3["num_hidden_layers"]})
+    assert_native_equals_eager(randomize(Gemma3CausalLM(cfg), seed=0), batch=2)
+
+
 def _swap_linears(lm: nn.Module, make) -> None:
     """Every nn.Linear inside the decoder layers replaced by make(weight) (or kept where make returns None)."""
     for layer in lm.model.layers:
