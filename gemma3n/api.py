@@ -181,7 +181,22 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None)
         enable_sparse_decode(lm)
     model = Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path), multimodal)
     _return_freed_heap()
+    if config.family == "gemma3n":
+        _prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own
     return model
+
+
+def _prefetch_per_layer_table(lm) -> None:
+    """The per-layer table stays in the file and each token reads a row of it: read its pages ahead now
+    (checkpoint/prefetch.py), so that a decode step does not wait on the disk for a row."""
+    from .checkpoint.prefetch import prefetch_table
+    table = lm.model.embed_tokens_per_layer
+    stored = getattr(table, "table", None)  # a GGUF table (checkpoint/gguf.py GGUFRowEmbedding)
+    weight = stored.raw if stored is not None else getattr(table, "weight", None)
+    if weight is not None and getattr(weight, "device", None) is not None and weight.device.type != "cpu":
+        return
+    if weight is not None:
+        prefetch_table(weight)
 
 
 def _return_freed_heap() -> None:

@@ -959,50 +959,53 @@ static const int TILE_ROW_BASE[8] = {0, 16, 8, 24, 32, 48, 40, 56};
 
 AVX2 static void q8_int4_tile(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
                               int64_t row0, const qx_t *x, float *y) {
+    /* Two passes over the tile, low nibbles (its first 32 rows) then high ones, so that the accumulators of one
+     * pass fit in the 16 vector registers (one pass over all 64 rows spilled them on every column pair). */
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256 eight = _mm256_set1_ps(8.0f);
-    __m256 out[8];
-    for (int v = 0; v < 8; v++) out[v] = _mm256_setzero_ps();
-    for (int64_t grp = 0; grp < k / g; grp++) {
-        __m256 part[8];
-        for (int v = 0; v < 8; v++) part[v] = _mm256_setzero_ps();
-        float xsum = 0.0f;
-        for (int64_t kb = grp * g; kb < (grp + 1) * g; kb += 32) {
-            __m256i acc32[8];
-            for (int v = 0; v < 8; v++) acc32[v] = _mm256_setzero_si256();
-            for (int half = 0; half < 2; half++) {
-                __m256i acc16[4];
-                for (int v = 0; v < 4; v++) acc16[v] = _mm256_setzero_si256();
-                for (int64_t col = kb + 16 * half; col < kb + 16 * half + 16; col += 2) {
-                    __m256i b0 = load32(tile + col * 32), b1 = load32(tile + (col + 1) * 32);
-                    __m256i lo0 = _mm256_and_si256(b0, low), lo1 = _mm256_and_si256(b1, low);
-                    __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
-                    __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
-                    __m256i xp = _mm256_set1_epi16((short)x->pair[col / 2]);
-                    acc16[0] = _mm256_add_epi16(acc16[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo0, lo1), xp));
-                    acc16[1] = _mm256_add_epi16(acc16[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo0, lo1), xp));
-                    acc16[2] = _mm256_add_epi16(acc16[2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi0, hi1), xp));
-                    acc16[3] = _mm256_add_epi16(acc16[3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi0, hi1), xp));
-                }
-                for (int v = 0; v < 4; v++) {
-                    acc32[2 * v] = _mm256_add_epi32(acc32[2 * v], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc16[v])));
-                    acc32[2 * v + 1] = _mm256_add_epi32(acc32[2 * v + 1],
-                                                        _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc16[v], 1)));
-                }
+    for (int high = 0; high < 2; high++) {
+        __m256 out[4];
+        for (int v = 0; v < 4; v++) out[v] = _mm256_setzero_ps();
+        for (int64_t grp = 0; grp < k / g; grp++) {
+            __m256 s[4], zc[4];
+            for (int v = 0; v < 4; v++) {
+                __m256 z;
+                scales_zeros8(sz, st, (grp * n + row0 + TILE_ROW_BASE[4 * high + v]) * 2, &s[v], &z);
+                zc[v] = _mm256_fnmadd_ps(eight, s[v], z);  /* (q - 8) s + z = q s + (z - 8 s) */
             }
-            __m256 d = _mm256_set1_ps(x->d[kb / 32]);
-            for (int v = 0; v < 8; v++) part[v] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(acc32[v]), part[v]);
-            xsum += x->fsum[kb / 32];
+            float xsum = 0.0f;
+            for (int64_t kb = grp * g; kb < (grp + 1) * g; kb += 32) {
+                __m256i acc32[4];
+                for (int v = 0; v < 4; v++) acc32[v] = _mm256_setzero_si256();
+                for (int64_t c0 = kb; c0 < kb + 32; c0 += 16) {
+                    __m256i acc16[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+                    #pragma GCC unroll 2
+                    for (int64_t col = c0; col < c0 + 16; col += 2) {
+                        __m256i b0 = load32(tile + col * 32), b1 = load32(tile + (col + 1) * 32);
+                        if (high) { b0 = _mm256_srli_epi16(b0, 4); b1 = _mm256_srli_epi16(b1, 4); }
+                        b0 = _mm256_and_si256(b0, low);
+                        b1 = _mm256_and_si256(b1, low);
+                        __m256i xp = _mm256_set1_epi16((short)x->pair[(uint64_t)col >> 1]);
+                        acc16[0] = _mm256_add_epi16(acc16[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(b0, b1), xp));
+                        acc16[1] = _mm256_add_epi16(acc16[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(b0, b1), xp));
+                    }
+                    for (int v = 0; v < 2; v++) {
+                        acc32[2 * v] = _mm256_add_epi32(acc32[2 * v],
+                                                        _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc16[v])));
+                        acc32[2 * v + 1] = _mm256_add_epi32(acc32[2 * v + 1],
+                                                            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc16[v], 1)));
+                    }
+                }
+                __m256 d = _mm256_set1_ps(x->d[kb / 32]);
+                for (int v = 0; v < 4; v++)
+                    out[v] = _mm256_fmadd_ps(_mm256_mul_ps(s[v], d), _mm256_cvtepi32_ps(acc32[v]), out[v]);
+                xsum += x->fsum[kb / 32];
+            }
+            __m256 xs = _mm256_set1_ps(xsum);
+            for (int v = 0; v < 4; v++) out[v] = _mm256_fmadd_ps(zc[v], xs, out[v]);
         }
-        __m256 xs = _mm256_set1_ps(xsum);
-        for (int v = 0; v < 8; v++) {
-            __m256 s, z;
-            scales_zeros8(sz, st, (grp * n + row0 + TILE_ROW_BASE[v]) * 2, &s, &z);
-            out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
-            out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
-        }
+        for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + row0 + TILE_ROW_BASE[4 * high + v], out[v]);
     }
-    for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + row0 + TILE_ROW_BASE[v], out[v]);
 }
 #endif
 
