@@ -224,6 +224,9 @@ static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int 
 #ifdef G3N_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
+/* half -> float with the F16C instruction (exact, as half_to_float) */
+AVX2 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+
 AVX2 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -247,7 +250,7 @@ AVX2 static float dot_q8_0(const uint8_t *row, const float *x, int64_t nb) {
         __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + 8)), _mm256_loadu_ps(x + 8));
         s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 16)), _mm256_loadu_ps(x + 16), s);
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 24)), _mm256_loadu_ps(x + 24), t);
-        __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+        __m256 d = _mm256_set1_ps(h2f(rd16(row)));
         if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
         else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
     }
@@ -279,10 +282,10 @@ AVX2 static float dot_legacy(int type, const uint8_t *row, const float *x, int64
             __m256 xl = _mm256_loadu_ps(x + j), xh = _mm256_loadu_ps(x + 16 + j);
             s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(lo, offset)), xl, s);
             t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(hi, offset)), xh, t);
-            if (has_min) macc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row + 2))),
+            if (has_min) macc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(row + 2))),
                                                 _mm256_add_ps(xl, xh), macc);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row))), _mm256_add_ps(s, t), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(row))), _mm256_add_ps(s, t), acc);
     }
     return hsum8(_mm256_add_ps(acc, macc));
 }
@@ -293,7 +296,7 @@ AVX2 static float dot_q45_k(int type, const uint8_t *row, const float *x, int64_
     const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, row += bb, x += QKK) {
-        float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+        float d = h2f(rd16(row)), dmin = h2f(rd16(row + 2));
         const uint8_t *scales = row + 4, *qh = row + 16, *qs = row + (five ? 48 : 16);
         for (int c = 0; c < 4; c++) {
             int sc1, m1, sc2, m2;
@@ -332,7 +335,7 @@ AVX2 static float dot_q6_k(const uint8_t *row, const float *x, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, row += 210, x += QKK) {
         const uint8_t *ql = row, *qh = row + 128;
         const int8_t *sc = (const int8_t *)(row + 192);
-        float d = half_to_float(rd16(row + 208));
+        float d = h2f(rd16(row + 208));
         for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
             const float *xh = x + 128 * h;
             for (int g = 0; g < 2; g++) {  /* 16 values share a scale */
@@ -382,7 +385,7 @@ AVX2 static float dot_f16(const uint8_t *w, const float *x, int64_t k) {
                              _mm256_loadu_ps(x + i + 8), a1);
     }
     float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; i < k; i++) s += half_to_float(rd16(w + 2 * i)) * x[i];
+    for (; i < k; i++) s += h2f(rd16(w + 2 * i)) * x[i];
     return s;
 }
 
@@ -423,14 +426,14 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
     switch (type) {
     case T_Q8_0:
         for (int64_t i = 0; i < k / QK; i++, row += 34, out += 32) {
-            __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+            __m256 d = _mm256_set1_ps(h2f(rd16(row)));
             for (int j = 0; j < 32; j += 8) store_scaled(out + j, load8_i8(row + 2 + j), d);
         }
         return 1;
     case T_Q5_0: case T_Q4_0:
         for (int64_t i = 0; i < k / QK; i++, out += 32) {
             int five = type == T_Q5_0;
-            __m256 d = _mm256_set1_ps(half_to_float(rd16(row)));
+            __m256 d = _mm256_set1_ps(h2f(rd16(row)));
             __m256i qh = five ? _mm256_set1_epi32((int)rd32(row + 2)) : _mm256_setzero_si256();
             __m256i off = _mm256_set1_epi32(five ? 16 : 8);
             const uint8_t *qs = row + (five ? 6 : 2);
@@ -451,7 +454,7 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
         return 1;
     case T_Q4_K:
         for (int64_t i = 0; i < k / QKK; i++, row += 144, out += QKK) {
-            float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+            float d = h2f(rd16(row)), dmin = h2f(rd16(row + 2));
             const uint8_t *qs = row + 16;
             for (int c = 0; c < 4; c++) {
                 int sc1, m1, sc2, m2;
@@ -474,7 +477,7 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
         for (int64_t i = 0; i < k / QKK; i++, row += 210, out += QKK) {
             const uint8_t *ql = row, *qh = row + 128;
             const int8_t *sc = (const int8_t *)(row + 192);
-            float d = half_to_float(rd16(row + 208));
+            float d = h2f(rd16(row + 208));
             for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
                 float *o = out + 128 * h;
                 for (int l = 0; l < 32; l += 8) {
@@ -498,7 +501,7 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
     case T_F16:
         for (int64_t i = 0; i + 8 <= k; i += 8)
             _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
-        for (int64_t i = k / 8 * 8; i < k; i++) out[i] = half_to_float(rd16(row + 2 * i));
+        for (int64_t i = k / 8 * 8; i < k; i++) out[i] = h2f(rd16(row + 2 * i));
         return 1;
     }
     return 0;
@@ -877,7 +880,7 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
     case T_Q8_0:
         for (int64_t b = 0; b < k / 32; b++, row += 34) {
             __m256i s = dot_s8s8(load32(row + 2), load32(x->q + 32 * b));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(rd16(row)) * x->d[b]), _mm256_cvtepi32_ps(s), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(rd16(row)) * x->d[b]), _mm256_cvtepi32_ps(s), acc);
         }
         break;
     case T_Q4_0: case T_Q5_0: {
@@ -887,7 +890,7 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
             __m128i raw = _mm_loadu_si128((const __m128i *)qs);
             __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
             if (five) q = _mm256_or_si256(q, bits_to_0x10(rd32(row + 2)));
-            float dd = half_to_float(rd16(row)) * x->d[b];
+            float dd = h2f(rd16(row)) * x->d[b];
             acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(dot_u8s8(q, load32(x->q + 32 * b))), acc);
             corr += dd * (float)((five ? 16 : 8) * (x->s16[2 * b] + x->s16[2 * b + 1]));
             row += five ? 22 : 18;
@@ -896,7 +899,7 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
     }
     case T_Q4_K:
         for (int64_t i = 0; i < k / QKK; i++, row += 144) {
-            float d = half_to_float(rd16(row)), dmin = half_to_float(rd16(row + 2));
+            float d = h2f(rd16(row)), dmin = h2f(rd16(row + 2));
             for (int c = 0; c < 4; c++) {
                 int sc1, m1, sc2, m2;
                 kquant_scale_min(2 * c, row + 4, &sc1, &m1);
@@ -917,7 +920,7 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
         for (int64_t i = 0; i < k / QKK; i++, row += 210) {
             const uint8_t *ql = row, *qh = row + 128;
             const int8_t *sc = (const int8_t *)(row + 192);
-            float d = half_to_float(rd16(row + 208));
+            float d = h2f(rd16(row + 208));
             for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8) {
                 __m256i a = load32(ql), bq = load32(ql + 32), hb = load32(qh);
                 __m256i q[4];
