@@ -193,9 +193,9 @@ def _prefetch_per_layer_table(lm) -> None:
     table = lm.model.embed_tokens_per_layer
     stored = getattr(table, "table", None)  # a GGUF table (checkpoint/gguf.py GGUFRowEmbedding)
     weight = stored.raw if stored is not None else getattr(table, "weight", None)
-    if weight is not None and getattr(weight, "device", None) is not None and weight.device.type != "cpu":
+    if isinstance(weight, torch.Tensor) and weight.device.type != "cpu":
         return
-    if weight is not None:
+    if weight is not None:  # a tensor, or a GGUF table's numpy view of the map
         prefetch_table(weight)
 
 
