@@ -132,6 +132,46 @@ static inline float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }
 
+#ifdef G3N_X86
+/* e^x for x in [-88, 88], 8 at a time: 2^n * e^r with |r| <= ln2 / 2 and a degree-6 polynomial (~2 ulp) */
+AVX2 static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* gelu_tanh as x * sigmoid(2u) = x / (1 + e^(-2u)), the same function as 0.5 x (1 + tanh u), u = k (x + c x^3) */
+AVX2 static void gelu_tanh_avx2(float *x, int64_t n) {
+    const __m256 k2 = _mm256_set1_ps(-2.0f * 0.7978845608028654f), c = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 u = _mm256_mul_ps(k2, _mm256_fmadd_ps(_mm256_mul_ps(c, v), _mm256_mul_ps(v, v), v));
+        _mm256_storeu_ps(x + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(u))));
+    }
+    for (; i < n; i++) x[i] = gelu_tanh(x[i]);
+}
+#endif
+
+static void gelu_inplace(float *x, int64_t n) {
+#ifdef G3N_X86
+    if (have_avx2()) { gelu_tanh_avx2(x, n); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
+}
+
 /* x * cos + roll(x, hd/2) * signed_sin (layers.rotate) */
 static void rope(float *x, const float *cos_, const float *ssin, int64_t hd) {
     float tmp[1024];
@@ -271,7 +311,7 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
             for (int64_t i = 0; i < F; i++) g[i] = fmaxf(g[i] - cut, 0.0f);
         }
     }
-    for (int64_t i = 0; i < B * F; i++) gate[i] = gelu_tanh(gate[i]);
+    gelu_inplace(gate, B * F);
     int64_t n_active = 0;
     int skip = L->sparse && B <= L->sparse_skip;  /* text.MLP.forward's rule (SPARSE_MAX_TOKENS) */
     if (skip) {
@@ -410,9 +450,9 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     float *g = sc->a;
     for (int64_t i = 0; i < BD; i++) g[i] = L->out_scale ? X[i] * L->out_scale[i % D] : X[i];
     if ((rc = lin_apply(&L->ple_gate, g, B, sc->f1, NULL, 0, S))) return rc;
+    gelu_inplace(sc->f1, B * P);
     for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < P; i++)
-            sc->f1[b * P + i] = gelu_tanh(sc->f1[b * P + i]) * S->ple[(b * M->n_layers + layer) * P + i];
+        for (int64_t i = 0; i < P; i++) sc->f1[b * P + i] *= S->ple[(b * M->n_layers + layer) * P + i];
     if ((rc = lin_apply(&L->ple_proj, sc->f1, B, sc->f2, NULL, 0, S))) return rc;
     for (int64_t b = 0; b < B; b++) {
         rms_norm(sc->f2 + b * D, L->ple_norm, D, M->eps, sc->b + b * D);
