@@ -7,7 +7,7 @@
  * model's compute dtype (for a bfloat16 model that is more precise than the eager path, which rounds every
  * intermediate to bfloat16). Equations: shared/docs/gemma3n-architecture.md section 2, and model/gemma3.py.
  *
- * The caller (gemma3n/engine/native_step.py) keeps the embeddings, the per-layer inputs, the AltUp stream set-up
+ * The caller (gemma3n/model/native_decode.py) keeps the embeddings, the per-layer inputs, the AltUp stream set-up
  * and collapse, the final norm and the head in PyTorch, and passes RoPE tables, masks and KV-cache cells as the
  * KVCache computed them, so positions, windows and padding mean exactly what they mean in the eager path.
  */
@@ -55,27 +55,27 @@ typedef struct {
     void *const *k, *const *v;     /* per slot [B][Hkv][cap][hd] */
     const int64_t *cap;            /* per slot */
     int32_t cache_type;            /* S_F32 or S_BF16 */
-    int32_t threads, q8;           /* OpenMP threads; int8 activations for the products that have them */
+    int32_t threads, q8, vec;      /* OpenMP threads; int8 activations where a product has them; AVX2 allowed */
     double *prof;                  /* NULL, or seconds added per g3n_lin.group, then [PROF_ATTEND], [PROF_TOTAL] */
 } g3n_step;
 
 enum { PROF_GROUPS = 3, PROF_ATTEND = 3, PROF_TOTAL = 4 };
 
 static int lin_run(const g3n_lin *L, const float *x, int64_t m, float *y, const int64_t *rows, int64_t n_rows,
-                   int threads, int q8) {
+                   int threads, int q8, int vec) {
     int64_t n = rows ? n_rows : L->n;
     int rc;
     switch (L->kind) {
     case L_GGUF:
         if (q8 && L->k % XB == 0 && g3n_q8_supported(L->type))
             return g3n_gguf_matmul_q8(L->type, (const uint8_t *)L->w, n, L->k, rows, x, m, y, threads);
-        return g3n_gguf_matmul(L->type, (const uint8_t *)L->w, n, L->k, rows, x, m, y, threads, 1);
+        return g3n_gguf_matmul(L->type, (const uint8_t *)L->w, n, L->k, rows, x, m, y, threads, vec);
     case L_INT8:
         if (q8 && L->k % XB == 0) {
             rc = g3n_int8_matmul_q8((const int8_t *)L->w, L->s, L->type, n, L->k, rows, x, m, y, threads);
             if (rc != -1) return rc;
         }
-        return g3n_int8_matmul((const int8_t *)L->w, L->s, L->type, n, L->k, rows, x, m, y, threads, 1);
+        return g3n_int8_matmul((const int8_t *)L->w, L->s, L->type, n, L->k, rows, x, m, y, threads, vec);
     case L_INT4:
         if (rows) return -1;
         if (q8 && L->k % XB == 0) {
@@ -83,25 +83,29 @@ static int lin_run(const g3n_lin *L, const float *x, int64_t m, float *y, const 
             if (rc != -1) return rc;
         }
         return g3n_int4_matmul((const uint8_t *)L->w, L->s, L->type, L->n, L->k, L->g, NULL, 0, x, m, y,
-                               threads, 1);
-    case L_FLOAT_T: {  /* y[i] = sum_j x[i][j] W^T[j] over the non-zero x[i][j] */
+                               threads, vec);
+    case L_FLOAT_T: {  /* y[i] = sum_j x[i][j] W^T[j] over the non-zero x[i][j]; threads split the outputs */
         if (rows) return -1;
-        int64_t rb = g3n_gguf_row_bytes(L->type, L->n);
-        float *row = (float *)malloc((size_t)L->n * sizeof(float));
-        if (!row || !rb) { free(row); return !rb ? -1 : -2; }
+        int64_t rb = g3n_gguf_row_bytes(L->type, L->n), esize = rb / (L->n ? L->n : 1);
+        if (!rb) return -1;
+        int64_t chunk = 256, n_chunks = (L->n + chunk - 1) / chunk;
         for (int64_t i = 0; i < m; i++) memset(y + i * L->n, 0, (size_t)L->n * sizeof(float));
-        for (int64_t j = 0; j < L->k; j++) {
-            int any = 0;
-            for (int64_t i = 0; i < m; i++) any |= x[i * L->k + j] != 0.0f;
-            if (!any) continue;
-            decode_row(L->type, (const uint8_t *)L->w + j * rb, L->n, row, 1);
-            for (int64_t i = 0; i < m; i++) {
-                float xj = x[i * L->k + j];
-                float *yi = y + i * L->n;
-                for (int64_t c = 0; c < L->n; c++) yi[c] += xj * row[c];
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ch = 0; ch < n_chunks; ch++) {
+            float part[256];
+            int64_t c0 = ch * chunk, width = L->n - c0 < chunk ? L->n - c0 : chunk;
+            for (int64_t j = 0; j < L->k; j++) {
+                int any = 0;
+                for (int64_t i = 0; i < m; i++) any |= x[i * L->k + j] != 0.0f;
+                if (!any) continue;
+                decode_row(L->type, (const uint8_t *)L->w + j * rb + c0 * esize, width, part, vec);
+                for (int64_t i = 0; i < m; i++) {
+                    float xj = x[i * L->k + j];
+                    float *yi = y + i * L->n + c0;
+                    for (int64_t c = 0; c < width; c++) yi[c] += xj * part[c];
+                }
             }
         }
-        free(row);
         return 0;
     }
     default:
@@ -112,7 +116,7 @@ static int lin_run(const g3n_lin *L, const float *x, int64_t m, float *y, const 
 static int lin_apply(const g3n_lin *L, const float *x, int64_t m, float *y, const int64_t *rows, int64_t n_rows,
                      const g3n_step *S) {
     double t0 = S->prof ? omp_get_wtime() : 0.0;
-    int rc = lin_run(L, x, m, y, rows, n_rows, S->threads, S->q8);
+    int rc = lin_run(L, x, m, y, rows, n_rows, S->threads, S->q8, S->vec);
     if (S->prof && L->group >= 0 && L->group < PROF_GROUPS) S->prof[L->group] += omp_get_wtime() - t0;
     return rc;
 }
@@ -165,9 +169,9 @@ AVX2 static void gelu_tanh_avx2(float *x, int64_t n) {
 }
 #endif
 
-static void gelu_inplace(float *x, int64_t n) {
+static void gelu_inplace(float *x, int64_t n, int vec) {
 #ifdef G3N_X86
-    if (have_avx2()) { gelu_tanh_avx2(x, n); return; }
+    if (vec && have_avx2()) { gelu_tanh_avx2(x, n); return; }
 #endif
     for (int64_t i = 0; i < n; i++) x[i] = gelu_tanh(x[i]);
 }
@@ -198,9 +202,9 @@ static void kv_store(void *base, int type, int64_t at, const float *src, int64_t
         memcpy((float *)base + at, src, (size_t)n * sizeof(float));
 }
 
-static float kv_dot(const float *q, const void *base, int type, int64_t at, int64_t hd) {
+static float kv_dot(const float *q, const void *base, int type, int64_t at, int64_t hd, int vec) {
 #ifdef G3N_X86
-    if (type == S_F32 && have_avx2() && hd % 16 == 0) return dot_f32((const float *)base + at, q, hd);
+    if (vec && type == S_F32 && have_avx2() && hd % 16 == 0) return dot_f32((const float *)base + at, q, hd);
 #endif
     float s = 0.0f;
     for (int64_t i = 0; i < hd; i++) s += q[i] * kv_at(base, type, at + i);
@@ -208,15 +212,17 @@ static float kv_dot(const float *q, const void *base, int type, int64_t at, int6
 }
 
 /* Attention of one query row per (row, head) over the visible keys of a slot; out [B][H * hd]. */
-static void attend(const g3n_model *M, const g3n_step *S, int slot, int kind, const float *q, float *out) {
+static int attend(const g3n_model *M, const g3n_step *S, int slot, int kind, const float *q, float *out) {
     int64_t B = S->batch, H = M->heads, hd = M->hd, tk = S->tk[kind], cap = S->cap[slot];
     int64_t group = H / M->kv_heads;
     const void *K = S->k[slot], *V = S->v[slot];
     int type = S->cache_type;
     int threads = tk * hd * B * H > (1 << 16) ? S->threads : 1;
+    float *scores = (float *)malloc((size_t)tk * sizeof(float) * (size_t)threads);
+    if (!scores) return -2;
     #pragma omp parallel num_threads(threads)
     {
-        float *p = (float *)malloc((size_t)tk * sizeof(float));
+        float *p = scores + (size_t)tk * (size_t)omp_get_thread_num();
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             int64_t b = bh / H, h = bh % H, kvh = h / group;
@@ -225,7 +231,7 @@ static void attend(const g3n_model *M, const g3n_step *S, int slot, int kind, co
             int64_t base = (b * M->kv_heads + kvh) * cap * hd;
             float mx = -INFINITY;
             for (int64_t j = 0; j < tk; j++) {
-                p[j] = mask[j] ? kv_dot(qh, K, type, base + j * hd, hd) * M->attn_scale : -INFINITY;
+                p[j] = mask[j] ? kv_dot(qh, K, type, base + j * hd, hd, S->vec) * M->attn_scale : -INFINITY;
                 mx = fmaxf(mx, p[j]);
             }
             float sum = 0.0f;
@@ -247,8 +253,9 @@ static void attend(const g3n_model *M, const g3n_step *S, int slot, int kind, co
                 }
             }
         }
-        free(p);
     }
+    free(scores);
+    return 0;
 }
 
 /* ---- the two halves every layer has ---------------------------------------------------------------------------- */
@@ -288,7 +295,7 @@ static int attention(const g3n_model *M, const g3n_layer *L, const g3n_step *S, 
             }
     }
     double t0 = S->prof ? omp_get_wtime() : 0.0;
-    attend(M, S, L->slot, kind, sc->q, sc->attn);
+    if ((rc = attend(M, S, L->slot, kind, sc->q, sc->attn))) return rc;
     if (S->prof) S->prof[PROF_ATTEND] += omp_get_wtime() - t0;
     return lin_apply(&L->o, sc->attn, B, sc->a, NULL, 0, S);
 }
@@ -311,7 +318,7 @@ static int mlp(const g3n_model *M, const g3n_layer *L, const g3n_step *S, const 
             for (int64_t i = 0; i < F; i++) g[i] = fmaxf(g[i] - cut, 0.0f);
         }
     }
-    gelu_inplace(gate, B * F);
+    gelu_inplace(gate, B * F, S->vec);
     int64_t n_active = 0;
     int skip = L->sparse && B <= L->sparse_skip;  /* text.MLP.forward's rule (SPARSE_MAX_TOKENS) */
     if (skip) {
@@ -393,9 +400,9 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     int64_t B = S->batch, D = M->d, NS = M->streams, P = M->ple_dim, BD = B * D;
     float *X = S->x;  /* [S][B][D] */
     float *pred = sc->xq;  /* predictions [S][B][D] */
-    float r[64], coef[64 * 16];
+    float r[16 * 16], coef[16 * 16 * 16];  /* B <= 16 rows, streams <= 16 (native_decode.py checks) */
     int rc;
-    if (B * NS * NS > 64 * 16 || B * NS > 64) return -3;
+    if (B > 16 || NS > 16) return -3;
     /* AltUp predict: P_q = X_q + sum_p c[q][p] X_p, c from the router on stream 0 */
     if ((rc = altup_route(M, L, S, X, r, sc->a))) return rc;
     if ((rc = lin_apply(&L->pred, r, B, coef, NULL, 0, S))) return rc;
@@ -450,7 +457,7 @@ static int gemma3n_layer(const g3n_model *M, const g3n_layer *L, int layer, cons
     float *g = sc->a;
     for (int64_t i = 0; i < BD; i++) g[i] = L->out_scale ? X[i] * L->out_scale[i % D] : X[i];
     if ((rc = lin_apply(&L->ple_gate, g, B, sc->f1, NULL, 0, S))) return rc;
-    gelu_inplace(sc->f1, B * P);
+    gelu_inplace(sc->f1, B * P, S->vec);
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < P; i++) sc->f1[b * P + i] *= S->ple[(b * M->n_layers + layer) * P + i];
     if ((rc = lin_apply(&L->ple_proj, sc->f1, B, sc->f2, NULL, 0, S))) return rc;

@@ -110,7 +110,7 @@ class TextModel(nn.Module):
             step = cache.start(attention_mask, t)
         native = native_decode.for_step(self, cache, t, inputs_embeds)
         if native is not None:  # a decode step in one native call (native_decode.py); these layers stay the reference
-            return self.norm(native.run(x, step))
+            return self.norm(native.run(x, step, cache))
         # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
         ropes = {kind: rope.tables(step.positions, x.dtype) for kind, rope in self.rope.items()}
         masks = {kind: additive_mask(m, x.dtype) for kind, m in step.masks.items()}

@@ -79,7 +79,7 @@ class _Step(ctypes.Structure):
                 ("tk", ctypes.c_int64 * 2), ("cell", _c_void_p * 2),
                 ("k", _c_void_p), ("v", _c_void_p), ("cap", _c_void_p),
                 ("cache_type", ctypes.c_int32), ("threads", ctypes.c_int32), ("q8", ctypes.c_int32),
-                ("prof", _c_void_p)]
+                ("vec", ctypes.c_int32), ("prof", _c_void_p)]
 
 
 class Unsupported(Exception):
@@ -88,7 +88,9 @@ class Unsupported(Exception):
 
 class NativeDecoder:
     """The native description of one model's layers (for one cache, made at its first decode step: `for_step`);
-    `bind` points it at the cache's tensors, `run` does a step."""
+    `bind` points it at the cache's tensors, `run` does a step. It is taken from the modules as they are at that
+    step: weights changed in place are seen, modules replaced (or hooks added) later in the same cache's life are
+    not, and the next cache describes the model afresh."""
 
     def __init__(self, text_model: nn.Module):
         from . import gemma3, text  # the two decoders; imported here, they import this module
@@ -105,6 +107,8 @@ class NativeDecoder:
             attn_scale, router_scale = cfg.query_pre_attn_scalar ** -0.5, 0.0
         else:
             raise Unsupported(f"{type(text_model).__name__}")
+        if cfg.head_dim > 1024 or cfg.head_dim % 2 or streams > 16:  # decode_step.c's fixed-size buffers
+            raise Unsupported(f"head_dim {cfg.head_dim} / {streams} AltUp streams")
         self.arch = arch
         dtype = text_model.norm.weight.dtype
         layers = (_Layer * cfg.num_hidden_layers)()
@@ -156,8 +160,8 @@ class NativeDecoder:
         if any(t.dtype not in _CACHE_TYPES or t.device.type != "cpu" or not t.is_contiguous()
                or t.dtype != slots[0][0].dtype for pair in slots for t in pair):
             return False
-        n = len(slots)
-        self.bound = (cache, (_c_void_p * n)(*[k.data_ptr() for k, _ in slots]),
+        n = len(slots)  # (the cache itself is not held: it holds this object, and must be freed when it ends)
+        self.bound = ((_c_void_p * n)(*[k.data_ptr() for k, _ in slots]),
                       (_c_void_p * n)(*[v.data_ptr() for _, v in slots]),
                       (ctypes.c_int64 * n)(*[k.shape[2] for k, _ in slots]), _CACHE_TYPES[slots[0][0].dtype])
         return True
@@ -165,8 +169,8 @@ class NativeDecoder:
     # -- descriptions ----------------------------------------------------------------------------------------------
 
     def _hold(self, t: Tensor) -> int:
-        if t.device.type != "cpu":
-            raise Unsupported(f"a tensor on {t.device}")
+        if t.device.type != "cpu" or not t.is_contiguous():  # the C code reads plain row-major memory
+            raise Unsupported(f"a {'non-contiguous ' if t.device.type == 'cpu' else ''}tensor on {t.device}")
         self.keep.append(t)
         return t.data_ptr()
 
@@ -177,7 +181,7 @@ class NativeDecoder:
             if w.is_contiguous():
                 return _Lin(L_GGUF, _FLOAT_TYPES[w.dtype], self._hold(w), None, n, k, 0)
             if w.t().is_contiguous():  # enable_sparse_decode's transposed down projection
-                return _Lin(L_FLOAT_T, _FLOAT_TYPES[w.dtype], self._hold(w), None, n, k, 0)
+                return _Lin(L_FLOAT_T, _FLOAT_TYPES[w.dtype], self._hold(w.t()), None, n, k, 0)
         elif type(m) is GGUFLinear:
             return _Lin(L_GGUF, m.ggml_type, self._hold(m.raw), None, m.raw.shape[0], m.in_features, 0)
         elif type(m) is Int8Linear and m.scales.dtype in kernels.SCALE_TYPES:
@@ -198,18 +202,22 @@ class NativeDecoder:
 
     # -- a step ----------------------------------------------------------------------------------------------------
 
-    def run(self, x: Tensor, step: Step, ple: Tensor | None = None) -> Tensor:
+    def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None) -> Tensor:
         """x: Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) -> the same shape, after
-        every layer, in x's dtype. `step` is this call's `cache.start(...)`."""
-        cache, k_ptrs, v_ptrs, caps, cache_type = self.bound
+        every layer, in x's dtype. `step` is this call's `cache.start(...)`, on the cache `for_step` bound."""
+        k_ptrs, v_ptrs, caps, cache_type = self.bound
         b = cache.batch
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr():
             work = work.clone()  # computed in place: never write into the caller's tensor
         s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(k_ptrs, _c_void_p), v=ctypes.cast(v_ptrs, _c_void_p),
                   cap=ctypes.cast(caps, _c_void_p), cache_type=cache_type, threads=torch.get_num_threads(),
-                  q8=int(kernels.activation_precision() == "int8" and kernels._VECTORISED))
+                  q8=int(kernels.activation_precision() == "int8" and kernels._VECTORISED),
+                  vec=int(kernels._VECTORISED))
         if self.profile is not None:
+            if self.profile.dtype != torch.float64 or self.profile.numel() < len(PROFILE) \
+                    or not self.profile.is_contiguous():
+                raise ValueError(f"profile must be torch.zeros({len(PROFILE)}, dtype=torch.float64)")
             s.prof = self.profile.data_ptr()
         keep = [work]
         if ple is not None:
@@ -233,10 +241,10 @@ class NativeDecoder:
 
 def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
              inputs_embeds: Tensor | None) -> NativeDecoder | None:
-    """The native decoder for this forward call, or None where the eager layers run: no cache, or another kind
-    of cache (the server's BatchCache, whose rows write at cells of their own), more than one new column, a
-    multimodal merge, a batch wider than the native kernels take, autograd on, the step disabled, or a model it
-    does not describe. Built once per cache (at its first decode step) and kept on it."""
+    """The native decoder for this forward call, or None where the eager layers run: no cache (or a cache that is
+    neither a KVCache nor the server's BatchCache), more than one new column, a multimodal merge, a batch wider
+    than the native kernels take, autograd on, the step disabled, or a model it does not describe. Built once per
+    cache (at its first decode step) and kept on it."""
     if not _enabled or type(cache) not in (KVCache, BatchCache) or new_tokens != 1 or inputs_embeds is not None \
             or cache.batch > NATIVE_MAX_ROWS or torch.is_grad_enabled() or kernels.native() is None:
         return None

@@ -94,6 +94,18 @@ def test_gemma3n_native_step_equals_eager(name, batch, sparse):
     assert_native_equals_eager(gemma3n_model(name, sparse), batch)
 
 
+def test_portable_code_path(monkeypatch):
+    """Without AVX2 (kernels._VECTORISED off) the step runs its portable C throughout."""
+    monkeypatch.setattr(kernels, "_VECTORISED", False)
+    assert_native_equals_eager(gemma3n_model("mixed", sparse=True), batch=2)
+
+
+def test_wide_batch_without_the_sparse_skip():
+    """More rows than the sparse skip takes (text.MLP.SPARSE_MAX_TOKENS): the transposed float down projection
+    of the sparse layers is computed densely."""
+    assert_native_equals_eager(gemma3n_model("mixed", sparse=True), batch=10)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gemma3_native_step_equals_eager(batch):
     assert_native_equals_eager(gemma3_model(), batch)
@@ -209,3 +221,20 @@ def test_continuous_batch_rows_equal_the_eager_layers():
     assert used, "the native step did not run"
     eager, _ = run(False)
     assert native == eager
+
+
+def test_a_finished_cache_is_freed_at_once():
+    """The native description lives on the cache and must not hold the cache back (no reference cycle): its K/V
+    memory goes when the generation drops it, without waiting for the cycle collector."""
+    import gc
+    import weakref
+    lm = gemma3n_model("mixed")
+    _, cache = decode(lm, 1, native=True, steps=3)
+    assert cache.native_decoder[1] is not None
+    gone = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert gone() is None
+    finally:
+        gc.enable()
