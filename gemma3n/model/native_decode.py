@@ -30,7 +30,7 @@ _enabled = os.environ.get("GEMMA3N_NATIVE_DECODE", "1") != "0"
 L_NONE, L_GGUF, L_INT8, L_INT4, L_FLOAT_T = range(5)
 _FLOAT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # GGUF type ids of float rows
 _CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 2}  # the scale-type ids decode_step.c reads caches with
-_c_float_p, _c_void_p = ctypes.c_void_p, ctypes.c_void_p
+_c_void_p = ctypes.c_void_p
 
 
 def set_enabled(enabled: bool) -> None:
@@ -61,7 +61,7 @@ _NORMS = ("in_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm", "q_norm"
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _Lin) for name in _LINS] + [(name, _c_float_p) for name in _NORMS] + [
+    _fields_ = [(name, _Lin) for name in _LINS] + [(name, _c_void_p) for name in _NORMS] + [
         ("kind", ctypes.c_int32), ("slot", ctypes.c_int32), ("writes", ctypes.c_int32), ("sparse", ctypes.c_int32),
         ("sparse_skip", ctypes.c_int32), ("z", ctypes.c_float)]
 
@@ -109,7 +109,6 @@ class NativeDecoder:
             raise Unsupported(f"{type(text_model).__name__}")
         if cfg.head_dim > 1024 or cfg.head_dim % 2 or streams > 16:  # decode_step.c's fixed-size buffers
             raise Unsupported(f"head_dim {cfg.head_dim} / {streams} AltUp streams")
-        self.arch = arch
         dtype = text_model.norm.weight.dtype
         layers = (_Layer * cfg.num_hidden_layers)()
         for i, layer in enumerate(text_model.layers):
@@ -149,7 +148,7 @@ class NativeDecoder:
         for desc in layers:
             for name in _LINS:
                 getattr(desc, name).group = _GROUP.get(name, 2)
-        self.dtype, self.text_model = dtype, text_model
+        self.text_model = text_model
         self.bound: tuple | None = None
         self.profile: Tensor | None = None  # set to torch.zeros(len(PROFILE), dtype=float64) to collect seconds
 
