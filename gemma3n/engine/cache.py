@@ -82,11 +82,16 @@ class KVCache:
             s.v[:, :, start:self.length] = v
             return s.k[:, :, :self.length], s.v[:, :, :self.length]
         ring = s.k.shape[2]
+        # Until the ring is full only its first cells hold keys, and only those are attended to: the ring's size
+        # (the window, or less for a short generation) must not change the arithmetic, or a greedy answer would
+        # depend on max_new_tokens (summing over more masked cells rounds differently).
         if t == 1:  # decode: write first, then attend over the ring (its cell order does not matter)
             s.k[:, :, start % ring] = k[:, :, 0]
             s.v[:, :, start % ring] = v[:, :, 0]
-            return s.k, s.v
-        k_all, v_all = torch.cat((s.k, k), 2), torch.cat((s.v, v), 2)
+            held = min(self.length, ring)
+            return s.k[:, :, :held], s.v[:, :, :held]
+        held = min(start, ring)
+        k_all, v_all = torch.cat((s.k[:, :, :held], k), 2), torch.cat((s.v[:, :, :held], v), 2)
         keep = min(t, ring)
         cells = torch.arange(self.length - keep, self.length, device=k.device) % ring
         s.k[:, :, cells] = k[:, :, t - keep:]
@@ -126,9 +131,9 @@ class KVCache:
             before = self.ring_index.clone()
             if end - start == 1:
                 self.ring_index[start % ring] = start
-                keys = self.ring_index.clone()
+                keys = self.ring_index[:min(end, ring)].clone()
             else:
-                keys = torch.cat((before, torch.arange(start, end, device=device)))
+                keys = torch.cat((before[:min(start, ring)], torch.arange(start, end, device=device)))
                 keep = min(end - start, ring)
                 cells = torch.arange(end - keep, end, device=device) % ring
                 self.ring_index[cells] = torch.arange(end - keep, end, device=device)
