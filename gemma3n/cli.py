@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,29 +24,63 @@ def default_model_path() -> Path:
     return Path(packaged.assemble())
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _ranged(kind, name: str, low=None, high=None, low_open: bool = False):
+    """An argparse type that checks the value's range, so a bad flag fails before the model loads, in the words
+    of the flag the user typed."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if kind is float and value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low) or high is not None and value > high:
+            rule = (f"in [{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def _stop_string(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return text
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    """How the model is loaded: every command that loads one takes these."""
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256, help="at most this many new tokens (256)")
-    p.add_argument("--temperature", "-t", type=float, help="0 = greedy (default: the checkpoint's own settings)")
-    p.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (1 = off)")
-    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating earlier tokens")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", "-n", type=_ranged(int, "count", 1), default=256,
+                   help="at most this many new tokens (256)")
+    p.add_argument("--temperature", "-t", type=_ranged(float, "temperature", 0.0),
+                   help="0 = greedy (default: the checkpoint's own settings)")
+    p.add_argument("--top-k", type=_ranged(int, "count", 0), help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=_ranged(float, "probability", 0.0, 1.0), help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--min-p", type=_ranged(float, "probability", 0.0, 1.0),
+                   help="drop tokens below min_p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=_ranged(float, "penalty", 0.0, low_open=True),
+                   help="> 1 discourages repeating earlier tokens")
+    p.add_argument("--seed", type=_ranged(int, "seed", 0), help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, type=_stop_string, help="stop string (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no loading and speed lines on stderr")
 
 
 def _add_media_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", "-i", action="append", default=[], help="image file (repeatable; shown in order)")
     p.add_argument("--audio", "-a", action="append", default=[], help="audio file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file: its frames and its sound track")
-    p.add_argument("--video-fps", type=float, default=1.0,
+    p.add_argument("--video-fps", type=_ranged(float, "rate", 0.0, low_open=True), default=1.0,
                    help="video frames sampled per second, at the middle of each period (1)")
-    p.add_argument("--video-frames", type=int, default=16,
+    p.add_argument("--video-frames", type=_ranged(int, "count", 1), default=16,
                    help="at most this many frames per video, spread evenly when the rate gives more (16)")
     p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
 
@@ -70,10 +105,9 @@ def _add_serve_parser(sub) -> None:
     from .server.settings import ServerSettings
     d = ServerSettings()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
-    p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    _add_load_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_ranged(int, "port", 0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
@@ -84,7 +118,9 @@ def _add_serve_parser(sub) -> None:
                              ("max_audio_seconds", float, "seconds of one audio clip"),
                              ("max_batch", int, "requests decoded together"),
                              ("max_queue", int, "requests waiting beyond --max-batch")):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+        low = 0 if name in ("max_images", "max_audios") else 1 if kind is int else 0.0
+        p.add_argument("--" + name.replace("_", "-"), type=_ranged(kind, "limit", low, low_open=kind is float),
+                       default=getattr(d, name),
                        help=f"limit: {what} (default {getattr(d, name)})")
 
 
@@ -99,7 +135,13 @@ def _add_quantize_command(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from .quant import quantize_checkpoint
-    scheme = json.loads(args.scheme) if args.scheme.lstrip().startswith("{") else args.scheme
+    scheme = args.scheme
+    if scheme.lstrip().startswith("{"):
+        try:
+            scheme = json.loads(scheme)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--scheme is not valid JSON ({e.msg} at character {e.pos}); write it like "
+                             "'{\"decoder\": \"int4\", \"embeddings\": \"int8\"}'") from None
     started = time.perf_counter()
     summary = quantize_checkpoint(args.source, args.destination, scheme)
     print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
@@ -116,12 +158,38 @@ def _load(args):
     import gemma3n
     path = args.model or default_model_path()
     start = time.perf_counter()
-    if sys.stderr.isatty():
-        print(f"loading {path} ...", end="", file=sys.stderr, flush=True)
+    say = not getattr(args, "quiet", False)  # on stderr always (not only on a terminal): piped stdout stays clean
+    if say:
+        print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
     model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize)
-    if sys.stderr.isatty():
-        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if say:
+        print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def _report_speed(args, generation) -> None:
+    if getattr(args, "quiet", False) or generation is None:
+        return
+    g = generation
+    rate = f", {(g.new_tokens - 1) / g.decode_seconds:.1f} tok/s" if g.decode_seconds > 0 and g.new_tokens > 1 else ""
+    print(f"gemma3n: {g.prompt_tokens} prompt tokens in {g.prefill_seconds:.2f} s, {g.new_tokens} new tokens"
+          f"{rate} ({g.finish_reason})", file=sys.stderr, flush=True)
+
+
+def read_prompt(argument: str) -> str:
+    """The prompt from the command line ('-' = stdin), which must be UTF-8: a byte that is not is refused with its
+    offset, never passed on as a lone surrogate that the tokenizer cannot take."""
+    if argument == "-":
+        data = sys.stdin.buffer.read()
+        where = "stdin"
+    else:  # Python hands undecodable argument bytes over as lone surrogates (PEP 383)
+        data = os.fsencode(argument)
+        where = "the prompt argument"
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert "
+                         f"it first, e.g. with `iconv -f latin1 -t utf-8`") from None
 
 
 def _media_parts(args) -> list[dict]:
@@ -137,7 +205,7 @@ def _messages(system: str | None, turns: list[dict]) -> list[dict]:
 
 
 def cmd_run(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     loading = time.perf_counter()
     model = _load(args)
     load_seconds = time.perf_counter() - loading
@@ -155,6 +223,8 @@ def cmd_run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        _report_speed(args, it.generation)
         return 0
     g = it.generation
     decode_rate = (g.new_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 and g.new_tokens > 1 else None
@@ -171,13 +241,23 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     model = _load(args)
     turns: list[dict] = []
+    if model.tokenizer is not None and not model.tokenizer.chat_template:
+        print("gemma3n: note: this model has no chat template (a base model, not instruction-tuned); turns are "
+              "written in Gemma's turn format, and its answers may only continue or echo the text",
+              file=sys.stderr)
     print("gemma3n chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        print("> ", end="", file=sys.stderr, flush=True)  # the prompt marker is not part of the answers on stdout
+        line = sys.stdin.buffer.readline()
+        if not line:
             print(file=sys.stderr)
             return 0
+        try:
+            line = line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            print(f"gemma3n: that line is not valid UTF-8 (byte at offset {e.start}); type it again",
+                  file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
@@ -187,11 +267,14 @@ def cmd_chat(args) -> int:
             continue
         turns.append({"role": "user", "content": line})
         pieces = []
-        for piece in model.stream(_messages(args.system, turns), **_sampling(args)):
+        it = model.stream(_messages(args.system, turns), **_sampling(args))
+        for piece in it:
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
+        _report_speed(args, it.generation)
         turns.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -199,7 +282,7 @@ def _add_transcribe_parser(sub) -> None:
     p = sub.add_parser("transcribe", help="transcribe (or translate) a recording of any length, <= 30 s at a time")
     p.add_argument("file", help="audio file (wav, flac, ogg, mp3, m4a, ...) or a video's sound track")
     p.add_argument("--translate-to", metavar="LANG", help="translate the speech into this language instead")
-    p.add_argument("--window-seconds", type=float, default=30.0,
+    p.add_argument("--window-seconds", type=_ranged(float, "seconds", 1.0, 30.0), default=30.0,
                    help="longest piece the model hears at once (<= 30, the model's limit); cuts go in pauses")
     _add_model_args(p)
 
@@ -248,7 +331,6 @@ def cmd_transcribe(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
     try:
         from .server import ServerSettings, serve
         import fastapi, uvicorn  # noqa: F401  fail here, with the fix, rather than after loading the model

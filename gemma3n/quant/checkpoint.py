@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,11 +46,40 @@ def stored_plan(folder: Path) -> tuple[QuantScheme, dict[str, str]] | None:
 def quantize_checkpoint(src: str | Path, dst: str | Path, scheme, shard_bytes: int = 2 << 30) -> dict:
     """Write a quantised copy of the checkpoint folder `src` into `dst` (created); returns a summary."""
     src, dst = Path(src), Path(dst)
+    _check_source(src)
     if stored_plan(src) is not None:
         raise ValueError(f"{src} is already quantised; quantise the original float checkpoint")
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not an empty folder; choose a new folder")
     scheme = parse_scheme(scheme)
+    # Written into a sibling folder and renamed at the end: a failure (a bad tensor, a full disk, Ctrl-C) leaves
+    # no half-written checkpoint at `dst` that a later load could take for a whole one.
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        summary = _write_quantized(src, work, scheme, shard_bytes)
+        if dst.exists():
+            dst.rmdir()
+        work.rename(dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _check_source(src: Path) -> None:
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise FileNotFoundError(f"{src} has no config.json; give a Hugging Face checkpoint folder")
+        return
+    if src.suffix == ".gguf" and src.is_file():
+        raise ValueError(f"{src} is a GGUF file, which is already quantised; `gemma3n quantize` takes a float "
+                         f"checkpoint folder. Run the GGUF as it is (--model {src}), or re-quantise it as it loads "
+                         f"(--quantize int4)")
+    raise FileNotFoundError(f"{src} is not a checkpoint folder" + ("" if src.exists() else " (it does not exist)"))
+
+
+def _write_quantized(src: Path, dst: Path, scheme: QuantScheme, shard_bytes: int) -> dict:
     config = ModelConfig.from_file(src / "config.json")
     tensors = Checkpoint(src)
     keys = text_key_map(list(tensors), getattr(config.text, "first_shared_layer", None))
