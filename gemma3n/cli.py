@@ -112,7 +112,8 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
     for name, kind, what in (("max_body_bytes", int, "request body size"), ("max_prompt_tokens", int, "prompt tokens"),
-                             ("max_tokens", int, "new tokens per request"), ("max_images", int, "images per request"),
+                             ("max_tokens", int, "new tokens per request"),
+                             ("default_max_tokens", int, "new tokens of a chat request that sets no max_tokens"), ("max_images", int, "images per request"),
                              ("max_audios", int, "audio clips per request"),
                              ("max_media_bytes", int, "bytes of one image or audio file"),
                              ("max_audio_seconds", float, "seconds of one audio clip"),
@@ -338,7 +339,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"the server needs the 'serve' extra ({e.name} is missing): pip install 'gemma3n[serve]'")
     api_key = args.api_key or os.environ.get("GEMMA3N_API_KEY") or None
     model_path = Path(args.model or default_model_path())
-    limits = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_images",
+    limits = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_tokens", "max_tokens",
+                                            "default_max_tokens", "max_images",
                                             "max_audios", "max_media_bytes", "max_audio_seconds", "max_batch",
                                             "max_queue")}
     settings = ServerSettings(model_name=args.served_model_name or model_path.name.removesuffix(".gguf"),

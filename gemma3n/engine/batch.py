@@ -7,7 +7,10 @@ finish before admitting the next request, so here:
   it for that prompt (so its prefill computes what `generate()` computes);
 - its K/V are then copied into a `BatchCache`, where every row owns its keys from column 0 and has its own length;
   a decode step feeds one token per row, each at its own position, with one forward for all rows;
-- a row that finishes (stop id, length, stop string, cancellation) is dropped and its memory released.
+- a row that finishes (stop id, length, stop string, cancellation) is dropped and its memory released;
+- rows decode in groups of at most `kernels.MAX_ROWS`, one forward per group: within that width every row's products
+  are computed alone (a wider forward would switch to GEMM paths that round differently, and greedy answers of a
+  busy server would then depend on how many other requests run).
 
 Greedy rows therefore give the same tokens as the same prompt generated alone (the masked-out keys of shorter rows
 contribute exact zeros), and seeded sampling draws from the same per-row generator sequence.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import kernels
 from .cache import SLIDING, KVCache, Step
 from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget
 from .sampling import Sampler, SamplingParams
@@ -130,6 +134,14 @@ class BatchCache:
 
 
 @dataclass(eq=False)
+class DecodeGroup:
+    """Sequences decoded by one forward call, and their cache."""
+
+    cache: BatchCache
+    rows: list["Sequence"] = field(default_factory=list)
+
+
+@dataclass(eq=False)
 class Sequence:
     """One prompt being generated inside a `ContinuousBatch`; the fields mirror `Generation`'s."""
 
@@ -170,11 +182,21 @@ class ContinuousBatch:
         self.model, self.chunk_size = model, chunk_size
         self.device = _device_of(model)
         self.prefilling: list[Sequence] = []
-        self.decoding: list[Sequence] = []
-        self.cache: BatchCache | None = None
+        self.groups: list[DecodeGroup] = []  # the decoding sequences, at most `group_rows` per forward
+        self.group_rows = kernels.MAX_ROWS
 
     def __len__(self) -> int:
         return len(self.prefilling) + len(self.decoding)
+
+    @property
+    def decoding(self) -> list[Sequence]:
+        """The sequences past their prompt, in the order they joined."""
+        return [seq for group in self.groups for seq in group.rows]
+
+    @property
+    def cached_rows(self) -> int:
+        """Rows held in decode caches (0 once every sequence has left: their memory is released)."""
+        return sum(group.cache.batch for group in self.groups)
 
     def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None
             ) -> Sequence:
@@ -229,19 +251,22 @@ class ContinuousBatch:
         seq.prefill_seconds = time.perf_counter() - seq._started
         seq._started = time.perf_counter()
         if not seq.done:
-            if self.cache is None:
-                self.cache = BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model))
-            self.cache.add(seq.cache)
-            self.decoding.append(seq)
+            group = next((g for g in self.groups if len(g.rows) < self.group_rows), None)
+            if group is None:
+                group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)))
+                self.groups.append(group)
+            group.cache.add(seq.cache)
+            group.rows.append(seq)
         seq.cache = None  # the batch holds a copy; release the prefill buffers now
         return [(seq, token)]
 
     def _decode(self) -> list[tuple[Sequence, int | None]]:
-        if not self.decoding:
-            return []
-        ids = torch.tensor([[s.pending] for s in self.decoding], device=self.device)
-        logits = self.model(ids, attention_mask=None, cache=self.cache, last_only=True)[:, -1].float()
-        return [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(self.decoding)]
+        produced = []
+        for group in self.groups:
+            ids = torch.tensor([[s.pending] for s in group.rows], device=self.device)
+            logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
+            produced += [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(group.rows)]
+        return produced
 
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
         """Pick the next token of `seq` and record it, as `Decoder._record` does for one row."""
@@ -260,10 +285,12 @@ class ContinuousBatch:
 
     def _drop_finished(self) -> None:
         self.prefilling = [s for s in self.prefilling if not s.done or _release(s)]
-        if any(s.done for s in self.decoding):
-            keep = [row for row, s in enumerate(self.decoding) if not s.done]
-            self.cache.keep(keep)
-            self.decoding = [self.decoding[row] for row in keep]
+        for group in self.groups:
+            if any(s.done for s in group.rows):
+                keep = [row for row, s in enumerate(group.rows) if not s.done]
+                group.cache.keep(keep)
+                group.rows = [group.rows[row] for row in keep]
+        self.groups = [group for group in self.groups if group.rows]  # an empty group's cache is freed
 
     @staticmethod
     def _clock(seq: Sequence) -> None:

@@ -38,6 +38,9 @@ _SOURCES = (_SOURCE, _SOURCE.with_name("decode_step.c"))  # native.c includes th
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Up to this many rows of activations the kernels (and the native decode step) take: each row's products are then
+# computed alone, the same whatever the other rows; wider inputs go to dequantise + GEMM, which rounds differently.
+MAX_ROWS = 16
 
 PRECISIONS = ("int8", "float32")
 _precision = os.environ.get("GEMMA3N_ACTIVATIONS", "int8")

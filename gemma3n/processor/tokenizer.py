@@ -17,6 +17,9 @@ from typing import Any, Iterable
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+# Texts longer than this are encoded without holding the GIL, so a server's other threads (its event loop) run on.
+GIL_FREE_CHARS = 4096
+
 _SPACE = "\u2581"  # SentencePiece's visible space "▁"
 
 # Names the Gemma vocabularies use; a checkpoint's own config overrides them.
@@ -44,6 +47,18 @@ _GGUF_KEYS = {
 }
 
 
+
+def check_unicode(text: str, what: str = "the text") -> None:
+    """Refuse a str that is not valid Unicode (a lone surrogate: undecodable input bytes, or a JSON "\\udcff"
+    escape), which no tokenizer can encode, with the place where it is."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} at character "
+                         f"{e.start} (input that was not UTF-8?); send UTF-8 text") from None
+
 class Tokenizer:
     """Gemma tokenizer over a `tokenizers.Tokenizer` backend, plus the checkpoint's chat template."""
 
@@ -62,6 +77,7 @@ class Tokenizer:
         # cached: each backend query walks the 262k vocabulary (0.4 ms and 12 ms), too slow per decoded token
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self._special_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
+        self._max_token_chars: int | None = None
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -132,7 +148,19 @@ class Tokenizer:
         """Token ids of `text`; add_special_tokens=True adds what the checkpoint's post-processor adds (BOS)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        check_unicode(text)
+        if len(text) > GIL_FREE_CHARS:  # encode_batch releases the GIL while it works; encode holds it throughout
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token spells: a text of n characters is at least n / this many tokens, which
+        lets a server refuse a prompt far over its token limit without spending seconds tokenizing it."""
+        if self._max_token_chars is None:
+            backend = self.backend
+            self._max_token_chars = max(len(backend.id_to_token(i) or "") for i in range(self._vocab_size))
+        return self._max_token_chars
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (a list, or a 1-D tensor / array)."""

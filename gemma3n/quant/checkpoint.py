@@ -50,7 +50,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme, shard_bytes: i
     if stored_plan(src) is not None:
         raise ValueError(f"{src} is already quantised; quantise the original float checkpoint")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} exists and is not an empty folder; choose a new folder")
+        raise FileExistsError(f"{dst} exists and is not empty (or not a folder); choose a new folder")
     scheme = parse_scheme(scheme)
     # Written into a sibling folder and renamed at the end: a failure (a bad tensor, a full disk, Ctrl-C) leaves
     # no half-written checkpoint at `dst` that a later load could take for a whole one.

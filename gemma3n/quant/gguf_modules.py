@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import kernels
 from .modules import _blockwise
 
-NATIVE_MAX_ROWS = 16  # up to this many rows of activations the fused kernels win; above, dequantise + GEMM
+NATIVE_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows of activations the fused kernels run
 _BLOCK_BYTES = 1 << 20  # float32 bytes of weight dequantised at once on the dense path (stays in cache)
 
 

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from .. import kernels
 from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
 
-NATIVE_MAX_ROWS = 16  # up to this many rows of activations the native kernels run (gemma3n.kernels)
+NATIVE_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows of activations the native kernels run
 
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256

@@ -21,7 +21,6 @@ from .scheduler import REQUEST_ERRORS, Job, Scheduler
 from .schemas import ChatRequest, CompletionRequest, parse_json, validate
 from .settings import ServerSettings
 
-POLL_SECONDS = 0.25  # how often a waiting handler checks whether its client is still there
 INSTRUCTIONS = {
     False: "Transcribe this audio{language}. Answer with the transcript only.",
     True: "Translate this audio into English. Answer with the translation only.",
@@ -36,13 +35,18 @@ class Generator:
     def __init__(self, model, settings: ServerSettings, scheduler: Scheduler):
         self.model, self.settings, self.scheduler = model, settings, scheduler
         self.context = model.config.text.max_position_embeddings
+        tokenizer = model.tokenizer
+        # A text of n characters is at least n / max_token_chars tokens: far-too-long prompts are refused from
+        # their length alone, before seconds of tokenizing (computed once, here, not on the event loop later).
+        self.max_token_chars = tokenizer.max_token_chars if tokenizer is not None else None
 
     # -- endpoints -------------------------------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
-        params = self._params(req, req.requested_tokens(), self.settings.max_tokens)
+        params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens)
+        self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
         return await self._respond(request, Job(params, ids, media), Reply(self.settings.model_name, chat=True),
@@ -52,6 +56,8 @@ class Generator:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
         params = self._params(req, req.max_tokens, 16)  # OpenAI's default for text completions
+        if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
+            self._check_text_size(len(req.prompt if isinstance(req.prompt, str) else req.prompt[0]), "prompt")
         ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
         return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
                                    req.stream, req.include_usage)
@@ -134,6 +140,13 @@ class Generator:
                 raise bad_request(f"this build of gemma3n cannot read {kind} input yet", code="unsupported_media")
         return dict(inputs)
 
+    def _check_text_size(self, chars: int, param: str) -> None:
+        limit = min(self.settings.max_prompt_tokens, self.context - 1)
+        if self.max_token_chars and chars > limit * self.max_token_chars:
+            raise bad_request(f"the prompt has {chars} characters, more than the {limit} tokens this server accepts "
+                              f"can hold (at most {self.max_token_chars} characters a token)", param=param,
+                              code="context_length_exceeded")
+
     def _check_length(self, tokens: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.context - 1)
         if tokens > limit:
@@ -190,15 +203,24 @@ class Generator:
                     return value.response()
         except ClientGone:
             return Response(status_code=499)
+        finally:
+            job.watcher.cancel()
 
-    async def _next(self, request: Request, job: Job) -> tuple:
-        while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), POLL_SECONDS)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.scheduler.cancel(job)
-                    raise ClientGone from None
+    async def _next(self, request: Request | None, job: Job) -> tuple:
+        """The job's next event; the moment the client disconnects (even while tokens keep arriving), the job is
+        cancelled, so it leaves the batch at the scheduler's next step."""
+        if job.watcher is None:
+            job.watcher = asyncio.ensure_future(_disconnected(request))
+        event = asyncio.ensure_future(job.events.get())
+        try:
+            await asyncio.wait((event, job.watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not event.done():
+                event.cancel()
+        if event.done() and not event.cancelled():
+            return event.result()
+        self.scheduler.cancel(job)
+        raise ClientGone
 
     async def _events(self, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         """SSE chunks after "started"; if the client disconnects, Starlette cancels this and the job is dropped."""
@@ -207,7 +229,10 @@ class Generator:
             if reply.chat:
                 yield sse(reply.chunk(role=True))
             while True:
-                kind, value = await job.events.get()
+                try:
+                    kind, value = await self._next(None, job)
+                except ClientGone:
+                    return
                 if kind == "text":
                     yield sse(reply.chunk(value))
                 elif kind == "error":
@@ -221,8 +246,22 @@ class Generator:
             finished = True
             yield sse("[DONE]")
         finally:
+            job.watcher.cancel()
             if not finished:
                 self.scheduler.cancel(job)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (the body was read, so the next ASGI message is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _text_chars(content) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(part.text) for part in content or () if getattr(part, "type", None) == "text")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -22,6 +22,7 @@ import torch
 
 from ..engine.batch import ContinuousBatch, Sequence
 from ..engine.generate import DEFAULT_CHUNK, TextStream
+from ..engine.heap import limit_arenas, return_freed_heap
 from ..engine.sampling import SamplingParams
 from .errors import APIError
 
@@ -49,6 +50,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.started = False  # "started" was emitted (scheduler thread only)
+        self.watcher: asyncio.Future | None = None  # the HTTP side's wait for the client's disconnect
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -69,6 +71,7 @@ class Scheduler:
         self.peak_batch = 0  # most sequences decoded in one step
         self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="gemma3n-scheduler", daemon=True)
+        limit_arenas(2)  # the event loop, this thread and the worker pool would each fragment an arena of its own
 
     # -- HTTP side -------------------------------------------------------------------------------------------------
 
@@ -117,6 +120,10 @@ class Scheduler:
             except Exception:  # a bug or out of memory: fail what is running, keep serving the next requests
                 log.exception("generation failed")
                 self._fail_all("internal error while generating; see the server log")
+            if not len(self.batch) and not self.inbox:
+                # Idle: the burst's K/V copies, logits and prompt tensors are freed; give their pages back, or the
+                # resident set would ratchet up from one burst of requests to the next.
+                return_freed_heap()
 
     def _admit(self) -> None:
         while self.active < self.max_batch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import bad_request
 
@@ -89,8 +89,26 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | \
-        Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt: Any  # a string, a one-string list, or token ids: checked by `one_prompt` with errors that say which
+
+    @field_validator("prompt")
+    @classmethod
+    def one_prompt(cls, value: Any) -> str | list:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a string, a list holding one string, or a non-empty list of token ids")
+        if all(isinstance(v, str) for v in value):
+            if len(value) > 1:
+                raise ValueError(f"{len(value)} prompts in one request are not supported; send one prompt per "
+                                 "request")
+            return value
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            return value
+        if all(isinstance(v, list) for v in value):
+            raise ValueError("several token-id prompts in one request are not supported; send one per request")
+        raise ValueError("a list prompt must hold strings or token ids (integers >= 0), not a mix")
+
     echo: Literal[False] | None = None
     suffix: None = None
     logprobs: None = None
@@ -163,6 +181,8 @@ def _explain(err: dict) -> str:
     if err["type"] in ("literal_error", "none_required") and err["loc"] and \
             err["loc"][-1] in ("echo", "suffix", "logprobs", "best_of"):
         return "not supported by this server"
+    if err["type"] == "value_error":  # our own validators: their message is the whole explanation
+        return str(err["ctx"]["error"]) if "ctx" in err else err["msg"].removeprefix("Value error, ")
     return f"{err['msg']} (got {_short(err.get('input'))})"
 
 

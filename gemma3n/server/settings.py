@@ -15,7 +15,10 @@ class ServerSettings:
     allow_remote_media: bool = False  # fetch http(s) image / audio URLs (off: only data: URLs and uploads)
     max_body_bytes: int = 32 * MiB  # a request body larger than this gets 413
     max_prompt_tokens: int = 8192  # prompt tokens after the chat template (also capped by the model's context)
-    max_tokens: int = 2048  # the most new tokens a request may ask for; also the default for chat
+    max_tokens: int = 2048  # the most new tokens a request may ask for
+    # new tokens of a chat request that does not say (a CPU answer of max_tokens could run for minutes; the
+    # finish_reason "length" tells the client when an answer was cut)
+    default_max_tokens: int = 512
     max_images: int = 8  # image parts per request
     max_audios: int = 4  # audio parts per request
     max_media_bytes: int = 20 * MiB  # one decoded image or audio file
@@ -26,8 +29,8 @@ class ServerSettings:
     remote_timeout_seconds: float = 10.0  # fetching one remote media URL
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "max_media_bytes", "max_image_pixels",
-                     "max_batch", "max_queue"):
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_media_bytes",
+                     "max_image_pixels", "max_batch", "max_queue"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -37,5 +40,7 @@ class ServerSettings:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not self.max_audio_seconds > 0 or not self.remote_timeout_seconds > 0:
             raise ValueError("max_audio_seconds and remote_timeout_seconds must be > 0")
+        if self.default_max_tokens > self.max_tokens:
+            object.__setattr__(self, "default_max_tokens", self.max_tokens)  # a lower --max-tokens caps it too
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty; leave it unset to serve without a key")

@@ -74,16 +74,16 @@ def test_finished_rows_leave_and_free_the_cache(model, prompt):
     seqs = [batch.add(prompt(4 + i, seed=i), _greedy(50)) for i in range(3)]
     for _ in range(6):
         batch.step()
-    assert batch.cache.batch == 3 and len(batch) == 3
+    assert batch.cached_rows == 3 and len(batch) == 3
     batch.finish(seqs[1], "cancelled")
     batch.step()
-    assert batch.cache.batch == 2 and seqs[1].finish_reason == "cancelled"
+    assert batch.cached_rows == 2 and seqs[1].finish_reason == "cancelled"
     assert batch.decoding == [seqs[0], seqs[2]]
     # The remaining rows continue exactly as they would alone.
     while len(batch):
         batch.step()
     assert seqs[2].new_ids == generate_ids(model, prompt(6, seed=2), _greedy(50))[0]
-    assert batch.cache.batch == 0 and all(k is None for k in batch.cache.keys)
+    assert batch.cached_rows == 0 and batch.groups == []
 
 
 def test_cancel_while_prefilling(model, prompt):

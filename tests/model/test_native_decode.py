@@ -212,8 +212,9 @@ def test_continuous_batch_rows_equal_the_eager_layers():
                     key = next(k for k, s in seqs.items() if s is seq)
                     if token is not None:
                         tokens[key].append(token)
-            held = getattr(batch.cache, "native_decoder", None)
-            used |= held is not None and held[1] is not None
+            for group in batch.groups:
+                held = getattr(group.cache, "native_decoder", None)
+                used |= held is not None and held[1] is not None
             if step > max(arrivals) and not len(batch):
                 return tokens, used
         raise AssertionError("the batch did not finish")

@@ -12,7 +12,7 @@ from gemma3n.cli import transcription_instruction, transcription_windows
 from gemma3n.processor.audio import load_audio
 
 from ..processor.audio_samples import encode
-from ..test_cli import gemma3n_cli
+from ..console import gemma3n as gemma3n_cli
 from .tiny import build_reference, save_reference, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -38,7 +38,7 @@ def test_32_concurrent_streams_each_equal_the_request_alone(server, alone):
     assert got == expected
     assert elapsed < 60, f"32 streams took {elapsed:.1f} s"
     assert server.scheduler.peak_batch >= 16, "decode steps of concurrent requests were not batched"
-    assert server.scheduler.active == 0 and server.scheduler.batch.cache.batch == 0
+    assert server.scheduler.active == 0 and server.scheduler.batch.cached_rows == 0
 
 
 def _rss_bytes() -> int:
@@ -54,7 +54,7 @@ def test_memory_does_not_grow_across_rounds(server):
         rss.append(_rss_bytes())
     # The first round may still warm allocators and caches; later rounds must not keep growing.
     assert rss[-1] - rss[1] < 24 * 2 ** 20, f"RSS per round (MiB): {[r >> 20 for r in rss]}"
-    assert server.scheduler.batch.cache.batch == 0 and all(k is None for k in server.scheduler.batch.cache.keys)
+    assert server.scheduler.batch.cached_rows == 0 and server.scheduler.batch.groups == []
 
 
 def test_client_disconnect_stops_generation_and_frees_the_cache(server, model):
@@ -69,7 +69,7 @@ def test_client_disconnect_stops_generation_and_frees_the_cache(server, model):
     deadline = time.time() + 10
     while scheduler.active and time.time() < deadline:
         time.sleep(0.05)
-    assert scheduler.active == 0 and scheduler.batch.cache.batch == 0
+    assert scheduler.active == 0 and scheduler.batch.cached_rows == 0
     # The server is still serving.
     reply = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4})
     assert reply.status_code == 200 and json.loads(reply.text)["usage"]["completion_tokens"] == 4

@@ -15,10 +15,12 @@ from gemma3n.server import ServerSettings
 from .conftest import LIMITS, RunningServer
 
 
-def test_bad_limit_is_a_one_line_error(capsys, tmp_path):
-    assert main(["serve", "--model", str(tmp_path), "--max-batch", "0"]) == 2
+def test_bad_limit_is_a_one_line_error_before_loading(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--model", str(tmp_path / "missing"), "--max-batch", "0"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("gemma3n: error: max_batch must be an int >= 1") and "Traceback" not in err
+    assert "argument --max-batch: must be >= 1, got 0" in err and "Traceback" not in err
 
 
 @pytest.fixture()

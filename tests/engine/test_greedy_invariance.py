@@ -1,0 +1,73 @@
+"""A greedy answer is a function of the prompt alone: not of max_new_tokens (the cache's size), nor of the decode
+path (the native step or the eager layers), on the real Gemma 3 270M where near-ties are common."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma3n
+from gemma3n.model import native_decode
+
+PROMPTS = [[{"role": "user", "content": "hi"}], "The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gemma3n.cli import default_model_path
+    return gemma3n.load(default_model_path())
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2], ids=["chat-hi", "france"])
+def test_greedy_answer_does_not_depend_on_max_new_tokens(model, prompt):
+    """Every shorter budget gives a prefix of the longest answer (the sliding ring is sized by the budget)."""
+    longest = model.generate(prompt, max_new_tokens=24, temperature=0)
+    for n in range(1, 24):
+        shorter = model.generate(prompt, max_new_tokens=n, temperature=0)
+        assert longest.startswith(shorter), (n, shorter, longest)
+
+
+def test_greedy_answer_is_the_same_on_the_native_step_and_the_eager_layers(model):
+    def answers():
+        return [model.generate(p, max_new_tokens=16, temperature=0) for p in PROMPTS]
+    native = answers()
+    native_decode.set_enabled(False)
+    try:
+        eager = answers()
+    finally:
+        native_decode.set_enabled(True)
+    assert native == eager
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-step", "eager-layers"])
+def test_logits_do_not_depend_on_the_cache_capacity(model, native):
+    """Bit for bit: a short budget (a smaller sliding ring) computes exactly what a long one computes."""
+    from gemma3n.engine.generate import Decoder
+    from gemma3n.engine.sampling import SamplingParams
+    ids = torch.tensor([model.tokenizer.encode("The quick brown fox jumps over the lazy dog and", True)])
+
+    def logits(budget: int) -> list[torch.Tensor]:
+        decoder = Decoder(model.decoder, ids, SamplingParams(max_new_tokens=budget, temperature=0))
+        out = [decoder._prefill()]
+        token = out[0].argmax(-1)
+        for _ in range(budget - 1):
+            out.append(decoder._forward(token[:, None], None))
+            token = out[-1].argmax(-1)
+        return out
+
+    native_decode.set_enabled(native)
+    try:
+        longest = logits(12)
+        for budget in (1, 2, 5):
+            assert all(torch.equal(a, b) for a, b in zip(logits(budget), longest)), budget
+    finally:
+        native_decode.set_enabled(True)
+
