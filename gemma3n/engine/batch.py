@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import SLIDING, KVCache, Step
-from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget
+from .generate import DEFAULT_CHUNK, _check_embeds, chunk_end, _check_inputs, _device_of, _token_budget
 from .sampling import Sampler, SamplingParams
 
 
@@ -216,11 +216,12 @@ class ContinuousBatch:
         if not self.prefilling:
             return []
         seq = self.prefilling[0]
-        chunk, seq.prompt = seq.prompt[:, :self.chunk_size], seq.prompt[:, self.chunk_size:]
+        size = chunk_end(self.model, seq.prompt, 0, self.chunk_size)  # never splits an image block (Gemma 3)
+        chunk, seq.prompt = seq.prompt[:, :size], seq.prompt[:, size:]
         extra = {}
         if seq.prompt_embeds is not None:  # the same slices as Decoder._prefill passes
-            extra["inputs_embeds"] = seq.prompt_embeds[:, :self.chunk_size]
-            seq.prompt_embeds = seq.prompt_embeds[:, self.chunk_size:] if seq.prompt.shape[1] else None
+            extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
+            seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
         logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
         if seq.prompt.shape[1]:
             return []
