@@ -244,6 +244,7 @@ class Model:
         if multimodal is not None:
             self.decoder = multimodal.wrap(lm)
         self.allow_network = False  # whether media given as http(s) URLs may be fetched
+        self.pan_and_scan = None  # Gemma 3: True (or a dict of settings) also gives elongated images as crops
         self._processor = None
 
     @property
@@ -352,7 +353,8 @@ class Model:
             from .processor.processor import Processor
             self._processor = Processor.from_checkpoint(self._require_tokenizer(), self.config,
                                                         self.path if self.path.is_dir() else None)
-        return self._processor(messages, add_generation_prompt, allow_network=self.allow_network, device=self.device)
+        return self._processor(messages, add_generation_prompt, allow_network=self.allow_network, device=self.device,
+                               pan_and_scan=self.pan_and_scan)
 
     def prepare(self, prompt, add_generation_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A string or messages -> ([1, T] ids, merged input embeddings or None when there are no media)."""
