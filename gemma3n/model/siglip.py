@@ -88,7 +88,9 @@ class Embeddings(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:  # (N, 3, S, S) -> (N, P, C), patch = row * side + col
         w = self.patch_embedding.weight
         patches = self.patch_embedding(pixel_values.to(w.dtype)).flatten(2).transpose(1, 2)
-        return patches + self.position_embedding.weight[None]
+        # a module call, not .weight: the table may be quantised (gemma3n.quant.quantize_module)
+        positions = self.position_embedding(torch.arange(patches.shape[1], device=patches.device))
+        return patches + positions.to(patches.dtype)[None]
 
 
 class Attention(nn.Module):
