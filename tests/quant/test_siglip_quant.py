@@ -56,3 +56,21 @@ def test_load_with_quantize_quantises_the_tower_on_first_use(tmp_path):
     assert isinstance(tower.encoder.layers[0].mlp.fc1, BiasedLinear)
     assert isinstance(tower.encoder.layers[0].mlp.fc1.linear, Int8Linear)
     assert relative_error(got, exact) < 0.05
+
+
+def test_quantised_checkpoint_keeps_the_vision_side(tmp_path):
+    """`gemma3n quantize` copies the tower and projector; the quantised folder loads and takes images."""
+    torch.set_num_threads(1)
+    from gemma3n.quant import quantize_checkpoint
+
+    from ..reference.tiny_gemma3 import build_gemma3_reference, image_run
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    build_gemma3_reference(seed=5, vision=dict(TOWER, layer_norm_eps=1e-6, vision_use_head=False)).save_pretrained(src)
+    quantize_checkpoint(src, dst, "int8")
+    ids = torch.tensor([[2, 31, *image_run(), 13, 44]])
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    exact = gemma3n.load(src).logits(ids, pixel_values=pixels)
+    model = gemma3n.load(dst)
+    got = model.logits(ids, pixel_values=pixels)
+    assert isinstance(model.multimodal.tower("vision").encoder.layers[1].self_attn.k_proj.linear, Int8Linear)
+    assert relative_error(got, exact) < 0.05
