@@ -44,8 +44,22 @@ def load_gemma3_vision(config, tensors, dtype: torch.dtype | None, device: str, 
     if not any(n.startswith(tower_prefix) for n in names):
         raise CheckpointError(f"{where('')}: no tensor under '{tower_prefix}'; the checkpoint's vision tower is "
                               "missing (config.json has a vision_config)")
+    _check_tower_names(config, names, tower_prefix, where)
     mm.set_tower_loader("vision", _tower_loader(config, tensors, tower_prefix, dtype, device, where, scheme))
     return mm
+
+
+def _check_tower_names(config, names: list[str], prefix: str, where) -> None:
+    """The tower's tensors against its skeleton (built on the meta device: free), now rather than at the first
+    image, so that a checkpoint that does not match its config fails when it is loaded."""
+    from ..model.siglip import build_siglip_tower
+    with torch.device("meta"):
+        expected = {prefix + k for k in build_siglip_tower(dict(config.vision)).state_dict()}
+    stored = {n for n in names if n.startswith(prefix)}
+    for kind, found in (("missing", sorted(expected - stored)), ("unexpected", sorted(stored - expected))):
+        if found:
+            raise CheckpointError(f"{where(found[0] if kind == 'unexpected' else '')}: {kind} tensor '{found[0]}' "
+                                  f"({len(found)} {kind} in all); the checkpoint does not match its config.json")
 
 
 def _tower_loader(config, tensors, prefix: str, dtype, device: str, where, scheme=None):

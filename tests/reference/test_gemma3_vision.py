@@ -169,3 +169,38 @@ def test_real_width_tower():
 @pytest.mark.slow
 def test_real_size_tower_at_896_px():
     check_real_size(layers=27)
+
+
+def test_released_layout_sharded_loads_strictly(pair, tmp_path):
+    """The released checkpoints' names (vision_tower.vision_model., language_model.model.), in several shards with
+    an index, load to the same logits; a stray vision tensor or a missing one is refused with its name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    ref, ours = pair
+    tensors = load_file(str(ours.path / "model.safetensors"))
+    renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
+               for k, v in tensors.items()}
+    names = sorted(renamed)
+    shards = {f"model-0000{i + 1}-of-00003.safetensors": names[i::3] for i in range(3)}
+    folder = tmp_path / "released"
+    folder.mkdir()
+    for file, part in shards.items():
+        save_file({k: renamed[k].contiguous() for k in part}, str(folder / file), metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, part in shards.items() for k in part}}))
+    (folder / "config.json").write_text((ours.path / "config.json").read_text())
+    ids = torch.tensor([[2, 31, *image_run(), 13]])
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert rel(gemma3n.load(folder).logits(ids, pixel_values=pixels), reference_logits(ref, ids, pixels)) <= RTOL
+
+    from gemma3n.checkpoint.safetensors import CheckpointError
+    first = next(iter(shards))
+    part = {k: renamed[k].contiguous() for k in shards[first]}
+    save_file({**part, "vision_tower.vision_model.head.probe.weight": torch.zeros(3)}, str(folder / first),
+              metadata={"format": "pt"})
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["vision_tower.vision_model.head.probe.weight"] = first
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'vision_tower.vision_model.head.probe.weight'"):
+        gemma3n.load(folder)  # checked when the checkpoint loads, not at the first image
