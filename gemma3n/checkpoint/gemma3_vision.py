@@ -1,6 +1,8 @@
 """Loading the vision side of a `Gemma3ForConditionalGeneration` checkpoint: the projector now, the SigLIP tower
 when a prompt first holds an image. The released checkpoints (transformers 4.5x) keep them under
-`vision_tower.vision_model.` and `multi_modal_projector.`; transformers 5 writes `vision_tower.` (and reads either). Every tensor of the vision side must be claimed by one of the two modules (strict)."""
+`vision_tower.vision_model.` and `multi_modal_projector.`; transformers 5 writes `vision_tower.` (and reads either).
+Every tensor of the vision side must be claimed by one of the two modules, and every tower tensor must be there
+(strict, checked when the checkpoint loads)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .cache import SLIDING, KVCache, Step
-from .generate import DEFAULT_CHUNK, _check_embeds, chunk_end, _check_inputs, _device_of, _token_budget
+from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget, chunk_end
 from .sampling import Sampler, SamplingParams
 
 

@@ -39,7 +39,8 @@ class Processor:
     # -- the call --------------------------------------------------------------------------------------------------
 
     def __call__(self, messages, add_generation_prompt: bool = True, allow_network: bool = False,
-                 device: torch.device | str = "cpu", pan_and_scan: bool | Mapping | None = None) -> dict[str, torch.Tensor]:
+                 device: torch.device | str = "cpu",
+                 pan_and_scan: bool | Mapping | None = None) -> dict[str, torch.Tensor]:
         """`pan_and_scan` (Gemma 3 only): True also gives each elongated image as crops (256 px at least, up to 4,
         from an aspect ratio of 1.2), a dict sets min_crop_size / max_crops / min_ratio; off by default, as in
         Gemma3Processor."""

@@ -41,7 +41,8 @@ def make_processors(tokenizers, **settings):
                                 tokenizer=reference_tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE,
                                 image_seq_length=TOKENS)
     model_config = ModelConfig.from_dict({
-        "model_type": "gemma3", "mm_tokens_per_image": TOKENS, "image_token_index": our_tokenizer.token_to_id("<image_soft_token>"),
+        "model_type": "gemma3", "mm_tokens_per_image": TOKENS,
+        "image_token_index": our_tokenizer.token_to_id("<image_soft_token>"),
         "text_config": {"vocab_size": 262_208, "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 8,
                         "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8},
         "vision_config": {"image_size": SIZE, "patch_size": 14}})

@@ -102,7 +102,8 @@ def test_greedy_generation_equals_the_reference(pair):
     finally:
         ours.pan_and_scan = None
     with torch.no_grad():
-        want = ref.generate(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == MEDIA["image_token_index"]).long(),
+        want = ref.generate(input_ids=ids, pixel_values=pixels,
+                            token_type_ids=(ids == MEDIA["image_token_index"]).long(),
                             attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                             eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     params = SamplingParams(temperature=0.0, max_new_tokens=12)

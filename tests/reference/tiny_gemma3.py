@@ -34,7 +34,8 @@ GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
 {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
 {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
 {%- endif -%}
-{%- if (message['role'] == 'assistant') -%}{%- set role = "model" -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}
+{%- if (message['role'] == 'assistant') -%}{%- set role = "model" -%}
+{%- else -%}{%- set role = message['role'] -%}{%- endif -%}
 {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
 {%- if message['content'] is string -%}{{ message['content'] | trim }}
 {%- elif message['content'] is iterable -%}
