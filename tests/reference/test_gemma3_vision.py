@@ -112,6 +112,12 @@ def test_greedy_generation_equals_the_reference(pair):
     # prefill chunks of 7 columns would cut every image block: the chunks are widened, nothing changes
     chunked = engine.generate_ids(ours.decoder, ids, params, (), inputs_embeds=embeds, chunk_size=7)[0]
     assert chunked == want
+    # the prefill with images runs the eager layers, the decode steps the native step (where it is built)
+    from gemma3n import kernels
+    decoder = engine.Decoder(ours.decoder, ids, params, (), inputs_embeds=embeds)
+    assert [t for step in decoder for t in step] == want
+    if kernels.native() is not None:
+        assert decoder.cache.native_decoder[1] is not None
 
 
 def test_chat_generation_runs_through_the_model_api(pair):
