@@ -368,6 +368,8 @@ class ModelConfig:
         if family == "gemma3":
             ids["image_token_id"] = f.get("image_token_index", int, 262_144)
             ids["vision_soft_tokens_per_image"] = f.get("mm_tokens_per_image", int, 256)
+            ids["boi_token_id"] = f.get("boi_token_index", int, 255_999)  # Gemma3Config's names and defaults
+            ids["eoi_token_id"] = f.get("eoi_token_index", int, 256_000)
         return cls(
             family=family, model_type=model_type, text=text,
             vision=data.get("vision_config") if nested else None,

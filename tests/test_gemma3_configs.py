@@ -57,6 +57,7 @@ def test_released_config_parses_to_the_published_architecture(name):
     assert cfg.family == "gemma3" and (cfg.vision is None) == (name == "1b")
     if name != "1b":
         assert (cfg.image_token_id, cfg.vision_soft_tokens_per_image, t.vocab_size) == (262144, 256, 262208)
+        assert (cfg.boi_token_id, cfg.eoi_token_id) == (255999, 256000)
 
 
 def shapes(module: torch.nn.Module, strip: str = "") -> dict[str, tuple]:
