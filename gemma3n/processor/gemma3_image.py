@@ -50,7 +50,13 @@ class Gemma3ImageProcessor:
 
     def with_pan_and_scan(self, enabled: bool = True, **settings) -> "Gemma3ImageProcessor":
         """A copy with pan & scan on or off; settings: min_crop_size, max_crops, min_ratio."""
-        return replace(self, do_pan_and_scan=enabled, **settings)
+        allowed = {"min_crop_size": int, "max_crops": int, "min_ratio": (int, float)}
+        for key, value in settings.items():
+            if key not in allowed:
+                raise ValueError(f"pan & scan setting {key!r} is unknown; use {', '.join(allowed)}")
+            if isinstance(value, bool) or not isinstance(value, allowed[key]) or value <= 0:
+                raise ValueError(f"pan & scan setting {key} must be a positive number, got {value!r}")
+        return replace(self, do_pan_and_scan=bool(enabled), **settings)
 
     def __call__(self, images: list, allow_network: bool = False) -> tuple[torch.Tensor, list[int]]:
         if not isinstance(images, (list, tuple)):

@@ -82,7 +82,8 @@ class Processor:
             elif pan_and_scan:
                 processor = processor.with_pan_and_scan(True)
             out["pixel_values"], crops = processor(images)
-        text = expand_images(text, crops, self.config.vision_soft_tokens_per_image)
+            # (a text-only prompt is left as written, as the tokenizer's own chat template would give it)
+            text = expand_images(text, crops, self.config.vision_soft_tokens_per_image)
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
         self.rendered_text = text  # what was tokenised, for inspection (Gemma3Processor's expanded text)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **out}

@@ -103,6 +103,21 @@ def test_processor_matches_gemma3_processor(tokenizers, settings):
     assert (crops > 0) == bool(settings)
 
 
+def test_bad_pan_and_scan_settings_are_named(tokenizers):
+    _, ours = make_processors(tokenizers)
+    messages = conversation([image(300, 700, 1)])
+    with pytest.raises(ValueError, match="'crops' is unknown"):
+        ours(messages, pan_and_scan={"crops": 2})
+    with pytest.raises(ValueError, match="max_crops must be a positive number"):
+        ours(messages, pan_and_scan={"max_crops": 0})
+
+
+def test_text_only_prompt_is_left_as_written(tokenizers):
+    _, ours = make_processors(tokenizers)
+    got = ours([{"role": "user", "content": "What does <start_of_image> mean?"}])
+    assert ours.rendered_text.count("<start_of_image>") == 1 and "pixel_values" not in got
+
+
 def test_preprocessor_config_pan_and_scan_keys_are_ignored_as_by_gemma3_processor(tokenizers):
     reference, ours = make_processors(tokenizers, do_pan_and_scan=True)
     messages = conversation([image(300, 700, 1)])
