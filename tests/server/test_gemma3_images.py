@@ -1,5 +1,5 @@
 """Gemma 3 images end to end through the two front doors a person uses: the installed console script
-(`gemma3n run --image`, with and without --pan-and-scan) and the OpenAI-compatible server (`image_url`). The tiny
+(`gemma3n run --image --pan-and-scan`) and the OpenAI-compatible server (`image_url`). The tiny
 Gemma3ForConditionalGeneration's greedy answer is computed by transformers from the ids and pixels of our
 processor (which tests/processor/test_gemma3_processor.py holds equal to Gemma3Processor's)."""
 from __future__ import annotations
@@ -57,8 +57,9 @@ def reference_answer(ref, folder, picture, pan_and_scan=None) -> str:
     return ours.tokenizer.decode(kept), len(inputs["pixel_values"])
 
 
-@pytest.mark.parametrize("pan_and_scan", [False, True], ids=["plain", "pan_and_scan"])
-def test_cli_image_answer_equals_the_reference(checkpoint, pan_and_scan):
+def test_cli_image_answer_equals_the_reference(checkpoint, pan_and_scan=True):
+    """One console run (each costs a process start): --image with --pan-and-scan; the plain prompt is the server's
+    test below."""
     ref, folder, picture = checkpoint
     want, images = reference_answer(ref, folder, picture, True if pan_and_scan else None)
     assert want.strip()  # a real answer, not an immediate stop
