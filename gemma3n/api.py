@@ -69,6 +69,9 @@ TOWER_WEIGHTS = {"vision": "model.vision_tower.timm_model.", "audio": "model.aud
 def _load_multimodal(config: ModelConfig, tensors, dtype, device: str, where, scheme=None):
     """The embedders (small) now; each tower's loader, run the first time a prompt needs that tower."""
     names = list(tensors)
+    if config.family == "gemma3":  # Gemma 3's SigLIP tower and projector (checkpoint/gemma3_vision.py)
+        from .checkpoint.gemma3_vision import load_gemma3_vision
+        return load_gemma3_vision(config, tensors, dtype, device, where, scheme)
     if config.family != "gemma3n" or not any(n.startswith(EMBEDDER_PREFIXES) for n in names):
         return None
     from .model.multimodal import Multimodal
@@ -226,9 +229,9 @@ class Model:
         self.multimodal = multimodal  # gemma3n.model.multimodal.Multimodal, or None for a text-only checkpoint
         self.decoder = lm  # what the engine drives: the LM, wrapped for a multimodal checkpoint
         if multimodal is not None:
-            from .model.multimodal import MultimodalLM
-            self.decoder = MultimodalLM(lm, multimodal)
+            self.decoder = multimodal.wrap(lm)
         self.allow_network = False  # whether media given as http(s) URLs may be fetched
+        self.pan_and_scan = None  # Gemma 3: True (or a dict of settings) also gives elongated images as crops
         self._processor = None
 
     @property
@@ -262,10 +265,9 @@ class Model:
         if self.multimodal is None:
             if any(m is not None for m in media):
                 raise ValueError(f"{self.path} is a text-only checkpoint; it cannot take images or audio "
-                                 "(use a Gemma 3n checkpoint folder with its vision and audio towers)")
+                                 "(use a Gemma 3n, or a Gemma 3 4B/12B/27B, checkpoint folder with its towers)")
             return None
-        offset = self.multimodal.embed_vision.vocab_offset
-        if all(m is None for m in media) and not bool((ids >= offset).any()):
+        if all(m is None for m in media) and not self.multimodal.has_media_ids(ids):
             return None
         to = lambda t: None if t is None else torch.as_tensor(t, device=self.device)  # noqa: E731
         with torch.inference_mode():
@@ -338,7 +340,8 @@ class Model:
             from .processor.processor import Processor
             self._processor = Processor.from_checkpoint(self._require_tokenizer(), self.config,
                                                         self.path if self.path.is_dir() else None)
-        return self._processor(messages, add_generation_prompt, allow_network=self.allow_network, device=self.device)
+        return self._processor(messages, add_generation_prompt, allow_network=self.allow_network, device=self.device,
+                               pan_and_scan=self.pan_and_scan)
 
     def prepare(self, prompt, add_generation_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A string or messages -> ([1, T] ids, merged input embeddings or None when there are no media)."""
@@ -346,7 +349,7 @@ class Model:
         if isinstance(prompt, (list, tuple)) and has_media(prompt):
             if self.multimodal is None:
                 raise ValueError(f"{self.path} is a text-only checkpoint; it cannot take images, audio or video "
-                                 "(use a Gemma 3n checkpoint folder with its vision and audio towers)")
+                                 "(use a Gemma 3n, or a Gemma 3 4B/12B/27B, checkpoint folder with its towers)")
             inputs = self.processor(prompt, add_generation_prompt)
             ids = inputs.pop("input_ids")
             inputs.pop("attention_mask")

@@ -83,6 +83,8 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-frames", type=_ranged(int, "count", 1), default=16,
                    help="at most this many frames per video, spread evenly when the rate gives more (16)")
     p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
+    p.add_argument("--pan-and-scan", action="store_true",
+                   help="Gemma 3: also show elongated images as crops (each crop 256 more tokens)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +213,7 @@ def cmd_run(args) -> int:
     model = _load(args)
     load_seconds = time.perf_counter() - loading
     model.allow_network = args.allow_network
+    model.pan_and_scan = True if getattr(args, "pan_and_scan", False) else None
     media = _media_parts(args)
     use_chat = bool(args.system or media) or bool(model.tokenizer and model.tokenizer.chat_template)
     content = media + [{"type": "text", "text": prompt}] if media else prompt

@@ -249,6 +249,11 @@ E2B = _preset(30, 8192, 10)
 E4B = _preset(35, 16384, 15)
 
 
+# transformers' Gemma3TextConfig defaults for the fields that shape the model.
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256)
+
+
 @dataclass(frozen=True)
 class Gemma3TextConfig:
     """The Gemma 3 text decoder (`Gemma3TextConfig`): a plain pre/post-norm transformer."""
@@ -278,20 +283,22 @@ class Gemma3TextConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config.json") -> "Gemma3TextConfig":
         f = _Fields(data, source)
-        n = f.positive("num_hidden_layers")
+        # Absent fields take Gemma3TextConfig's defaults, as transformers fills them: the released 4B / 12B / 27B
+        # config.json files leave out e.g. vocab_size, the head counts (4B) and head_dim (4B, 12B).
+        d = GEMMA3_TEXT_DEFAULTS
+        n = f.positive("num_hidden_layers", d["num_hidden_layers"])
         period = f.get("sliding_window_pattern", int, 6)
         theta_full, theta_sliding, scaling = _rope_thetas(f, 1_000_000.0, 10_000.0)
-        head_dim = f.positive("head_dim")
         return cls(
-            vocab_size=f.positive("vocab_size"),
-            hidden_size=f.positive("hidden_size"),
+            vocab_size=f.positive("vocab_size", d["vocab_size"]),
+            hidden_size=f.positive("hidden_size", d["hidden_size"]),
             num_hidden_layers=n,
-            intermediate_size=f.positive("intermediate_size"),
-            num_attention_heads=f.positive("num_attention_heads"),
-            num_key_value_heads=f.positive("num_key_value_heads"),
-            head_dim=head_dim,
+            intermediate_size=f.positive("intermediate_size", d["intermediate_size"]),
+            num_attention_heads=f.positive("num_attention_heads", d["num_attention_heads"]),
+            num_key_value_heads=f.positive("num_key_value_heads", d["num_key_value_heads"]),
+            head_dim=f.positive("head_dim", d["head_dim"]),
             layer_types=f.per_layer("layer_types", str, n, _default_layer_types(n, period)),
-            query_pre_attn_scalar=f.get("query_pre_attn_scalar", float, float(head_dim)),
+            query_pre_attn_scalar=f.get("query_pre_attn_scalar", float, float(d["query_pre_attn_scalar"])),
             sliding_window=f.positive("sliding_window", 4096),
             rope_theta=theta_full,
             rope_local_base_freq=theta_sliding,
@@ -361,6 +368,8 @@ class ModelConfig:
         if family == "gemma3":
             ids["image_token_id"] = f.get("image_token_index", int, 262_144)
             ids["vision_soft_tokens_per_image"] = f.get("mm_tokens_per_image", int, 256)
+            ids["boi_token_id"] = f.get("boi_token_index", int, 255_999)  # Gemma3Config's names and defaults
+            ids["eoi_token_id"] = f.get("eoi_token_index", int, 256_000)
         return cls(
             family=family, model_type=model_type, text=text,
             vision=data.get("vision_config") if nested else None,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import kernels
 from .cache import SLIDING, KVCache, Step
-from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget
+from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget, chunk_end
 from .sampling import Sampler, SamplingParams
 
 
@@ -238,11 +238,12 @@ class ContinuousBatch:
         if not self.prefilling:
             return []
         seq = self.prefilling[0]
-        chunk, seq.prompt = seq.prompt[:, :self.chunk_size], seq.prompt[:, self.chunk_size:]
+        size = chunk_end(self.model, seq.prompt, 0, self.chunk_size)  # never splits an image block (Gemma 3)
+        chunk, seq.prompt = seq.prompt[:, :size], seq.prompt[:, size:]
         extra = {}
         if seq.prompt_embeds is not None:  # the same slices as Decoder._prefill passes
-            extra["inputs_embeds"] = seq.prompt_embeds[:, :self.chunk_size]
-            seq.prompt_embeds = seq.prompt_embeds[:, self.chunk_size:] if seq.prompt.shape[1] else None
+            extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
+            seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
         logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
         if seq.prompt.shape[1]:
             return []

@@ -176,10 +176,12 @@ class Decoder:
     def _prefill(self) -> Tensor:
         """Feed the prompt in chunks; the logits of its last column (every row ends on a real token)."""
         ids, mask, embeds = self.input_ids, self.attention_mask, self.inputs_embeds
-        for start in range(0, ids.shape[1], self.chunk_size):
-            end = start + self.chunk_size
+        start = 0
+        while start < ids.shape[1]:
+            end = chunk_end(self.model, ids, start, self.chunk_size)
             logits = self._forward(ids[:, start:end], None if mask is None else mask[:, start:end],
                                    None if embeds is None else embeds[:, start:end])
+            start = end
         return logits
 
     def _feed(self, tokens: list[int]) -> Tensor:
@@ -216,6 +218,14 @@ class Decoder:
             if self.sampled[row] >= self.budget:
                 self.finish_reasons[row] = "length"
         return produced
+
+
+def chunk_end(model, input_ids: Tensor, start: int, chunk_size: int) -> int:
+    """The end of the prefill chunk that starts at `start`: `chunk_size` columns, or more where the model must see
+    a block of columns in one call (`model.chunk_end`, e.g. Gemma 3's bidirectional image blocks)."""
+    end = min(start + chunk_size, input_ids.shape[1])
+    widen = getattr(model, "chunk_end", None)
+    return end if widen is None else widen(input_ids, start, end)
 
 
 def _device_of(model) -> torch.device:

@@ -98,9 +98,11 @@ class TextModel(nn.Module):
         return rows * const(math.sqrt(self.config.hidden_size), rows.dtype)  # the same 0-dim tensor, made once
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: Tensor | None = None, last_only: bool = False) -> Tensor:
+                inputs_embeds: Tensor | None = None, last_only: bool = False,
+                lookahead: Tensor | None = None) -> Tensor:
         """ids (B, T) -> final hidden states (B, T, D), or (B, 1, D) with `last_only`; `inputs_embeds` replaces the
-        token embeddings."""
+        token embeddings. `lookahead` (B, 1, T, T) bool, when given, lets query i also attend to this call's key j
+        (Gemma 3's bidirectional image blocks; gemma3_multimodal.py), in every layer type."""
         cfg = self.config
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
@@ -113,13 +115,24 @@ class TextModel(nn.Module):
             return self.norm(native.run(x, step, cache))
         # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
         ropes = {kind: rope.tables(step.positions, x.dtype) for kind, rope in self.rope.items()}
-        masks = {kind: additive_mask(m, x.dtype) for kind, m in step.masks.items()}
+        allowed = step.masks if lookahead is None else {kind: _with_lookahead(m, lookahead)
+                                                        for kind, m in step.masks.items()}
+        masks = {kind: additive_mask(m, x.dtype) for kind, m in allowed.items()}
         for i, layer in enumerate(self.layers):
             def store(k: Tensor, v: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
             x = layer(x, ropes[layer.kind], masks[layer.kind], store)
         return self.norm(x[:, -1:] if last_only else x)
+
+
+def _with_lookahead(mask: Tensor, lookahead: Tensor) -> Tensor:
+    """mask (B, 1, T, Tk) with `lookahead` (B, 1, T, T) OR-ed into its last T key columns, which are this call's
+    keys in every layout the cache returns (prefill appends them after the cached ones)."""
+    t = lookahead.shape[-1]
+    mask = mask.expand(lookahead.shape[0], *mask.shape[1:]).clone()
+    mask[..., -t:] |= lookahead
+    return mask
 
 
 class Gemma3CausalLM(TiedCausalLM):

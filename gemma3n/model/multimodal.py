@@ -82,6 +82,14 @@ class Multimodal(nn.Module):
     def loaded_towers(self) -> list[str]:
         return sorted(self._towers)
 
+    def wrap(self, lm: nn.Module) -> nn.Module:
+        """What the engine drives: the decoder with hard embeddings for media-vocabulary ids."""
+        return MultimodalLM(lm, self)
+
+    def has_media_ids(self, ids: Tensor) -> bool:
+        """Whether ids of the vision / audio vocabularies occur (they take their embedders' hard embeddings)."""
+        return bool((ids >= self.embed_vision.vocab_offset).any())
+
     # -- features --------------------------------------------------------------------------------------------------
 
     def image_embeddings(self, pixel_values: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from .chat import AUDIO_TOKEN, IMAGE_TOKEN, expand_placeholders, render_chat, va
 
 SAMPLE_RATE = 16_000
 MAX_CLIP_SECONDS = 30  # the reference truncates each clip at 30 s (480,000 samples); we split instead
+GEMMA3_PAN_AND_SCAN = dict(min_crop_size=256, max_crops=4, min_ratio=1.2)  # Gemma3Processor.images_kwargs
 MEDIA_KEYS = {"image": ("image", "url", "path"), "audio": ("audio", "url", "path"), "video": ("video", "url", "path")}
 
 
@@ -29,6 +30,7 @@ class Processor:
         self.tokenizer, self.config = tokenizer, config
         self.preprocessor = dict(preprocessor or {})
         self._image_processor = self._audio_extractor = None
+        self.rendered_text: str | None = None
 
     @classmethod
     def from_checkpoint(cls, tokenizer, config: ModelConfig, folder: Path | None) -> "Processor":
@@ -37,12 +39,20 @@ class Processor:
     # -- the call --------------------------------------------------------------------------------------------------
 
     def __call__(self, messages, add_generation_prompt: bool = True, allow_network: bool = False,
-                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                 device: torch.device | str = "cpu",
+                 pan_and_scan: bool | Mapping | None = None) -> dict[str, torch.Tensor]:
+        """`pan_and_scan` (Gemma 3 only): True also gives each elongated image as crops (256 px at least, up to 4,
+        from an aspect ratio of 1.2), a dict sets min_crop_size / max_crops / min_ratio; off by default, as in
+        Gemma3Processor."""
         validate_messages(messages)
         messages, images, clips = self.gather_media(messages, allow_network)
         tok, cfg = self.tokenizer, self.config
         text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=tok.bos_token or "<bos>", eos_token=tok.eos_token or "<eos>")
+        if cfg.family == "gemma3":
+            return {k: v.to(device) for k, v in self.gemma3_inputs(text, images, clips, pan_and_scan).items()}
+        if pan_and_scan:
+            raise ValueError("pan & scan is a Gemma 3 option; this checkpoint is Gemma 3n")
         if images or clips:
             self._check_media_tokens(bool(images), bool(clips))
             text = expand_placeholders(text, cfg.vision_soft_tokens_per_image, cfg.audio_soft_tokens_per_image,
@@ -55,6 +65,40 @@ class Processor:
             out["input_features"], out["input_features_mask"] = self.audio_extractor(clips)
         return {k: v.to(device) for k, v in out.items()}
 
+    def gemma3_inputs(self, text: str, images: list, clips: list, pan_and_scan: bool | Mapping | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Gemma3Processor's expansion: each <start_of_image> the template wrote becomes the image's run (and its
+        crops' with pan & scan); pixel_values hold each image followed by its crops."""
+        from .gemma3_image import expand_images
+        if clips:
+            raise ValueError("Gemma 3 takes images and text, not audio; use a Gemma 3n checkpoint for audio")
+        out: dict[str, torch.Tensor] = {}
+        crops: list[int] = []
+        if images:
+            self._check_media_tokens(True, False)
+            processor = self.gemma3_image_processor()
+            if isinstance(pan_and_scan, Mapping):
+                processor = processor.with_pan_and_scan(True, **pan_and_scan)
+            elif pan_and_scan:
+                processor = processor.with_pan_and_scan(True)
+            out["pixel_values"], crops = processor(images)
+            # (a text-only prompt is left as written, as the tokenizer's own chat template would give it)
+            text = expand_images(text, crops, self.config.vision_soft_tokens_per_image)
+        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
+        self.rendered_text = text  # what was tokenised, for inspection (Gemma3Processor's expanded text)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **out}
+
+    def gemma3_image_processor(self):
+        if self._image_processor is None:
+            from ..model.siglip import SiglipConfig
+            from .gemma3_image import Gemma3ImageProcessor
+            size = SiglipConfig.from_dict(self.config.vision).image_size if self.config.vision else 896
+            # Gemma3Processor passes its own pan & scan defaults (off, 256 px, 4 crops, ratio 1.2) to the image
+            # processor on every call, so preprocessor_config.json's pan & scan keys never take effect there
+            self._image_processor = Gemma3ImageProcessor.from_config(
+                self.preprocessor.get("image_processor"), size).with_pan_and_scan(False, **GEMMA3_PAN_AND_SCAN)
+        return self._image_processor
+
     def _check_media_tokens(self, images: bool, clips: bool) -> None:
         """The tokenizer must spell the placeholders as the ids the model expects, or the media would be lost."""
         cfg = self.config
@@ -63,7 +107,7 @@ class Processor:
             found = self.tokenizer.token_to_id(token) if wanted else token_id
             if found != token_id:
                 raise ValueError(f"this checkpoint's tokenizer maps {token} to {found}, but config.json expects id "
-                                 f"{token_id}; use the tokenizer that ships with the Gemma 3n checkpoint")
+                                 f"{token_id}; use the tokenizer that ships with the checkpoint")
 
     def gather_media(self, messages, allow_network: bool = False) -> tuple[list[dict], list, list]:
         """Decode every media part, in order; returns the messages rewritten so that each remaining media part is

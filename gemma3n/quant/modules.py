@@ -203,6 +203,26 @@ class Int4Embedding(Int4Linear):
         return Int4Linear.forward(self, x)
 
 
+class BiasedLinear(nn.Module):
+    """A linear with a bias whose weight is quantised: `linear` (bias-free, quantised by the plan) plus the float
+    bias. Encoder towers (SigLIP) have biased projections; the decoders have none."""
+
+    def __init__(self, linear: nn.Module, bias: Tensor):
+        super().__init__()
+        self.linear = linear
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def split(cls, old: nn.Linear) -> "BiasedLinear":
+        bare = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+        bare.weight = old.weight
+        return cls(bare, old.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.linear(x)
+        return out + self.bias.to(out.dtype)
+
+
 def _native(flat: Tensor) -> bool:
     return flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 

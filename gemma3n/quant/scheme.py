@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .formats import GROUP_SIZES, int4_supported
-from .modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from .modules import BiasedLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
 INT8, INT4, KEEP = "int8", "int4", "none"
 FLOATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,10 +176,16 @@ def quantize_model(model: nn.Module, scheme, release: Callable[[str], None] | No
 
 
 def quantize_module(module: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """Quantise any module (an encoder tower): every bias-free nn.Linear of at least 64x64 becomes int8 / int4;
-    a float format name converts the module instead ("none" leaves it)."""
+    """Quantise any module (an encoder tower): every nn.Linear of at least 64x64 becomes int8 / int4 (a biased one
+    keeps its bias in float around the quantised product); a float format name converts the module instead
+    ("none" leaves it)."""
     if fmt in FLOATS:
         return module.to(FLOATS[fmt])
+    if fmt in (INT8, INT4):
+        for path, m in list(module.named_modules()):
+            if path and type(m) is nn.Linear and m.bias is not None and \
+                    min(m.in_features, m.out_features) >= MIN_FEATURES:
+                _set_submodule(module, path, BiasedLinear.split(m))
     chosen = {path: kind for path, m in module.named_modules()
               if path and (kind := module_format(m, fmt, group_size)) is not None}
     return apply_plan(module, chosen, group_size)
