@@ -23,9 +23,17 @@ def default_model_path() -> Path:
     return Path(packaged.assemble())
 
 
+def _add_activations_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", choices=["float32", "int8"],
+                   help="activations of the quantised products: float32 (exact, the default) or int8 "
+                        "(llama.cpp's approximation: faster, may change answers); default: $GEMMA3N_ACTIVATIONS "
+                        "or float32")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    _add_activations_arg(p)
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     p.add_argument("--system", help="system prompt")
@@ -72,6 +80,7 @@ def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    _add_activations_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
@@ -118,7 +127,7 @@ def _load(args):
     start = time.perf_counter()
     if sys.stderr.isatty():
         print(f"loading {path} ...", end="", file=sys.stderr, flush=True)
-    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize)
+    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations)
     if sys.stderr.isatty():
         print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return model
