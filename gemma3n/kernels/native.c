@@ -404,13 +404,21 @@ AVX2 static float dot_bf16(const uint8_t *w, const float *x, int64_t k) {
 }
 
 AVX2 static float dot_i8(const int8_t *w, const float *x, int64_t k) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    /* four independent sums: one FMA chain per 8 lanes would wait on the FMA latency, not on the loads */
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        if ((i & 63) == 0) _mm_prefetch((const char *)w + i + 2048, _MM_HINT_NTA);  /* see PF_AHEAD, gemv_f32.c */
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8)), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 16)), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 24)), _mm256_loadu_ps(x + i + 24), a3);
+    }
     for (; i + 16 <= k; i += 16) {
         a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i)), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8)), _mm256_loadu_ps(x + i + 8), a1);
     }
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
     for (; i < k; i++) s += (float)w[i] * x[i];
     return s;
 }
@@ -571,12 +579,23 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
     return k / qv * block_bytes(type);
 }
 
+#ifdef G3N_X86
+static int gguf_matvec_exact(int type, const uint8_t *w, int64_t rb, int64_t n_rows, int64_t k, const int64_t *rows,
+                             const float *x, float *y, int threads);  /* gemv_f32.c */
+#endif
+
 /* y[m, r] = W[rows[r]] . x[m] for r < n_rows (rows NULL: rows 0 .. n_rows-1). vec = 0 forces the portable code. */
 EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
                            const float *x, int64_t m, float *y, int threads, int vec) {
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
     vec = vec && have_avx2();
+#ifdef G3N_X86
+    if (vec && m == 1) {  /* decode: the kernels of gemv_f32.c where it has the type */
+        int rc = gguf_matvec_exact(type, w, rb, n_rows, k, rows, x, y, threads);
+        if (rc != 1) return rc;
+    }
+#endif
     if (m == 1) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t r = 0; r < n_rows; r++) {
@@ -1154,5 +1173,6 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* a whole decode step (its own file, for size)                                                                  */
+/* exact matrix-vector products for decode, and a whole decode step (their own files, for size)               */
+#include "gemv_f32.c"
 #include "decode_step.c"
