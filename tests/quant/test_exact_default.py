@@ -127,3 +127,10 @@ def test_console_script_default_is_exact(model, reference):
     kernels.set_activation_precision("int8")
     expected = model.generate(prompt, max_new_tokens=8, temperature=0)
     assert json.loads(done.stdout.strip().splitlines()[-1])["text"] == expected
+
+
+def test_console_script_refuses_an_unknown_activation_precision():
+    """Checked before any loading: a typo is one line for people, not a silent fallback."""
+    done = gemma3n("run", "hi", "--activations", "int4")
+    assert done.returncode == 2 and "--activations" in done.stderr and "Traceback" not in done.stderr
+    assert "int8" in gemma3n("run", "--help").stdout
