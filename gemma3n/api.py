@@ -153,7 +153,8 @@ def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None
         setattr(lm.get_submodule(parent), name, cls(raw_rows(data), ggml_type, old.weight.shape[1], dtype))
 
 
-def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None, activations: str | None = None) -> "Model":
+def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
+         activations: str | None = None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.

@@ -35,7 +35,8 @@ from torch import Tensor
 
 ABI_VERSION = 6
 _SOURCE = Path(__file__).with_name("native.c")
-_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_step.c"))  # native.c includes the others
+# native.c includes the others
+_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_step.c"))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
