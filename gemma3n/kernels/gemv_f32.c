@@ -1,4 +1,4 @@
-/* Exact (float32-activation) matrix-vector products for decode, one activation row (included by native.c).
+/* Exact (float32-activation) products of one weight row with one activation row (included by native.c).
  *
  * The result is what the one-row dot products above compute: the dequantised weight times x in float32, with each
  * block's scale and minimum factored out of its inner loop (sum w x = d * sum q x - m * sum x per block), up to
@@ -168,27 +168,20 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *x, int64_t nb)
     return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
-/* y[r] = W[rows[r]] . x for one activation row, the types above; 1 for another type (nothing written). */
-static int gguf_matvec_exact(int type, const uint8_t *w, int64_t rb, int64_t n_rows, int64_t k, const int64_t *rows,
-                             const float *x, float *y, int threads) {
-    int legacy = type == T_Q5_0 || type == T_Q5_1;  /* Q4_0 / Q4_1: the plain kernel was as fast */
-    int kquant = type == T_Q4_K || type == T_Q5_K;
-    if (!legacy && !kquant && type != T_Q6_K && type != T_Q8_0) return 1;
-    float *xs = NULL;
-    if (legacy || kquant) {
-        xs = (float *)malloc(sizeof(float) * (size_t)(k / 32));
-        if (!xs) return -2;
-        block_sums32(x, k, xs);
+/* Whether the kernel of `type` takes the per-block sums of x (block_sums32). */
+static int exact_needs_sums(int type) {
+    return type == T_Q5_0 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+}
+
+/* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
+ * (Q4_0 / Q4_1: the plain kernel above was as fast), 0 otherwise. */
+AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out) {
+    switch (type) {
+    case T_Q5_0: case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
+    case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
+    case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
+    case T_Q8_0: *out = dot_q8_0_exact(row, x, k / QK); return 1;
     }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < n_rows; r++) {
-        const uint8_t *row = w + (rows ? rows[r] : r) * rb;
-        y[r] = legacy ? dot_legacy_exact(type, row, x, xs, k / QK)
-             : kquant ? dot_q45_k_exact(type, row, x, xs, k / QKK)
-             : type == T_Q8_0 ? dot_q8_0_exact(row, x, k / QK)
-             : dot_q6_k_exact(row, x, k / QKK);
-    }
-    free(xs);
     return 0;
 }
 

@@ -580,9 +580,25 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
 }
 
 #ifdef G3N_X86
-static int gguf_matvec_exact(int type, const uint8_t *w, int64_t rb, int64_t n_rows, int64_t k, const int64_t *rows,
-                             const float *x, float *y, int threads);  /* gemv_f32.c */
+/* gemv_f32.c */
+static int exact_needs_sums(int type);
+static void block_sums32(const float *x, int64_t k, float *xs);
+static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out);
 #endif
+
+/* One GGUF row times one activation row (`xs`: its per-block sums where exact_needs_sums, else NULL). The same
+ * arithmetic for every activation row of every batch: a request computes the same bits alone as in the server's
+ * continuous batch, whatever the other rows are. */
+static float gguf_row_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, int vec,
+                          float *buf) {
+#ifdef G3N_X86
+    float out;
+    if (vec && exact_dot(type, row, x, xs, k, &out)) return out;
+#else
+    (void)xs;
+#endif
+    return gguf_dot(type, row, x, k, vec, buf);
+}
 
 /* y[m, r] = W[rows[r]] . x[m] for r < n_rows (rows NULL: rows 0 .. n_rows-1). vec = 0 forces the portable code. */
 EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
@@ -590,38 +606,24 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
     vec = vec && have_avx2();
+    float *xs = NULL;
 #ifdef G3N_X86
-    if (vec && m == 1) {  /* decode: the kernels of gemv_f32.c where it has the type */
-        int rc = gguf_matvec_exact(type, w, rb, n_rows, k, rows, x, y, threads);
-        if (rc != 1) return rc;
+    if (vec && exact_needs_sums(type)) {
+        xs = (float *)malloc(sizeof(float) * (size_t)(m * (k / 32)));
+        if (!xs) return -2;
+        for (int64_t i = 0; i < m; i++) block_sums32(x + i * k, k, xs + i * (k / 32));
     }
 #endif
-    if (m == 1) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n_rows; r++) {
-            float buf[MAX_BLOCK];
-            int64_t src = rows ? rows[r] : r;
-            y[r] = gguf_dot(type, w + src * rb, x, k, vec, buf);
-        }
-        return 0;
+    /* every activation row against the weight row, which stays in L1 after the first: the weights are read from
+     * memory once, and each output is computed exactly as it would be alone (m = 1) */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        float buf[MAX_BLOCK];
+        const uint8_t *row = w + (rows ? rows[r] : r) * rb;
+        for (int64_t i = 0; i < m; i++)
+            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * (k / 32) : NULL, k, vec, buf);
     }
-    /* several activation rows: decode each weight row once into a buffer, then one float dot per activation row */
-    #pragma omp parallel num_threads(threads)
-    {
-        float *row = (float *)__builtin_alloca((size_t)k * sizeof(float));
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_rows; r++) {
-            int64_t src = rows ? rows[r] : r;
-            decode_row(type, w + src * rb, k, row, vec);
-            for (int64_t i = 0; i < m; i++) {
-#ifdef G3N_X86
-                y[i * n_rows + r] = vec ? dot_f32(row, x + i * k, k) : dot_plain(row, x + i * k, k);
-#else
-                y[i * n_rows + r] = dot_plain(row, x + i * k, k);
-#endif
-            }
-        }
-    }
+    free(xs);
     return 0;
 }
 
