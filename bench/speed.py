@@ -26,12 +26,18 @@ for every gemma3n variant and every peer of the same row, gemma3n / peer for dec
 --quick: a smoke run, not a measurement: one trial of 16- and 32-token prompts and 8 decoded tokens after a
 light warm-up (keys then say prefill16 / prefill32 / ttft16).
 
-llama.cpp is llama-cpp-python 0.3.36, not a dependency; installed into the test environment from the PyPI sdist,
-which builds the llama.cpp it vendors for this CPU (a few minutes on 2 cores):
+llama.cpp is llama-cpp-python 0.3.36, not a dependency; installed from the PyPI sdist, which builds the llama.cpp
+it vendors for this CPU (a few minutes on 2 cores):
     CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36
+It runs at its defaults, "extra" buffer types on (its repacked, interleaved weight layouts: on AVX2 machines its
+fastest Q4 kernels). Only where a probe process shows that the defaults crash on this machine (an AMX matrix product
+once segfaulted on one) is it loaded with use_extra_bufts=False, and its row says so (`--llama-no-extra` forces it).
+Every engine's row states its version and flags (`<engine>_version`, `<engine>_flags`), beside the machine's read
+bandwidth measured in the same rounds. gemma3n runs its default, exact float32 activations; `--also-int8` adds
+gemma3n with the opt-in int8 activations (the setting is switched before each of its measurements).
 
-Run (270M only):  python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--ours-quantize int8,int4]
-                  [--skip transformers,llama.cpp]
+Run (270M only):  python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--also-int8]
+                  [--ours-quantize int8,int4] [--skip transformers,llama.cpp] [--llama-no-extra]
 Run (with E2B):   python bench/speed.py --e2b-hf /work/e2b --e2b-ours /work/e2b-int4 --e2b-ours /work/e2b-Q4_K_M.gguf \
                   --e2b-gguf /work/e2b-Q4_K_M.gguf [--no-270m] [--e2b-skip transformers,llama.cpp,gemma3n-bf16]
 Smoke:            the same with --quick
@@ -87,17 +93,30 @@ class ReadBandwidth:
         return self.x.numel() * 4 / min(times) / 1e9
 
 
+def _git_revision() -> str:
+    import subprocess
+    done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 class Ours:
-    def __init__(self, path: Path, dtype=None, name: str = "gemma3n", quantize: str | None = None):
+    def __init__(self, path: Path, dtype=None, name: str = "gemma3n", quantize: str | None = None,
+                 activations: str = "float32"):
         import gemma3n
-        self.name = name
+        from gemma3n import kernels
+        self.name, self.activations, self.kernels = name, activations, kernels
         extra = {"quantize": quantize} if quantize else {}  # only where the checkout has quantisation
         self.model = gemma3n.load(path, dtype=dtype, **extra)
         self.lm = self.model.lm
         self.vocab = self.lm.config.vocab_size
         self.weight_bytes = decode_bytes_torch(self.lm)
+        self.version = f"gemma3n {_git_revision()}, torch {torch.__version__}"
+        self.flags = (f"activations={activations}, dtype={dtype or 'as stored'}, quantize={quantize}, "
+                      f"native kernels {'on' if kernels.native() is not None else 'off: ' + str(kernels.why_not())}")
 
     def prefill(self, ids: list[int]) -> float:
+        self.kernels.set_activation_precision(self.activations)  # process-wide: set before each measurement
         with torch.inference_mode():
             cache = self.lm.new_cache(1, len(ids) + DECODE_TOKENS + 1)
             t0 = time.perf_counter()
@@ -105,6 +124,7 @@ class Ours:
             return time.perf_counter() - t0
 
     def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
+        self.kernels.set_activation_precision(self.activations)
         with torch.inference_mode():
             cache = self.lm.new_cache(1, len(ids) + n + 1)
             nxt = self.lm(torch.tensor([ids]), None, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
@@ -127,6 +147,9 @@ class Transformers:
         self.model.eval()
         self.vocab = self.model.config.get_text_config().vocab_size
         self.weight_bytes = decode_bytes_torch(self.model)
+        import transformers
+        self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
+        self.flags = f"dtype={self.model.dtype}" + ("" if path.is_dir() else " (GGUF dequantised at load)")
 
     def prefill(self, ids: list[int]) -> float:
         with torch.inference_mode():
@@ -147,14 +170,23 @@ class Transformers:
 
 
 class LlamaCpp:
-    def __init__(self, path: Path, threads: int, name: str = "llama.cpp"):
+    def __init__(self, path: Path, threads: int, name: str = "llama.cpp", no_extra: bool = False):
         import llama_cpp
         self.name = name
-        without_extra_buffers()
+        crash = None if no_extra else defaults_crash(path, threads)
+        if no_extra or crash:
+            without_extra_buffers()
+            self.flags = "use_extra_bufts=False (" + (crash or "forced by --llama-no-extra") + ")"
+        else:
+            self.flags = "defaults (extra / repacked CPU buffer types on)"
+        self.flags += f", n_threads={threads}, n_batch=512"
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
         self.vocab = self.llm.n_vocab()
         self.weight_bytes = decode_bytes_gguf(path)
+        info = llama_cpp.llama_print_system_info()
+        info = info.decode() if isinstance(info, bytes) else str(info)
+        self.version = f"llama-cpp-python {llama_cpp.__version__} ({info.strip()})"
 
     def _next(self) -> int:
         logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.vocab,))
@@ -181,10 +213,28 @@ class LlamaCpp:
         self.llm.close()
 
 
+def defaults_crash(path: Path, threads: int) -> str | None:
+    """Whether llama.cpp at its defaults dies on this machine: a child process loads `path` and decodes a few tokens
+    (a crash there cannot take the benchmark down). None when it runs; otherwise what happened."""
+    import signal
+    import subprocess
+    code = ("import llama_cpp; llm = llama_cpp.Llama(model_path=%r, n_ctx=256, n_batch=64, n_threads=%d, "
+            "verbose=False); llm.eval(list(range(2, 40))); [llm.eval([7]) for _ in range(4)]" % (str(path), threads))
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "the defaults hung for 10 min in a probe process"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"the defaults crashed here: {signal.Signals(-done.returncode).name} in a probe process"
+    return f"the defaults failed here: {(done.stderr.strip().splitlines() or ['exit ' + str(done.returncode)])[-1]}"
+
+
 def without_extra_buffers() -> None:
-    """Load llama.cpp models without its "extra" CPU buffer types (AMX / repacked weights): on this machine the
-    AMX matmul (ggml_backend_amx_mul_mat) segfaults on the first decode, as gdb shows. Plain ggml CPU kernels
-    remain (the quantised dot products of whatever SIMD the build found: AVX2 here, AVX-512 / VNNI elsewhere)."""
+    """Load llama.cpp models without its "extra" CPU buffer types (AMX / repacked weights): the fallback where the
+    defaults crash (on one earlier machine the AMX matmul, ggml_backend_amx_mul_mat, segfaulted on the first
+    decode). Plain ggml CPU kernels remain (the quantised dot products of whatever SIMD the build found)."""
     import llama_cpp.llama_cpp as low
     if getattr(low.llama_model_default_params, "_no_extra", False):
         return
@@ -258,6 +308,7 @@ def summarise(engines: list[dict], samples) -> dict:
         row[f"{name}_weight_mb_per_token"] = round(e["weight_bytes"] / 1e6, 1)
         row[f"{name}_decode_gb_s"] = round(e["weight_bytes"] / decode_s / 1e9, 2)
         row[f"{name}_decode_bandwidth_fraction"] = round(e["weight_bytes"] / decode_s / 1e9 / bandwidth, 3)
+        row[f"{name}_version"], row[f"{name}_flags"] = e["version"], e["flags"]
     ours = [e["name"] for e in engines if e["name"].startswith("gemma3n")]
     peers = [e["name"] for e in engines if not e["name"].startswith("gemma3n")]  # not against our own variants
     if "gemma3n" in ours:  # the 270M row's historical keys
@@ -282,7 +333,8 @@ def measure(label: str, groups: list[list], args, reader: ReadBandwidth, extra: 
             engines.append(make())
             print(f"{label}: loaded {engines[-1].name} in {time.perf_counter() - t1:.1f} s", flush=True)
         run_trials(engines, args.trials, reader, samples, args.quick)
-        measured += [{"name": e.name, "weight_bytes": e.weight_bytes} for e in engines]
+        measured += [{"name": e.name, "weight_bytes": e.weight_bytes, "version": e.version, "flags": e.flags}
+                     for e in engines]
         group_names.append([e.name for e in engines])
         print(f"{label}: group {group_names[-1]} took {time.perf_counter() - t0:.0f} s", flush=True)
         for e in engines:
@@ -298,12 +350,14 @@ def bench_270m(args, reader: ReadBandwidth) -> dict:
     from gemma3n.cli import default_model_path
     path = default_model_path()
     engines = [lambda: Ours(path)]
+    if args.also_int8:
+        engines.append(lambda: Ours(path, name="gemma3n-int8", activations="int8"))
     if args.also_bf16:  # our loader's dtype option: results change (bf16 rounding), bytes halve
         engines.append(lambda: Ours(path, torch.bfloat16, name="gemma3n-bf16"))
     for scheme in filter(None, args.ours_quantize.split(",")):
         engines.append(lambda scheme=scheme: Ours(path, name=f"gemma3n-{scheme}", quantize=scheme))
     if "llama.cpp" not in args.skip:
-        engines.append(lambda: LlamaCpp(path, args.threads))
+        engines.append(lambda: LlamaCpp(path, args.threads, no_extra=args.llama_no_extra))
     if "transformers" not in args.skip:
         engines.append(lambda: Transformers(path, None))
     return measure(f"{path.name} (gemma3n computes from its blocks; transformers dequantises to float32)", [engines], args, reader,
@@ -327,7 +381,8 @@ def bench_e2b(args, reader: ReadBandwidth) -> dict:
             quantised.append(lambda path=path, name=name: Ours(path, name=name))
     if args.e2b_gguf and "llama.cpp" not in skip:
         gguf_path = Path(args.e2b_gguf)
-        quantised.append(lambda: LlamaCpp(gguf_path, args.threads, name=f"llama.cpp-{gguf_path.stem}"))
+        quantised.append(lambda: LlamaCpp(gguf_path, args.threads, name=f"llama.cpp-{gguf_path.stem}",
+                                          no_extra=args.llama_no_extra))
     groups = [g for g in ([bf16 + quantised] if args.e2b_one_group else [bf16, quantised]) if g]
     inputs = {"hf": args.e2b_hf, "ours": args.e2b_ours, "llama_cpp_gguf": args.e2b_gguf}
     return measure("E2B shape, random weights", groups, args, reader, {"inputs": inputs})
@@ -373,6 +428,10 @@ if __name__ == "__main__":
                         help="270M: add gemma3n loading the GGUF as bfloat16 (load(path, dtype='bfloat16'))")
     parser.add_argument("--ours-quantize", default="",
                         help="270M: comma-separated quantize= schemes to add as gemma3n variants (e.g. int8,int4)")
+    parser.add_argument("--also-int8", action="store_true",
+                        help="270M: add gemma3n with the opt-in int8 activations (the default is exact float32)")
+    parser.add_argument("--llama-no-extra", action="store_true",
+                        help="load llama.cpp without its extra (repacked) buffers even where its defaults run")
     parser.add_argument("--skip", default="", help="270M: comma-separated peers to leave out: transformers,llama.cpp")
     parser.add_argument("--no-270m", action="store_true", help="leave out the 270M row")
     parser.add_argument("--e2b-hf", "--hf-folder", help="E2B-shape bf16 Hugging Face folder: gemma3n and "

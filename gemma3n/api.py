@@ -157,13 +157,20 @@ def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None
         setattr(lm.get_submodule(parent), name, cls(raw_rows(data), ggml_type, old.weight.shape[1], dtype))
 
 
-def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None) -> "Model":
+def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
+         activations: str | None = None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
     quantize: None, "int8", "int4", "int4-g32" or a dict scheme (gemma3n.quant.parse_scheme): weight-only
     quantisation after loading. A folder written by `gemma3n quantize` loads quantised without it.
+    activations: None keeps the process setting (exact "float32" unless GEMMA3N_ACTIVATIONS says otherwise);
+    "int8" opts in to llama.cpp-style int8 activations in the native quantised products (faster, approximate; see
+    gemma3n.kernels). It is process-wide: it applies to every model in this process.
     """
+    if activations is not None:
+        from . import kernels
+        kernels.set_activation_precision(activations)  # checked before any loading work
     dtype = resolve_dtype(dtype)
     path = Path(path_or_id).expanduser()
     if not path.exists():

@@ -48,10 +48,18 @@ def _stop_string(text: str) -> str:
     return text
 
 
+def _add_activations_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", choices=["float32", "int8"],
+                   help="activations of the quantised products: float32 (exact, the default) or int8 "
+                        "(llama.cpp's approximation: faster, may change answers); default: $GEMMA3N_ACTIVATIONS "
+                        "or float32")
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     """How the model is loaded: every command that loads one takes these."""
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
+    _add_activations_arg(p)
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
 
@@ -164,7 +172,7 @@ def _load(args):
     say = not getattr(args, "quiet", False)  # on stderr always (not only on a terminal): piped stdout stays clean
     if say:
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
-    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize)
+    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations)
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model

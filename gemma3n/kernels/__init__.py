@@ -8,13 +8,14 @@ the kernels against).
 Every function here takes and returns tensors: weights as stored (uint8 / int8 views, often of a memory map),
 activations converted to float32 rows, results float32 [M, N].
 
-Two precisions for the activations of those products:
-  * "int8" (the default on AVX2 machines): each activation row is rounded to int8 per block of 32 values
-    (`round_activations` shows the values used) and multiplied in integers, as llama.cpp does; several times
-    faster where converting weights to float is the bottleneck. Its distance to the float path is measured in the
-    tests and the README.
-  * "float32": the weight's exact dequantised values times x in float32 (GEMMA3N_ACTIVATIONS=float32 or
-    `set_activation_precision("float32")`): what the parity tests with the reference use.
+Two precisions for the activations of those products (one process-wide setting):
+  * "float32" (the default): the weight's exact dequantised values times x in float32, as the reference
+    computes, up to the order of the float32 additions.
+  * "int8" (opt-in: GEMMA3N_ACTIVATIONS=int8, `set_activation_precision("int8")`, `gemma3n.load(...,
+    activations="int8")`, `--activations int8`): each activation row is rounded to int8 per block of 32 values
+    (`round_activations` shows the values used) and multiplied in integers, as llama.cpp does. Faster, but it
+    changes the numbers, and on a real model sometimes the greedy answer; its distance to the float path is
+    measured in tests/quant/test_fast_decode.py and the README. Used only on AVX2 CPUs (elsewhere float32 runs).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from torch import Tensor
 
 ABI_VERSION = 6
 _SOURCE = Path(__file__).with_name("native.c")
-_SOURCES = (_SOURCE, _SOURCE.with_name("decode_step.c"))  # native.c includes the others
+# native.c includes the others
+_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_step.c"))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -43,7 +45,7 @@ SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_ROWS = 16
 
 PRECISIONS = ("int8", "float32")
-_precision = os.environ.get("GEMMA3N_ACTIVATIONS", "int8")
+_precision = os.environ.get("GEMMA3N_ACTIVATIONS", "float32")
 if _precision not in PRECISIONS:
     raise ValueError(f"GEMMA3N_ACTIVATIONS={_precision!r}: use one of {PRECISIONS}")
 
@@ -61,7 +63,8 @@ def native():
 
 
 def set_activation_precision(precision: str) -> None:
-    """"int8" (fast, default) or "float32" (exact) activations for the native quantised products."""
+    """"float32" (exact, the default) or "int8" (approximate, opt-in) activations for the native quantised products,
+    for every model in this process."""
     global _precision
     if precision not in PRECISIONS:
         raise ValueError(f"activation precision {precision!r}: use one of {PRECISIONS}")

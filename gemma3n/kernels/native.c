@@ -404,13 +404,21 @@ AVX2 static float dot_bf16(const uint8_t *w, const float *x, int64_t k) {
 }
 
 AVX2 static float dot_i8(const int8_t *w, const float *x, int64_t k) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    /* four independent sums: one FMA chain per 8 lanes would wait on the FMA latency, not on the loads */
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        if ((i & 63) == 0) _mm_prefetch((const char *)w + i + 2048, _MM_HINT_NTA);  /* see PF_AHEAD, gemv_f32.c */
+        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8)), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 16)), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 24)), _mm256_loadu_ps(x + i + 24), a3);
+    }
     for (; i + 16 <= k; i += 16) {
         a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i)), _mm256_loadu_ps(x + i), a0);
         a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8)), _mm256_loadu_ps(x + i + 8), a1);
     }
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
     for (; i < k; i++) s += (float)w[i] * x[i];
     return s;
 }
@@ -571,38 +579,51 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
     return k / qv * block_bytes(type);
 }
 
+#ifdef G3N_X86
+/* gemv_f32.c */
+static int exact_needs_sums(int type);
+static void block_sums32(const float *x, int64_t k, float *xs);
+static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out);
+#endif
+
+/* One GGUF row times one activation row (`xs`: its per-block sums where exact_needs_sums, else NULL). The same
+ * arithmetic for every activation row of every batch: a request computes the same bits alone as in the server's
+ * continuous batch, whatever the other rows are. */
+static float gguf_row_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, int vec,
+                          float *buf) {
+#ifdef G3N_X86
+    float out;
+    if (vec && exact_dot(type, row, x, xs, k, &out)) return out;
+#else
+    (void)xs;
+#endif
+    return gguf_dot(type, row, x, k, vec, buf);
+}
+
 /* y[m, r] = W[rows[r]] . x[m] for r < n_rows (rows NULL: rows 0 .. n_rows-1). vec = 0 forces the portable code. */
 EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
                            const float *x, int64_t m, float *y, int threads, int vec) {
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
     vec = vec && have_avx2();
-    if (m == 1) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < n_rows; r++) {
-            float buf[MAX_BLOCK];
-            int64_t src = rows ? rows[r] : r;
-            y[r] = gguf_dot(type, w + src * rb, x, k, vec, buf);
-        }
-        return 0;
-    }
-    /* several activation rows: decode each weight row once into a buffer, then one float dot per activation row */
-    #pragma omp parallel num_threads(threads)
-    {
-        float *row = (float *)__builtin_alloca((size_t)k * sizeof(float));
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_rows; r++) {
-            int64_t src = rows ? rows[r] : r;
-            decode_row(type, w + src * rb, k, row, vec);
-            for (int64_t i = 0; i < m; i++) {
+    float *xs = NULL;
 #ifdef G3N_X86
-                y[i * n_rows + r] = vec ? dot_f32(row, x + i * k, k) : dot_plain(row, x + i * k, k);
-#else
-                y[i * n_rows + r] = dot_plain(row, x + i * k, k);
-#endif
-            }
-        }
+    if (vec && exact_needs_sums(type)) {
+        xs = (float *)malloc(sizeof(float) * (size_t)(m * (k / 32)));
+        if (!xs) return -2;
+        for (int64_t i = 0; i < m; i++) block_sums32(x + i * k, k, xs + i * (k / 32));
     }
+#endif
+    /* every activation row against the weight row, which stays in L1 after the first: the weights are read from
+     * memory once, and each output is computed exactly as it would be alone (m = 1) */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n_rows; r++) {
+        float buf[MAX_BLOCK];
+        const uint8_t *row = w + (rows ? rows[r] : r) * rb;
+        for (int64_t i = 0; i < m; i++)
+            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * (k / 32) : NULL, k, vec, buf);
+    }
+    free(xs);
     return 0;
 }
 
@@ -1154,5 +1175,6 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* a whole decode step (its own file, for size)                                                                  */
+/* exact matrix-vector products for decode, and a whole decode step (their own files, for size)               */
+#include "gemv_f32.c"
 #include "decode_step.c"

@@ -1,4 +1,4 @@
-"""The default decode path (int8 activations in the native kernels) against the exact one, end to end.
+"""The opt-in fast decode path (int8 activations in the native kernels) against the exact default, end to end.
 
 On the real Gemma 3 270M (its Q4_K_M GGUF, computed from its blocks), 96 tokens decoded one at a time with the KV
 cache, teacher-forced: next-token distributions with int8 activations agree with the float32-activation ones at

@@ -191,3 +191,35 @@ def test_real_270m_tensors(request):
         finally:
             kernels.set_activation_precision(before)
     assert {Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K} <= seen
+
+
+def _assert_batch_invariant(product, k: int, max_rows: int = 16):
+    """product(x) for x [m, k]: row 0 of every batch of 2..max_rows rows has the bits of row 0 alone, and so does
+    every row of the largest batch (the server's continuous batch must not change a request's answer)."""
+    x = torch.randn(max_rows, k, generator=torch.Generator().manual_seed(21))
+    full = product(x)
+    for i in range(max_rows):
+        assert torch.equal(product(x[i:i + 1])[0], full[i]), f"row {i} of {max_rows}"
+    for m in range(2, max_rows):
+        assert torch.equal(product(x[:m])[0], full[0]), f"row 0 of {m}"
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_rows_compute_the_same_bits_in_any_batch(qt, activations, code_path, precision):
+    precision(activations)
+    n, k = 40, 512
+    raw = torch.from_numpy(random_rows(qt, n, k, seed=3))
+    _assert_batch_invariant(lambda x: kernels.gguf_matmul(qt, raw, k, x), k)
+    rows = torch.tensor([39, 2, 2, 17])
+    _assert_batch_invariant(lambda x: kernels.gguf_matmul(qt, raw, k, x, rows), k)
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_int8_and_int4_rows_compute_the_same_bits_in_any_batch(activations, code_path, precision):
+    precision(activations)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(22)) * 0.05
+    q, s = int8_quantize(w, torch.bfloat16)
+    _assert_batch_invariant(lambda x: kernels.int8_matmul(q, s, x), 256)
+    packed, sz = int4_quantize(w, 64, torch.bfloat16)
+    _assert_batch_invariant(lambda x: kernels.int4_matmul(packed, sz, 64, x), 256)

@@ -1,0 +1,189 @@
+/* Exact (float32-activation) products of one weight row with one activation row (included by native.c).
+ *
+ * The result is what the one-row dot products above compute: the dequantised weight times x in float32, with each
+ * block's scale and minimum factored out of its inner loop (sum w x = d * sum q x - m * sum x per block), up to
+ * the order of the float32 additions. What these kernels change, for speed, is the work per weight:
+ *   - the per-block sums of x (the minimums' factor) are computed once per call, not once per weight row;
+ *   - the 6-bit K-quant scales and minimums of a super-block are unpacked eight at a time, in integer registers,
+ *     and scaled as one vector;
+ *   - Q6_K's 6-bit values and Q5_0 / Q5_1's 5-bit ones are assembled as bytes, 32 at a time, before being widened;
+ *   - the weights are prefetched ahead of use (below).
+ * Weight rows are read one after another, each from start to end: on the AMD machines this was measured on, four
+ * rows read in interleaved blocks (to share the loads of x) streamed from memory two to three times slower than
+ * sequential rows, so that is not done.
+ */
+#ifdef G3N_X86
+/* Weights are prefetched this many bytes ahead of use, "non-temporal" (used once: on AMD cores such lines stay out of
+ * L2 and leave L1 first), so that they do not push x out of L1: a float32 x of 8192 values is 32 KB, as large as
+ * L1 on many cores, and long rows (E2B's down projection) ran at half the speed of short ones without it. */
+#define PF_AHEAD 2048
+#define PF_HINT _MM_HINT_NTA
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_AHEAD, PF_HINT)
+
+/* Q8_0: as dot_q8_0, with the weights prefetched */
+AVX2 static float dot_q8_0_exact(const uint8_t *row, const float *x, int64_t nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 34, x += 32) {
+        if ((i & 1) == 0) PREFETCH(row);
+        const uint8_t *q = row + 2;
+        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q)), _mm256_loadu_ps(x));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + 8)), _mm256_loadu_ps(x + 8));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 16)), _mm256_loadu_ps(x + 16), s);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 24)), _mm256_loadu_ps(x + 24), t);
+        __m256 d = _mm256_set1_ps(h2f(rd16(row)));
+        if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
+        else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* sums of x per block of 32 (the factor of a block's minimum) */
+AVX2 static void block_sums32(const float *x, int64_t k, float *xs) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *p = x + 32 * b;
+        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                                 _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+        xs[b] = hsum8(s);
+    }
+}
+
+/* 32 int8 values in value order -> 4 x 8 floats, each times the matching 8 values of x, summed into s and t */
+AVX2 static inline void madd32_i8(__m256i v, const float *x, __m256 *s, __m256 *t) {
+    __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+    *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), _mm256_loadu_ps(x), *s);
+    *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), _mm256_loadu_ps(x + 8), *t);
+    *s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), _mm256_loadu_ps(x + 16), *s);
+    *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), _mm256_loadu_ps(x + 24), *t);
+}
+
+/* Q4_0 / Q5_0 (offset 8 / 16, subtracted in bytes) and Q4_1 / Q5_1 (min m, added as m * sum x). */
+AVX2 static float dot_legacy_exact(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    const int bb = block_bytes(type), five = type == T_Q5_0 || type == T_Q5_1;
+    const int has_min = type == T_Q4_1 || type == T_Q5_1;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i off = _mm256_set1_epi8((char)(has_min ? 0 : (five ? 16 : 8)));
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float corr = 0.0f;
+    for (int64_t i = 0; i < nb; i++, row += bb, x += 32) {
+        if ((i & 1) == 0) PREFETCH(row);
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + (has_min ? 4 : 2) + (five ? 4 : 0)));
+        __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
+        if (five) v = _mm256_or_si256(v, bits_to_0x10(rd32(row + (has_min ? 4 : 2))));
+        __m256 s = _mm256_setzero_ps(), t = _mm256_setzero_ps();
+        madd32_i8(_mm256_sub_epi8(v, off), x, &s, &t);
+        __m256 d = _mm256_set1_ps(h2f(rd16(row)));
+        if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
+        else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
+        if (has_min) corr += h2f(rd16(row + 2)) * xs[i];
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1)) + corr;
+}
+
+/* The eight 6-bit scales and minimums of a Q4_K / Q5_K super-block (kquant_scale_min, eight at a time), as bytes. */
+static inline void kquant_scales_mins8(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
+    uint32_t u0 = rd32(q), u1 = rd32(q + 4), u2 = rd32(q + 8);
+    uint32_t sc_hi = (u2 & 0x0F0F0F0Fu) | (((u0 >> 6) & 0x03030303u) << 4);
+    uint32_t mn_hi = ((u2 >> 4) & 0x0F0F0F0Fu) | (((u1 >> 6) & 0x03030303u) << 4);
+    *sc = (u0 & 0x3F3F3F3Fu) | ((uint64_t)sc_hi << 32);
+    *mn = (u1 & 0x3F3F3F3Fu) | ((uint64_t)mn_hi << 32);
+}
+
+AVX2 static inline __m256 u8x8_to_ps(uint64_t v) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v)));
+}
+
+/* Q4_K / Q5_K: per 32-value sub-block j, d*sc_j * sum(q x) - dmin*m_j * sum(x) */
+AVX2 static float dot_q45_k_exact(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
+    const int five = type == T_Q5_K, bb = block_bytes(type), qs_at = five ? 48 : 16;
+    const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += bb, x += QKK, xs += 8) {
+        uint64_t sc, mn;
+        kquant_scales_mins8(row + 4, &sc, &mn);
+        float dsc[8];
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
+                               _mm256_loadu_ps(xs), macc);
+        const uint8_t *qs = row + qs_at, *qh = row + 16;
+        for (int line = 0; line < bb; line += 64) PREFETCH(row + line);
+        for (int c = 0; c < 4; c++) {
+            const float *xa = x + 64 * c, *xb = xa + 32;
+            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+            for (int l = 0; l < 32; l += 8) {
+                __m256i bytes = load8_u8(qs + 32 * c + l);
+                __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
+                if (five) {
+                    __m256i h = load8_u8(qh + l);
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi32(
+                        _mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
+                }
+                s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(xa + l), s0);
+                s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(xb + l), s1);
+            }
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c]), s0, acc);
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c + 1]), s1, acc);
+        }
+    }
+    return hsum8(_mm256_sub_ps(acc, macc));
+}
+
+/* Q6_K: 16 values share a signed 8-bit scale. The 6-bit values minus 32 are assembled as bytes, 32 at a time. */
+AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *x, int64_t nb) {
+    const __m256i low = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 210, x += QKK) {
+        const uint8_t *ql = row, *qh = row + 128;
+        for (int line = 0; line < 210; line += 64) PREFETCH(row + line);
+        float dsc[16];
+        __m256 d = _mm256_set1_ps(h2f(rd16(row + 208)));
+        __m128i scb = _mm_loadu_si128((const __m128i *)(row + 192));
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
+        _mm256_storeu_ps(dsc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)ql), b = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];  /* values 32 j .. 32 j + 31 of this half, as int8 */
+            q[0] = _mm256_or_si256(_mm256_and_si256(a, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+            q[1] = _mm256_or_si256(_mm256_and_si256(b, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low), _mm256_and_si256(hb, m30));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low),
+                                   _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_sub_epi8(q[j], off);
+                const float *xj = x + 128 * h + 32 * j;
+                __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+                /* the first 16 values share scale 2 j of this half, the next 16 scale 2 j + 1 */
+                __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), _mm256_loadu_ps(xj));
+                s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))),
+                                    _mm256_loadu_ps(xj + 8), s);
+                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), _mm256_loadu_ps(xj + 16));
+                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))),
+                                    _mm256_loadu_ps(xj + 24), t);
+                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[8 * h + 2 * j]), s, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[8 * h + 2 * j + 1]), t, acc1);
+            }
+        }
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
+}
+
+/* Whether the kernel of `type` takes the per-block sums of x (block_sums32). */
+static int exact_needs_sums(int type) {
+    return type == T_Q5_0 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+}
+
+/* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
+ * (Q4_0 / Q4_1: the plain kernel above was as fast), 0 otherwise. */
+AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out) {
+    switch (type) {
+    case T_Q5_0: case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
+    case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
+    case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
+    case T_Q8_0: *out = dot_q8_0_exact(row, x, k / QK); return 1;
+    }
+    return 0;
+}
+
+#endif
+
