@@ -71,3 +71,33 @@ def test_logits_do_not_depend_on_the_cache_capacity(model, native):
     finally:
         native_decode.set_enabled(True)
 
+
+
+def _decode_logits(model, prompts: list[torch.Tensor], steps: int) -> list[list[torch.Tensor]]:
+    """Each prompt's logits for `steps` decode steps, run together in one ContinuousBatch (greedy)."""
+    from gemma3n.engine.batch import ContinuousBatch
+    from gemma3n.engine.sampling import SamplingParams
+    batch = ContinuousBatch(model.decoder)
+    seqs = [batch.add(p, SamplingParams(max_new_tokens=steps + 1, temperature=0)) for p in prompts]
+    captured: dict[int, list[torch.Tensor]] = {id(s): [] for s in seqs}
+    original = batch._sample
+
+    def record(seq, logits):
+        captured[id(seq)].append(logits.clone())
+        return original(seq, logits)
+    batch._sample = record
+    while len(batch):
+        batch.step()
+    return [captured[id(s)] for s in seqs]
+
+
+def test_a_row_computes_the_same_bits_in_any_batch(model):
+    """The server's continuous batch: a row's logits at every step are bit-equal to the same prompt decoded alone,
+    in a batch of 3 and of 20 (wider than the kernels' 16 rows: decoded as groups)."""
+    prompts = [torch.tensor([model.tokenizer.encode(f"Item {i}: the number {7 * i} is", True)]) for i in range(20)]
+    alone = [_decode_logits(model, [p], 3)[0] for p in prompts[:3]] + \
+        [_decode_logits(model, [p], 3)[0] for p in prompts[17:]]
+    for together in (_decode_logits(model, prompts[:3], 3), _decode_logits(model, prompts, 3)):
+        rows = together[:3] + (together[17:] if len(together) == 20 else [])
+        for row, (a, b) in enumerate(zip(alone, rows)):
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), row

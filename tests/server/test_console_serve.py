@@ -162,15 +162,27 @@ def test_concurrent_greedy_answers_equal_each_request_alone(served):
         assert _chat(served.url, PROMPTS[:concurrent], concurrent) == alone[:concurrent], concurrent
 
 
-def test_resident_memory_returns_after_rounds_of_requests(served):
-    _chat(served.url, PROMPTS, 48)  # warm-up: allocators, the native decode descriptions, the media-free paths
-    wait_idle(served, 10)
-    first = served.rss_mib()
-    sizes = []
-    for _ in range(4):
-        _chat(served.url, PROMPTS, 48)
-        wait_idle(served, 10)
-        time.sleep(0.2)  # the model thread gives freed pages back once it is idle
-        sizes.append(served.rss_mib())
-    # Bounded: a few MiB of Python objects may come and go, rounds must not ratchet up.
-    assert max(sizes) - first < 40, f"RSS after each round (MiB): {first:.0f} -> {[round(s) for s in sizes]}"
+@pytest.mark.slow
+def test_resident_memory_returns_after_rounds_of_requests():
+    """The real 270M behind `gemma3n serve` (its default model): rounds of 50 concurrent requests leave the resident
+    set where the first round left it. Before the idle heap trim it ratcheted up (+660 MiB over 5 rounds here)."""
+    server = ServeProcess()
+    try:
+        async def one(client, i):
+            r = await client.post(server.url + "/v1/completions", json={
+                "model": "gemma-3-270m-q4_k_m", "prompt": f"Number {i} is", "max_tokens": 24, "temperature": 0})
+            assert r.status_code == 200, r.text
+
+        async def round_():
+            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+                await asyncio.gather(*[one(client, i) for i in range(50)])
+        sizes = []
+        for _ in range(4):
+            asyncio.run(round_())
+            wait_idle(server, 10)
+            time.sleep(0.5)  # the model thread gives freed pages back once it is idle
+            sizes.append(server.rss_mib())
+        # The first round warms allocators and the per-cache native descriptions; later rounds must not grow.
+        assert max(sizes[1:]) - sizes[0] < 64, f"RSS after each round (MiB): {[round(s) for s in sizes]}"
+    finally:
+        server.close()
