@@ -27,19 +27,14 @@ def folder(tmp_path_factory):
 
 
 def _e4b_config() -> dict:
-    """google/gemma-3n-E4B-it's config: the E2B one of bench/make_e2b_checkpoint.py with E4B's decoder (35 layers,
-    15 KV-shared, FFN 16384, the first 10 layers sparse)."""
+    """google/gemma-3n-E4B-it's config (bench/make_e2b_checkpoint.py --shape e4b): 35 layers, 15 KV-shared, FFN
+    16384, the first 10 layers sparse; towers as in E2B."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from make_e2b_checkpoint import E2B_TEXT, e2b_config
-    config = e2b_config()
-    data = config.to_dict()
-    data["text_config"].update(num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=[16384] * 35,
-                               activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25,
-                               layer_types=[("full" if (i + 1) % 5 == 0 else "sliding") + "_attention"
-                                            for i in range(35)])
-    assert E2B_TEXT["num_hidden_layers"] == 30
+    from make_e2b_checkpoint import E4B_TEXT, e2b_config
+    data = e2b_config(E4B_TEXT).to_dict()
+    assert data["text_config"]["layer_types"][:5] == ["sliding_attention"] * 4 + ["full_attention"]
     return data
 
 

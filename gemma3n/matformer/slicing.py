@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.hub import looks_like_hub_id, resolve_cached
 from ..checkpoint.safetensors import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError
 from ..checkpoint.writer import write_checkpoint
 from ..config import ModelConfig
@@ -61,6 +62,8 @@ def slice_checkpoint(src: str | Path, dst: str | Path | None, spec, quantize=Non
     config.json is enough), write nothing. Returns the summary: the spec, the sliced config fields, the parameter
     counts after and before, and what was written."""
     src = Path(src).expanduser()
+    if not src.exists() and looks_like_hub_id(str(src)):
+        src = resolve_cached(str(src))  # a Hub id already in the local cache
     data, config = _source(src)
     plan = plan_slice(config, spec)
     summary = describe(plan, config)
