@@ -19,7 +19,6 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..checkpoint.safetensors import Checkpoint, CheckpointError
 from ..checkpoint.weights import TOWER_PREFIXES, text_key_map
@@ -102,6 +101,9 @@ class SlicedTensors(Mapping[str, Tensor]):
         pieces = self._pieces(old, kind, t)
         return pieces[0] if len(pieces) == 1 and pieces[0].is_contiguous() else torch.cat(pieces, 1 - (kind == "proj"))
 
+    def __contains__(self, name) -> bool:  # (Mapping's would produce the tensor: the per-layer table is GBs)
+        return name in self._src
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._src)
 
@@ -183,5 +185,8 @@ class SlicedRowEmbedding(nn.Module):
         self.embedding_dim = sum(p.shape[1] for p in pieces)
 
     def forward(self, ids: Tensor) -> Tensor:
-        cpu = ids.cpu()
-        return torch.cat([F.embedding(cpu, piece) for piece in self.pieces], -1).to(ids.device)
+        # index_select gathers the rows of a strided view where they lie; F.embedding would first copy the whole
+        # (multi-GB) view into a contiguous tensor on every call
+        flat = ids.reshape(-1).cpu()
+        rows = torch.cat([piece.index_select(0, flat) for piece in self.pieces], -1)
+        return rows.reshape(*ids.shape, self.embedding_dim).to(ids.device)

@@ -136,10 +136,17 @@ def test_identity_slice_is_the_full_model(source, tmp_path, name):
     assert plan_slice(full.config, spec).identity and full.config.text.num_hidden_layers == n
 
 
-def test_elastic_view_reads_only_kept_blocks_of_the_per_layer_table(source):
-    """The table stays the stored file view: the elastic model's table holds views of the map, not a copy."""
+def test_elastic_view_reads_only_kept_blocks_of_the_per_layer_table(source, monkeypatch):
+    """The table stays the stored file view: the elastic model's table holds views of the map, and neither loading
+    nor running ever produces the sliced table whole (which would read every page of a multi-GB table)."""
+    from gemma3n.matformer import SlicedTensors
     _, folder = source("seven")
+    produced = []
+    original = SlicedTensors.__getitem__
+    monkeypatch.setattr(SlicedTensors, "__getitem__", lambda self, name: produced.append(name) or original(self, name))
     model = gemma3n.load(folder, matformer={"layers_skipped": [0, 5]})
+    model.generate(_ids()[:1, :5], max_new_tokens=3, temperature=0)
+    assert produced and not any("embed_tokens_per_layer" in name for name in produced)
     table = model.lm.model.embed_tokens_per_layer
     assert isinstance(table, SlicedRowEmbedding)
     start, end = table.source.data_ptr(), table.source.data_ptr() + table.source.numel() * table.source.element_size()
