@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--config", default="E2B", help="the MatFormer configuration (default E2B)")
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--quantize", help="also rows with --quantize SCHEME at load (e.g. int4)")
+    parser.add_argument("--no-bf16", action="store_true", help="only the --quantize rows")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the gemma3n rows")
     args = parser.parse_args()
     sliced = None
@@ -55,9 +56,10 @@ def main() -> None:
     text, _ = prompt_of(args.e4b, 128)
     ours = [args.python, "-m", "gemma3n.cli", "run", "--json", "--temperature", "0", "--max-new-tokens",
             str(NEW_TOKENS)]
-    runs = {f"elastic: E4B files, --matformer {args.config}": [*ours, "--model", str(args.e4b), "--matformer",
-                                                               args.config, text],
-            "offline: the sliced folder": [*ours, "--model", str(args.slice), text]}
+    runs = {} if args.no_bf16 else {
+        f"elastic: E4B files, --matformer {args.config}": [*ours, "--model", str(args.e4b), "--matformer", args.config,
+                                                           text],
+        "offline: the sliced folder": [*ours, "--model", str(args.slice), text]}
     if args.quantize:
         runs[f"elastic + --quantize {args.quantize}"] = [*ours, "--model", str(args.e4b), "--matformer", args.config,
                                                          "--quantize", args.quantize, text]
