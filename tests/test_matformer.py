@@ -219,3 +219,25 @@ def test_cli_quantized_slice(folder, tmp_path):
     assert torch.equal(gemma3n.load(dst).logits(ids), gemma3n.load(folder, matformer=spec, quantize="int8").logits(ids))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert os.listdir(tmp_path) == ["int4"]
+
+
+def test_matformer_option_on_every_loading_command():
+    from gemma3n.cli import build_parser
+    parser = build_parser()
+    for command in (["run", "hi"], ["chat"], ["transcribe", "a.wav"], ["serve"]):
+        assert parser.parse_args([*command, "--matformer", "E2B"]).matformer == "E2B"
+
+
+def test_not_a_gemma3n_folder_is_refused(tmp_path):
+    import transformers
+    cfg = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    transformers.Gemma3ForCausalLM(cfg).save_pretrained(tmp_path / "g3")
+    with pytest.raises(MatformerError, match="applies to Gemma 3n checkpoints"):
+        gemma3n.load(tmp_path / "g3", matformer={"layers_skipped": [1]})
+    with pytest.raises(MatformerError, match="applies to Gemma 3n checkpoints"):
+        slice_checkpoint(tmp_path / "g3", tmp_path / "out", {"layers_skipped": [1]})
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="needs a Gemma 3n safetensors checkpoint folder"):
+        gemma3n.load(tmp_path / "model.gguf", matformer="E2B")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g3", "model.gguf"]
