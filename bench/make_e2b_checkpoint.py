@@ -1,6 +1,7 @@
 """Write a random-weight checkpoint of the exact Gemma 3n E2B shape (text, vision, audio; bf16, sharded).
 
     python bench/make_e2b_checkpoint.py /work/e2b
+    python bench/make_e2b_checkpoint.py /work/e4b --shape e4b       # E4B's shape, ~15.7 GB
 
 The tensor names and shapes are those of transformers' Gemma3nForConditionalGeneration built (on the meta
 device, no memory) from the real google/gemma-3n-E2B-it config, including the unused K/V of the KV-sharing
@@ -35,9 +36,16 @@ E2B_TEXT = dict(num_hidden_layers=30, num_kv_shared_layers=10, intermediate_size
                 query_pre_attn_scalar=256)
 
 
-def e2b_config():
+# google/gemma-3n-E4B-it's decoder: 35 layers, 15 sharing KV, 16384-wide MLPs, the first 10 sparse (the MatFormer
+# parent of E2B: `gemma3n slice E4B E2B --config E2B` gives E2B's shape).
+E4B_TEXT = dict(E2B_TEXT, num_hidden_layers=35, num_kv_shared_layers=15, intermediate_size=[16384] * 35,
+                activation_sparsity_pattern=[0.95] * 10 + [0.0] * 25)
+
+
+def e2b_config(text: dict | None = None):
     from transformers import Gemma3nConfig
-    config = Gemma3nConfig(text_config=E2B_TEXT, audio_soft_tokens_per_image=188, vision_soft_tokens_per_image=256,
+    config = Gemma3nConfig(text_config=text or E2B_TEXT, audio_soft_tokens_per_image=188,
+                           vision_soft_tokens_per_image=256,
                            boi_token_id=255999, eoi_token_id=262144, image_token_id=262145, boa_token_id=256000,
                            eoa_token_id=262272, audio_token_id=262273, initializer_range=0.02)
     config.architectures = ["Gemma3nForConditionalGeneration"]
@@ -96,8 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=["e2b", "e4b"], default="e2b",
+                        help="e4b: the E4B shape (~15.7 GB), the parent of the MatFormer slices (bench/matformer.py)")
     args = parser.parse_args()
-    config = e2b_config()
+    config = e2b_config(E4B_TEXT if args.shape == "e4b" else None)
     shapes = tensor_shapes(config)
     entries = [(name, shape, torch.bfloat16, lambda name=name, shape=shape, i=i:
                 random_chunks(name, shape, args.seed * 100_003 + i))

@@ -27,12 +27,15 @@ def _first_shared(config: ModelConfig) -> int | None:
     return getattr(config.text, "first_shared_layer", None)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype | None, device: str = "cpu", quantize=None):
+def _load_folder(folder: Path, dtype: torch.dtype | None, device: str = "cpu", quantize=None, matformer=None):
     if not (folder / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json here; pass a Hugging Face checkpoint folder or a .gguf file")
     from .quant import apply_plan, deferred_tensors, plan_for, stored_plan
     config = ModelConfig.from_file(folder / "config.json")
     tensors = Checkpoint(folder)
+    if matformer is not None:  # a MatFormer slice read from the unsliced files (gemma3n/matformer)
+        from .matformer import elastic_view
+        config, tensors = elastic_view(folder, tensors, matformer)
     keys = text_key_map(list(tensors), _first_shared(config))
     cls = text_model_class(config)
     stored = stored_plan(folder)
@@ -45,11 +48,19 @@ def _load_folder(folder: Path, dtype: torch.dtype | None, device: str = "cpu", q
     # each one's file pages are dropped once it is done, so no float copy of the model is ever resident
     chosen, scheme = plan_for(build, quantize)
     source = {keys.source(p + ".weight"): p for p in chosen}
+    ple_name = keys.source("model.embed_tokens_per_layer.weight")
+    row_table = tensors.row_table(ple_name) if matformer is not None and ple_name in tensors else None
+    if row_table is not None:  # the kept layers' blocks of the stored table, read per lookup
+        source[ple_name] = "model.embed_tokens_per_layer"
 
     def where(name: str) -> str:
         return str(tensors.file_of(name)) if name in tensors else str(folder)
 
     lm = assemble(build, deferred_tensors(tensors, source), keys, dtype, where)
+    if row_table is not None:
+        lm.model.embed_tokens_per_layer = row_table
+    if matformer is not None:
+        lm.matformer = tensors.plan.spec
     if chosen:
         def weight(path: str) -> torch.Tensor:
             stored_weight = tensors[keys.source(path + ".weight")]
@@ -158,7 +169,7 @@ def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None) -> "Model":
+         activations: str | None = None, matformer=None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -167,6 +178,10 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     activations: None keeps the process setting (exact "float32" unless GEMMA3N_ACTIVATIONS says otherwise);
     "int8" opts in to llama.cpp-style int8 activations in the native quantised products (faster, approximate; see
     gemma3n.kernels). It is process-wide: it applies to every model in this process.
+    matformer: None, a published MatFormer configuration ("Config for E2.54B (layer-level)", "E2B", ...; see
+    gemma3n.matformer.PUBLISHED) or {"layers_skipped": [...], "ffn_hidden_dims": [...]}: load that slice of a
+    Gemma 3n safetensors folder, reading only the kept layers, rows and columns (the same model as the folder
+    `gemma3n slice` writes).
     """
     if activations is not None:
         from . import kernels
@@ -180,7 +195,10 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
             raise FileNotFoundError(f"{path}: no such file or folder; pass a checkpoint folder, a .gguf file "
                                     f"or a Hugging Face model id that is in the local cache")
     if path.is_dir():
-        config, lm, multimodal = _load_folder(path, dtype, device, quantize)
+        config, lm, multimodal = _load_folder(path, dtype, device, quantize, matformer)
+    elif matformer is not None:
+        raise ValueError(f"{path}: MatFormer slicing at load time needs a Gemma 3n safetensors checkpoint folder "
+                         f"(not a .gguf file)")
     elif path.suffix.lower() == ".gguf":
         config, lm, multimodal = _load_gguf(path, dtype, quantize, device)
     else:
@@ -204,6 +222,8 @@ def _prefetch_per_layer_table(lm) -> None:
     table = lm.model.embed_tokens_per_layer
     stored = getattr(table, "table", None)  # a GGUF table (checkpoint/gguf.py GGUFRowEmbedding)
     weight = stored.raw if stored is not None else getattr(table, "weight", None)
+    if weight is None:  # a MatFormer slice's view of the stored table (matformer/tensors.py SlicedRowEmbedding)
+        weight = getattr(table, "source", None)
     if isinstance(weight, torch.Tensor) and weight.device.type != "cpu":
         return
     if weight is not None:  # a tensor, or a GGUF table's numpy view of the map

@@ -62,6 +62,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     _add_activations_arg(p)
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
+    _add_matformer_arg(p)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_transcribe_parser(sub)
     _add_serve_parser(sub)
     _add_quantize_command(sub)
+    _add_slice_command(sub)
     return parser
 
 
@@ -159,6 +161,82 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# -- MatFormer: `gemma3n slice` and --matformer ---------------------------------------------------------------------
+
+def _add_matformer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--matformer", metavar="NAME|JSON",
+                   help="load a MatFormer slice of a Gemma 3n folder: a published configuration (`gemma3n slice "
+                        "--list`; e.g. E2B, 'Config for E2.54B (layer-level)') or JSON like "
+                        "'{\"layers_skipped\": [20, 21], \"ffn_hidden_dims\": [8192, ...]}'")
+
+
+def _add_slice_command(sub) -> None:
+    p = sub.add_parser("slice", help="write a MatFormer slice of a Gemma 3n checkpoint (E4B -> E2B and the sizes "
+                                     "between); --list shows Google's published configurations")
+    p.add_argument("source", nargs="?", help="Gemma 3n checkpoint folder (Hugging Face safetensors layout)")
+    p.add_argument("destination", nargs="?", help="new folder for the slice (not needed with --dry-run)")
+    p.add_argument("--list", action="store_true", help="print the published configurations and exit")
+    p.add_argument("--config", "-c", metavar="NAME",
+                   help="a published configuration: its name or alias (E2B, E2.54B, E2.98B-block, ...)")
+    p.add_argument("--layers-skipped", metavar="I,J,...",
+                   help="layers to drop, original indices, comma-separated (e.g. 20,21,22,23,24)")
+    p.add_argument("--ffn-hidden-dims", metavar="W,W,...",
+                   help="FFN width of each kept layer, in order, comma-separated (default: the layers' own widths)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the slice and print its config and parameter counts; write nothing")
+    p.add_argument("--quantize", "-q", metavar="SCHEME",
+                   help="write the slice quantised in the same pass: int8, int4, int4-g32 or a JSON scheme")
+
+
+def _slice_table() -> str:
+    from .matformer import PUBLISHED
+
+    def widths(ws) -> str:
+        runs: list[list[int]] = []
+        for w in ws:
+            if runs and runs[-1][0] == w:
+                runs[-1][1] += 1
+            else:
+                runs.append([w, 1])
+        return " ".join(f"{n}x{w}" if n > 1 else str(w) for w, n in runs)
+
+    rows = [("name", "layers", "skipped", "effective (B)", "MMLU PT", "FFN widths of the kept layers")]
+    for r in PUBLISHED:
+        skipped = ",".join(map(str, r.layers_skipped)) or "-"
+        rows.append((r.name, str(r.layers), skipped, f"{r.effective_params_b:.2f}", f"{r.mmlu_pt:.1f}%",
+                     widths(r.ffn_hidden_dims)))
+    sizes = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(sizes[i]) if i < 5 else cell for i, cell in enumerate(row))
+                     for row in rows)
+
+
+def cmd_slice(args) -> int:
+    from .matformer import parse_int_list, slice_checkpoint
+    if args.list:
+        print(_slice_table())
+        print("\nGoogle's table for Gemma 3n E4B (google/gemma3n-slicing-configs); aliases: E4B, E2B, E1.96B, E2.54B, "
+              "..., E2.98B-layer / E2.98B-block, E3.79B-layer / E3.79B-block.")
+        return 0
+    if not args.source:
+        raise ValueError("give a source checkpoint folder (or --list)")
+    custom = args.layers_skipped is not None or args.ffn_hidden_dims is not None
+    if bool(args.config) == custom:
+        raise ValueError("give either --config NAME or --layers-skipped / --ffn-hidden-dims (see --list)")
+    spec = args.config or {
+        "layers_skipped": parse_int_list(args.layers_skipped or "", "--layers-skipped"),
+        "ffn_hidden_dims": None if args.ffn_hidden_dims is None else
+        parse_int_list(args.ffn_hidden_dims, "--ffn-hidden-dims")}
+    if not args.dry_run and not args.destination:
+        raise ValueError("give a destination folder for the slice (or --dry-run)")
+    quantize = args.quantize
+    if quantize is not None and quantize.lstrip().startswith("{"):
+        quantize = json.loads(quantize)
+    summary = slice_checkpoint(args.source, args.destination, spec, quantize=quantize, dry_run=args.dry_run,
+                               progress=True)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -172,7 +250,8 @@ def _load(args):
     say = not getattr(args, "quiet", False)  # on stderr always (not only on a terminal): piped stdout stays clean
     if say:
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
-    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations)
+    model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations,
+                         matformer=getattr(args, "matformer", None))
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
@@ -370,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
-                    "quantize": cmd_quantize}
+                    "quantize": cmd_quantize, "slice": cmd_slice}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

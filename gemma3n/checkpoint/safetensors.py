@@ -95,14 +95,16 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
         return flat.view(dtype).view(shape)
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop the tensor's pages from this process's memory (they are re-read from the file if touched again).
 
         For a weight that has been converted (quantised) and is no longer used: its file pages would otherwise
         stay in the resident set. Safe because the mapping is private and never written: a dropped page comes
-        back with the file's contents, also for the neighbouring tensors sharing the edge pages."""
+        back with the file's contents, also for the neighbouring tensors sharing the edge pages. `start` / `stop`
+        (bytes from the tensor's first byte) release a part only: a large table streamed a block at a time."""
         begin, end = self.entries[name]["data_offsets"]
-        if end == begin or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        begin, end = begin + max(0, start), end if stop is None else min(end, begin + stop)
+        if end <= begin or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         self._map.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
@@ -150,8 +152,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file_of[name].shape(name)
 
-    def release(self, name: str) -> None:
-        self._file_of[name].release(name)
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        self._file_of[name].release(name, start, stop)
 
     def file_of(self, name: str) -> Path:
         return self._file_of[name].path

@@ -81,7 +81,18 @@ def _check_source(src: Path) -> None:
 
 def _write_quantized(src: Path, dst: Path, scheme: QuantScheme, shard_bytes: int) -> dict:
     config = ModelConfig.from_file(src / "config.json")
-    tensors = Checkpoint(src)
+    entries, chosen = quantized_entries(Checkpoint(src), config, scheme)
+    files = write_checkpoint(dst, entries, shard_bytes)
+    data = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    data["quantization"] = quantization_block(scheme, chosen)
+    (dst / "config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    copy_side_files(src, dst)
+    return {"modules": len(chosen), "tensors": len(entries), "bytes": sum(f.stat().st_size for f in files)}
+
+
+def quantized_entries(tensors, config: ModelConfig, scheme: QuantScheme) -> tuple[list, dict[str, str]]:
+    """The writer's entries (checkpoint/writer.py) of the quantised checkpoint of `tensors` (any mapping with
+    `shape`: a Checkpoint, or a MatFormer slice of one) under `config`, and the plan (module path -> format)."""
     keys = text_key_map(list(tensors), getattr(config.text, "first_shared_layer", None))
     from ..api import text_model_class
     with torch.device("meta"):
@@ -95,18 +106,25 @@ def _write_quantized(src: Path, dst: Path, scheme: QuantScheme, shard_bytes: int
         elif name in used or name.startswith(TOWER_PREFIXES):
             entries.append(_copied_entry(tensors, name, _tower_float(name, scheme)))
         # anything else (the unused K/V of KV-sharing layers, a stored tied lm_head) is not needed: dropped
-    files = write_checkpoint(dst, entries, shard_bytes)
-    _write_config(src, dst, scheme, chosen)
+    return entries, chosen
+
+
+def quantization_block(scheme: QuantScheme, chosen: dict[str, str]) -> dict:
+    """config.json's "quantization" block for a checkpoint written with `scheme` and plan `chosen`."""
+    return {"format": FORMAT, "scheme": scheme.to_dict(), "group_size": scheme.group_size, "modules": chosen}
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """The tokenizer, processor and generation files, as they are."""
     for extra in _COPIED_FILES:
         if (src / extra).exists():
             shutil.copy2(src / extra, dst / extra)
-    return {"modules": len(chosen), "tensors": len(entries), "bytes": sum(f.stat().st_size for f in files)}
 
 
 def _quantized_entries(tensors: Checkpoint, name: str, kind: str, group_size: int) -> list:
     """Two entries (qweight, scales) computed by one quantisation, done when the first is written."""
     base, (n, k) = name.removesuffix(".weight"), tensors.shape(name)
-    dtype = tensors[name].dtype
+    dtype = _stored_dtype(tensors, name)
     done: dict[str, torch.Tensor] = {}
 
     def part(i: int):
@@ -123,8 +141,13 @@ def _quantized_entries(tensors: Checkpoint, name: str, kind: str, group_size: in
             (f"{base}.scales", (n,), dtype, lambda: part(1))]
 
 
+def _stored_dtype(tensors, name: str) -> torch.dtype:
+    """Without producing the tensor where the mapping can say (a MatFormer slice copies some when produced)."""
+    return tensors.dtype(name) if hasattr(tensors, "dtype") else tensors[name].dtype
+
+
 def _copied_entry(tensors: Checkpoint, name: str, dtype: torch.dtype | None):
-    stored = tensors[name].dtype
+    stored = _stored_dtype(tensors, name)
     target = dtype if dtype is not None and stored.is_floating_point else stored
     return (name, tensors.shape(name), target, lambda: tensors[name].to(target))
 
@@ -135,10 +158,3 @@ def _tower_float(name: str, scheme: QuantScheme) -> torch.dtype | None:
         return None
     fmt = scheme.vision if "vision" in name else scheme.audio if "audio" in name else None
     return FLOATS.get(fmt)
-
-
-def _write_config(src: Path, dst: Path, scheme: QuantScheme, chosen: dict[str, str]) -> None:
-    data = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    data["quantization"] = {"format": FORMAT, "scheme": scheme.to_dict(), "group_size": scheme.group_size,
-                            "modules": chosen}
-    (dst / "config.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
