@@ -13,19 +13,15 @@ end past any block it would split.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .multimodal import scatter_soft_tokens
+from .multimodal import LazyTowers, scatter_soft_tokens
 from .siglip import MultiModalProjector, SiglipConfig
 
-TowerLoader = Callable[[], nn.Module]
 
-
-class Gemma3Multimodal(nn.Module):
+class Gemma3Multimodal(LazyTowers):
     """The projector (always loaded: a few MB) and the SigLIP tower (loaded when a prompt first holds an image)."""
 
     def __init__(self, config: ModelConfig):
@@ -34,22 +30,6 @@ class Gemma3Multimodal(nn.Module):
         self.vision_config = SiglipConfig.from_dict(config.vision, config.source)
         self.multi_modal_projector = MultiModalProjector(self.vision_config, config.text.hidden_size,
                                                          config.vision_soft_tokens_per_image, config.source)
-        self._loaders: dict[str, TowerLoader] = {}
-        self._towers: dict[str, nn.Module] = {}  # a plain dict: the tower is not part of this module's state_dict
-
-    def set_tower_loader(self, kind: str, loader: TowerLoader) -> None:
-        self._loaders[kind] = loader
-
-    def tower(self, kind: str) -> nn.Module:
-        if kind not in self._towers:
-            if kind not in self._loaders:
-                raise ValueError(f"this checkpoint has no {kind} tower, so it cannot take {kind} input")
-            self._towers[kind] = self._loaders[kind]()
-        return self._towers[kind]
-
-    @property
-    def loaded_towers(self) -> list[str]:
-        return sorted(self._towers)
 
     def wrap(self, lm: nn.Module) -> nn.Module:
         """What the engine drives: the decoder with the image-block mask rule."""

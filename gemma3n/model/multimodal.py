@@ -55,15 +55,11 @@ def _embedder(section: Mapping[str, Any] | None, name: str, text_dim: int, sourc
                               int(values["vocab_size"]), float(values["rms_norm_eps"]))
 
 
-class Multimodal(nn.Module):
-    """embed_vision + embed_audio (always loaded: a few MB) and the two towers (loaded when first needed)."""
+class LazyTowers(nn.Module):
+    """Media towers built and loaded from the checkpoint on first use, by the loader set for each kind."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self):
         super().__init__()
-        self.config = config
-        d = config.text.hidden_size
-        self.embed_vision = _embedder(config.vision, "vision_config", d, config.source)
-        self.embed_audio = _embedder(config.audio, "audio_config", d, config.source)
         self._loaders: dict[str, TowerLoader] = {}
         self._towers: dict[str, nn.Module] = {}  # a plain dict: towers are not part of this module's state_dict
 
@@ -71,7 +67,7 @@ class Multimodal(nn.Module):
         self._loaders[kind] = loader
 
     def tower(self, kind: str) -> nn.Module:
-        """The "vision" or "audio" tower, built and loaded from the checkpoint on first use."""
+        """The tower of `kind` ("vision", "audio"), loaded the first time it is asked for."""
         if kind not in self._towers:
             if kind not in self._loaders:
                 raise ValueError(f"this checkpoint has no {kind} tower, so it cannot take {kind} input")
@@ -81,6 +77,17 @@ class Multimodal(nn.Module):
     @property
     def loaded_towers(self) -> list[str]:
         return sorted(self._towers)
+
+
+class Multimodal(LazyTowers):
+    """embed_vision + embed_audio (always loaded: a few MB) and the two towers (loaded when first needed)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.text.hidden_size
+        self.embed_vision = _embedder(config.vision, "vision_config", d, config.source)
+        self.embed_audio = _embedder(config.audio, "audio_config", d, config.source)
 
     def wrap(self, lm: nn.Module) -> nn.Module:
         """What the engine drives: the decoder with hard embeddings for media-vocabulary ids."""
