@@ -13,29 +13,7 @@
  * sequential rows, so that is not done.
  */
 #ifdef G3N_X86
-/* Weights are prefetched this many bytes ahead of use, "non-temporal" (used once: on AMD cores such lines stay out of
- * L2 and leave L1 first), so that they do not push x out of L1: a float32 x of 8192 values is 32 KB, as large as
- * L1 on many cores, and long rows (E2B's down projection) ran at half the speed of short ones without it. */
-#define PF_AHEAD 2048
-#define PF_HINT _MM_HINT_NTA
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_AHEAD, PF_HINT)
-
-/* Q8_0: as dot_q8_0, with the weights prefetched */
-AVX2 static float dot_q8_0_exact(const uint8_t *row, const float *x, int64_t nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, row += 34, x += 32) {
-        if ((i & 1) == 0) PREFETCH(row);
-        const uint8_t *q = row + 2;
-        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q)), _mm256_loadu_ps(x));
-        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + 8)), _mm256_loadu_ps(x + 8));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 16)), _mm256_loadu_ps(x + 16), s);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(load8_i8(q + 24)), _mm256_loadu_ps(x + 24), t);
-        __m256 d = _mm256_set1_ps(h2f(rd16(row)));
-        if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
-        else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
-    }
-    return hsum8(_mm256_add_ps(acc0, acc1));
-}
+/* PREFETCH (native.c): weights are read ahead of use, non-temporally, so that they do not push x out of L1. */
 
 /* sums of x per block of 32 (the factor of a block's minimum) */
 AVX2 static void block_sums32(const float *x, int64_t k, float *xs) {
@@ -180,7 +158,7 @@ AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const fl
     case T_Q5_0: case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
     case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
     case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
-    case T_Q8_0: *out = dot_q8_0_exact(row, x, k / QK); return 1;
+    case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;
     }
     return 0;
 }
