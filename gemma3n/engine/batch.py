@@ -24,113 +24,10 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from .cache import SLIDING, KVCache, Step
-from .generate import DEFAULT_CHUNK, _check_embeds, _check_inputs, _device_of, _token_budget, chunk_end
+from ..model.batch_cache import BatchCache
+from ..model.cache import KVCache
+from .generate import DEFAULT_CHUNK, check_embeds, check_inputs, device_of, token_budget, chunk_end
 from .sampling import Sampler, SamplingParams
-
-
-class BatchCache:
-    """Decode-time K/V of rows with independent lengths; the model's cache interface for one new token per row.
-
-    Global slots are (B, H, capacity, D) with row b's keys in columns [0, length_b); sliding slots are rings of
-    `ring` cells where cell c holds the row's latest index congruent to c (mod ring), as `KVCache` lays them out.
-    """
-
-    def __init__(self, slot_types: list[str], ring: int | None):
-        self.slot_types, self.ring = list(slot_types), ring
-        self.keys: list[Tensor | None] = [None] * len(slot_types)
-        self.values: list[Tensor | None] = [None] * len(slot_types)
-        self.lengths = torch.zeros(0, dtype=torch.long)
-        self.capacities: list[int] = []  # per row: prompt + new-token budget
-        self._write: Tensor | None = None  # per row: the cell the current step writes
-        self._keys_seen = 0  # global keys the current step attends to
-
-    @property
-    def batch(self) -> int:
-        return len(self.capacities)
-
-    # -- rows joining and leaving ----------------------------------------------------------------------------------
-
-    def add(self, prefilled: KVCache) -> int:
-        """Append the one-row `prefilled` cache (after its prompt) as a new row; returns the row's index."""
-        if prefilled.batch != 1:
-            raise ValueError(f"BatchCache.add takes a one-row cache, got {prefilled.batch} rows")
-        length, capacity = prefilled.length, prefilled.max_len
-        width = max([capacity] + self.capacities)
-        for i, slot in enumerate(prefilled.slots):
-            k, v = self._as_row(i, slot.k, length, width), self._as_row(i, slot.v, length, width)
-            self.keys[i] = k if self.keys[i] is None else torch.cat((self._widen(self.keys[i], i, width), k))
-            self.values[i] = v if self.values[i] is None else torch.cat((self._widen(self.values[i], i, width), v))
-        self.lengths = torch.cat((self.lengths.to(prefilled.valid.device), torch.tensor([length],
-                                                                                       device=prefilled.valid.device)))
-        self.capacities.append(capacity)
-        return self.batch - 1
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only `rows` (in that order); the others' memory is released."""
-        if not rows:
-            self.keys = [None] * len(self.slot_types)
-            self.values = [None] * len(self.slot_types)
-            self.lengths, self.capacities = self.lengths[:0], []
-            return
-        index = torch.tensor(rows, device=self.lengths.device)
-        self.capacities = [self.capacities[r] for r in rows]
-        width = max(self.capacities)
-        for i, kind in enumerate(self.slot_types):
-            cols = self.keys[i].shape[2] if kind == SLIDING else width  # shrink global slots to the widest row
-            self.keys[i] = self.keys[i][:, :, :cols].index_select(0, index)
-            self.values[i] = self.values[i][:, :, :cols].index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-
-    def _as_row(self, slot: int, src: Tensor, length: int, width: int) -> Tensor:
-        """One prefilled slot (1, H, C, D) -> this cache's layout for that slot."""
-        if self.slot_types[slot] != SLIDING:
-            row = src.new_zeros(src.shape[0], src.shape[1], width, src.shape[3])
-            row[:, :, :length] = src[:, :, :length]
-            return row
-        ring, kept = self.ring, src.shape[2]  # the prefill ring may be smaller (short prompt + budget)
-        row = src.new_zeros(src.shape[0], src.shape[1], ring, src.shape[3])
-        index = torch.arange(max(0, length - kept), length, device=src.device)
-        row[:, :, index % ring] = src[:, :, index % kept]
-        return row
-
-    def _widen(self, t: Tensor, slot: int, width: int) -> Tensor:
-        if self.slot_types[slot] == SLIDING or t.shape[2] >= width:
-            return t
-        return torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[2]))
-
-    # -- the model's cache interface -------------------------------------------------------------------------------
-
-    def start(self, attention_mask: Tensor | None, new_tokens: int) -> Step:
-        """One decode column for every row: positions are the rows' lengths, masks their own keys."""
-        if new_tokens != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-            raise ValueError("BatchCache decodes one real token per row; prefill with a KVCache and add() it")
-        n = self.lengths
-        if bool((n >= torch.tensor(self.capacities, device=n.device)).any()):
-            raise ValueError("a row of the batch has no room left; drop it before the next step")
-        self._keys_seen = int(n.max()) + 1
-        masks = {}
-        for kind in set(self.slot_types):
-            if kind == SLIDING:
-                cells = torch.arange(self.ring, device=n.device)
-                held = n[:, None] - torch.remainder(n[:, None] - cells, self.ring)  # index in each cell after the write
-                masks[kind] = (held >= 0)[:, None, None, :]
-            else:
-                masks[kind] = (torch.arange(self._keys_seen, device=n.device)[None] <= n[:, None])[:, None, None, :]
-        self._write = n
-        self.lengths = n + 1
-        return Step(positions=n[:, None].clone(), masks=masks, new_tokens=1)
-
-    def update(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write each row's new K/V (B, H, 1, D) at its own cell; return the keys and values the step attends to."""
-        rows = torch.arange(self.batch, device=k.device)
-        sliding = self.slot_types[slot] == SLIDING
-        cells = torch.remainder(self._write, self.ring) if sliding else self._write
-        self.keys[slot][rows, :, cells] = k[:, :, 0]
-        self.values[slot][rows, :, cells] = v[:, :, 0]
-        if sliding:
-            return self.keys[slot], self.values[slot]
-        return self.keys[slot][:, :, :self._keys_seen], self.values[slot][:, :, :self._keys_seen]
 
 
 @dataclass(eq=False)
@@ -180,7 +77,7 @@ class ContinuousBatch:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
-        self.device = _device_of(model)
+        self.device = device_of(model)
         self.prefilling: list[Sequence] = []
         self.groups: list[DecodeGroup] = []  # the decoding sequences, at most `group_rows` per forward
         self.group_rows = kernels.MAX_ROWS
@@ -202,12 +99,12 @@ class ContinuousBatch:
             ) -> Sequence:
         """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
         raises ContextLengthError / ValueError at once for a bad one."""
-        ids, _ = _check_inputs(input_ids, None, self.device)
-        embeds = _check_embeds(inputs_embeds, ids)
+        ids, _ = check_inputs(input_ids, None, self.device)
+        embeds = check_embeds(inputs_embeds, ids)
         if ids.shape[0] != 1:
             raise ValueError(f"ContinuousBatch.add takes one prompt, got {ids.shape[0]} rows")
         length = ids.shape[1]
-        budget = _token_budget(self.model, length, params.max_new_tokens)
+        budget = token_budget(self.model, length, params.max_new_tokens)
         history = torch.full((1, length + budget), -1, dtype=torch.long, device=self.device)
         history[:, :length] = ids
         with torch.inference_mode():

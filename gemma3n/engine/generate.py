@@ -120,11 +120,11 @@ class Decoder:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.params, self.chunk_size = model, params, chunk_size
-        self.input_ids, self.attention_mask = _check_inputs(input_ids, attention_mask, _device_of(model))
-        self.inputs_embeds = _check_embeds(inputs_embeds, self.input_ids)
+        self.input_ids, self.attention_mask = check_inputs(input_ids, attention_mask, device_of(model))
+        self.inputs_embeds = check_embeds(inputs_embeds, self.input_ids)
         self.stop_ids = frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids)
         batch, length = self.input_ids.shape
-        self.budget = _token_budget(model, length, params.max_new_tokens)
+        self.budget = token_budget(model, length, params.max_new_tokens)
         with torch.inference_mode():
             self.cache = model.new_cache(batch, length + self.budget)
         self.sampler = Sampler(params)
@@ -228,14 +228,14 @@ def chunk_end(model, input_ids: Tensor, start: int, chunk_size: int) -> int:
     return end if widen is None else widen(input_ids, start, end)
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration):
         return torch.device("cpu")
 
 
-def _check_inputs(input_ids, attention_mask, device) -> tuple[Tensor, Tensor | None]:
+def check_inputs(input_ids, attention_mask, device) -> tuple[Tensor, Tensor | None]:
     """(B, T) long ids (a 1-D prompt is one row) and the matching mask, which must be left padding."""
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.dim() == 1 else ids
@@ -255,7 +255,7 @@ def _check_inputs(input_ids, attention_mask, device) -> tuple[Tensor, Tensor | N
     return ids, mask
 
 
-def _check_embeds(embeds, ids: Tensor) -> Tensor | None:
+def check_embeds(embeds, ids: Tensor) -> Tensor | None:
     if embeds is None:
         return None
     if embeds.dim() != 3 or tuple(embeds.shape[:2]) != tuple(ids.shape):
@@ -264,7 +264,7 @@ def _check_embeds(embeds, ids: Tensor) -> Tensor | None:
     return embeds.to(ids.device)
 
 
-def _token_budget(model, prompt_len: int, max_new_tokens: int) -> int:
+def token_budget(model, prompt_len: int, max_new_tokens: int) -> int:
     """New tokens allowed: max_new_tokens, capped so that prompt + new tokens fit the context."""
     context = model.config.max_position_embeddings
     if prompt_len + 1 > context:

@@ -149,7 +149,7 @@ def _declare(lib) -> None:
 
 # -- wrappers -----------------------------------------------------------------------------------------------------
 
-_VECTORISED = True  # tests set it False to run the portable C path
+VECTORISED = True  # AVX2 paths allowed; set False to run the portable C (the tests run both)
 
 
 def _rows_f32(x: Tensor, k: int) -> Tensor:
@@ -161,7 +161,7 @@ def _ptr(t: Tensor | None):
 
 
 def _int8_activations(k: int) -> bool:
-    return _precision == "int8" and _VECTORISED and k % 32 == 0
+    return _precision == "int8" and VECTORISED and k % 32 == 0
 
 
 _Q8_TYPES: dict[int, bool] = {}
@@ -212,7 +212,7 @@ def gguf_matmul(ggml_type: int, raw: Tensor, k: int, x: Tensor, rows: Tensor | N
         _check(rc, "GGUF matmul")
         return y
     rc = lib.g3n_gguf_matmul(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), x.data_ptr(), x.shape[0],
-                                  y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+                                  y.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc, "GGUF matmul")
     return y
 
@@ -223,7 +223,7 @@ def gguf_dequantize(ggml_type: int, raw: Tensor, k: int, rows: Tensor | None = N
     n = raw.shape[0] if rows is None else rows.numel()
     out = torch.empty(n, k, dtype=torch.float32)
     rc = native().g3n_gguf_dequantize(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), out.data_ptr(),
-                                      torch.get_num_threads(), _VECTORISED)
+                                      torch.get_num_threads(), VECTORISED)
     _check(rc, "GGUF dequantize")
     return out
 
@@ -242,7 +242,7 @@ def int8_matmul(qweight: Tensor, scales: Tensor, x: Tensor, rows: Tensor | None 
             _check(rc, "int8 matmul")
             return y
     rc = native().g3n_int8_matmul(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k, _ptr(rows),
-                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc, "int8 matmul")
     return y
 
@@ -269,7 +269,7 @@ def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: T
     n_cols = 0 if cols is None else cols.numel()
     rc = native().g3n_int4_matmul(qweight.data_ptr(), scales_and_zeros.data_ptr(),
                                   SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, _ptr(cols), n_cols,
-                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), _VECTORISED)
+                                  x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc, "int4 matmul")
     return y
 
@@ -282,6 +282,6 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
     out = torch.empty(k, stop - start, dtype=torch.float32)
     rc = native().g3n_int4_dequantize_t(qweight.data_ptr(), scales_and_zeros.data_ptr(),
                                         SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, start // 64,
-                                        (stop - start) // 64, out.data_ptr(), torch.get_num_threads(), _VECTORISED)
+                                        (stop - start) // 64, out.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc if start % 64 == 0 and (stop - start) % 64 == 0 else -1, "int4 dequantize")
     return out

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..engine.cache import KVCache
+from .cache import KVCache
 from .layers import softcap
 
 

@@ -14,14 +14,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import FULL, SLIDING, Gemma3TextConfig
-from ..engine.cache import KVCache, ephemeral_step
+from .cache import KVCache, ephemeral_step
 from . import native_decode
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, rotate
 from .text import MLP
 
 # Gemma 3 checkpoints store norm weights as (scale - 1); RMSNorm adds this offset back.
-_NORM_OFFSET = 1.0
+NORM_OFFSET = 1.0
 
 
 class Attention(nn.Module):
@@ -40,8 +40,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=_NORM_OFFSET)
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=_NORM_OFFSET)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=NORM_OFFSET)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=NORM_OFFSET)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, store) -> Tensor:
         """x (B, T, D) -> (B, T, D). `store(k, v)` writes the new K/V to the cache and returns what to attend to."""
@@ -64,10 +64,10 @@ class DecoderLayer(nn.Module):
         self.kind = cfg.layer_types[layer]
         self.self_attn = Attention(cfg)
         self.mlp = MLP(d, cfg.intermediate_size, sparsity=0.0)
-        self.input_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
-        self.post_attention_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
-        self.pre_feedforward_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
-        self.post_feedforward_layernorm = RMSNorm(d, eps, offset=_NORM_OFFSET)
+        self.input_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
+        self.post_attention_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
+        self.post_feedforward_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, store) -> Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), *rope, mask, store))
@@ -85,7 +85,7 @@ class TextModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=_NORM_OFFSET)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=NORM_OFFSET)
         # Linear RoPE scaling applies to the global layers only (transformers' rope_parameters[full_attention]).
         self.rope = nn.ModuleDict({
             SLIDING: RotaryEmbedding(cfg.head_dim, cfg.rope_local_base_freq),

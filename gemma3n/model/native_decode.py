@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..config import SLIDING
-from ..engine.batch import BatchCache
-from ..engine.cache import KVCache, Step
+from ..config import SLIDING, Gemma3TextConfig, TextConfig
+from .batch_cache import BatchCache
+from .cache import KVCache, Step
 from ..quant.gguf_modules import GGUFLinear
 from ..quant.modules import NATIVE_MAX_ROWS, Int4Linear, Int8Linear
 
@@ -93,17 +93,18 @@ class NativeDecoder:
     not, and the next cache describes the model afresh."""
 
     def __init__(self, text_model: nn.Module):
-        from . import gemma3, text  # the two decoders; imported here, they import this module
         self.keep: list[Tensor] = []  # every tensor a pointer below refers to stays alive with this object
         cfg = text_model.config
-        if isinstance(text_model, text.TextModel):
+        # the decoder is told apart by its config (importing the decoders here would make an import circle)
+        offset = text_model.norm.offset  # Gemma 3 multiplies by 1 + w, Gemma 3n by w
+        if type(cfg) is TextConfig:
             arch, streams, ple_dim = 4, cfg.altup_num_inputs, cfg.hidden_size_per_layer_input
-            producer_of, offset = cfg.kv_producer, 0.0
+            producer_of = cfg.kv_producer
             attn_scale = 1.0
             router_scale = _as_model_dtype(1.0 / cfg.hidden_size, text_model.norm.weight.dtype)
-        elif isinstance(text_model, gemma3.TextModel):
+        elif type(cfg) is Gemma3TextConfig:
             arch, streams, ple_dim = 3, 1, 0
-            producer_of, offset = list(range(cfg.num_hidden_layers)), gemma3._NORM_OFFSET
+            producer_of = list(range(cfg.num_hidden_layers))
             attn_scale, router_scale = cfg.query_pre_attn_scalar ** -0.5, 0.0
         else:
             raise Unsupported(f"{type(text_model).__name__}")
@@ -155,7 +156,7 @@ class NativeDecoder:
     def bind(self, cache) -> bool:
         """Point the step at the cache's K/V tensors as they are now (a BatchCache replaces them when rows join or
         leave); False when their dtype, device or layout is not one the native step writes."""
-        slots = _slot_tensors(cache)
+        slots = cache.slot_tensors()
         if any(t.dtype not in _CACHE_TYPES or t.device.type != "cpu" or not t.is_contiguous()
                or t.dtype != slots[0][0].dtype for pair in slots for t in pair):
             return False
@@ -211,8 +212,8 @@ class NativeDecoder:
             work = work.clone()  # computed in place: never write into the caller's tensor
         s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(k_ptrs, _c_void_p), v=ctypes.cast(v_ptrs, _c_void_p),
                   cap=ctypes.cast(caps, _c_void_p), cache_type=cache_type, threads=torch.get_num_threads(),
-                  q8=int(kernels.activation_precision() == "int8" and kernels._VECTORISED),
-                  vec=int(kernels._VECTORISED))
+                  q8=int(kernels.activation_precision() == "int8" and kernels.VECTORISED),
+                  vec=int(kernels.VECTORISED))
         if self.profile is not None:
             if self.profile.dtype != torch.float64 or self.profile.numel() < len(PROFILE) \
                     or not self.profile.is_contiguous():
@@ -223,7 +224,7 @@ class NativeDecoder:
             ple = ple.to(torch.float32).contiguous()
             keep.append(ple)
             s.ple = ple.data_ptr()
-        cells = _write_cells(cache)
+        cells = cache.write_cells()
         for kind, allowed in step.masks.items():  # the attention types the layers have
             i = _kind(kind)
             cos, sin = self.text_model.rope[kind].tables(step.positions, x.dtype)
@@ -256,24 +257,6 @@ def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
         held = cache.native_decoder = (text_model, decoder)
     decoder = held[1]
     return decoder if decoder is not None and decoder.bind(cache) else None
-
-
-def _slot_tensors(cache) -> list[tuple[Tensor, Tensor]]:
-    if type(cache) is KVCache:
-        return [(s.k, s.v) for s in cache.slots]
-    return list(zip(cache.keys, cache.values))
-
-
-def _write_cells(cache) -> tuple[Tensor, Tensor]:
-    """(sliding, global) int64 [B]: the cell each row's new K/V goes to in this step, as `update` writes it.
-    Call after the cache's `start`."""
-    if type(cache) is KVCache:
-        index = cache.length - 1
-        ring = next((s.k.shape[2] for s, t in zip(cache.slots, cache.slot_types) if t == SLIDING), 1)
-        return (torch.full((cache.batch,), index % ring, dtype=torch.int64),
-                torch.full((cache.batch,), index, dtype=torch.int64))
-    write = cache._write.to(torch.int64)
-    return torch.remainder(write, cache.ring or 1).contiguous(), write.contiguous()
 
 
 def _kind(kind: str) -> int:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import SLIDING, TextConfig
-from ..engine.cache import KVCache, Step, ephemeral_step
+from .cache import KVCache, Step, ephemeral_step
 from . import native_decode
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, gaussian_topk, gelu_tanh, normal_quantile, \

@@ -58,7 +58,7 @@ def int4_quantize(w: Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple
         s, z = scale.float()[..., None], zero.float()[..., None]
         q = torch.round((rows - z) / s + 8.0).clamp_(0, 15).to(torch.uint8).flatten(1)
         end = start + q.shape[0]
-        packed[start:end] = _pack_tiles(q)
+        packed[start:end] = pack_tiles(q)
         sz[:, start:end, 0], sz[:, start:end, 1] = scale.t(), zero.t()
     return packed, sz
 
@@ -71,7 +71,7 @@ def int4_unpack(packed: Tensor) -> Tensor:
     return both.transpose(1, 2).reshape(n, 2 * half)
 
 
-def _pack_tiles(q: Tensor) -> Tensor:
+def pack_tiles(q: Tensor) -> Tensor:
     """uint8 [N, K] values in [0, 15] -> uint8 [N, K/2] tile layout (the inverse of int4_unpack)."""
     n, k = q.shape
     tiles = q.reshape(n // INT4_TILE, INT4_TILE, k).transpose(1, 2)  # (tile, k, 64 rows)

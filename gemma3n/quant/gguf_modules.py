@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from .modules import _blockwise
+from .modules import blockwise_matmul
 
 NATIVE_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows of activations the fused kernels run
 _BLOCK_BYTES = 1 << 20  # float32 bytes of weight dequantised at once on the dense path (stays in cache)
@@ -72,7 +72,7 @@ class GGUFLinear(nn.Module):
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
         else:
             step = max(64, _BLOCK_BYTES // (4 * self.in_features))  # a float32 block that stays in cache
-            out = _blockwise(flat.float(), self.dequantize, self.out_features, step)
+            out = blockwise_matmul(flat.float(), self.dequantize, self.out_features, step)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:

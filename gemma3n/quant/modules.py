@@ -30,13 +30,13 @@ def _torch_int4_reads_our_layout() -> bool:
     layout is the 64-row one, so that kernel may only be used where it reads it (probed once at import)."""
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         return False
-    from .formats import _pack_tiles
+    from .formats import pack_tiles
     q = torch.randint(0, 16, (INT4_TILE, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     try:
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
     except RuntimeError:
         return False
-    return torch.equal(theirs, _pack_tiles(q.to(torch.uint8)))
+    return torch.equal(theirs, pack_tiles(q.to(torch.uint8)))
 
 
 _HAS_INT4 = _torch_int4_reads_our_layout()
@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
         elif flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype), self.qweight, self.scales)
         else:
-            out = _blockwise(flat.to(self.scales.dtype), self.dequantize, self.out_features)
+            out = blockwise_matmul(flat.to(self.scales.dtype), self.dequantize, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
@@ -119,13 +119,13 @@ class Int4Linear(nn.Module):
         elif x.device.type == "cpu" and kernels.native() is not None:
             out = self._native_blockwise(flat)
         else:
-            out = _blockwise(flat, self.dequantize, self.out_features)
+            out = blockwise_matmul(flat, self.dequantize, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _native_blockwise(self, flat: Tensor) -> Tensor:
         """Long prompts: x W^T a cache-sized block of rows at a time, the block unpacked natively straight into
         float32 W^T (values exactly those of `dequantize`, rounded to the scale dtype), so the GEMM reads it as it
-        is: no transposed copy, no conversion to the scale dtype and back (as `_blockwise` would do)."""
+        is: no transposed copy, no conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
         xs = flat.float()
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
         for start in range(0, self.out_features, _BLOCK_ROWS):
@@ -175,7 +175,7 @@ class Int4Embedding(Int4Linear):
     """A token embedding stored as int4 groups (Int4Linear's layout); `linear` is the tied LM head.
 
     Half the bytes of Int8Embedding, for the tightest memory budgets; the head's error grows accordingly (see
-    gemma3n.quant.quality for measured agreement)."""
+    gemma3n.quant_quality for measured agreement)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int,
                  scale_dtype: torch.dtype = torch.bfloat16):
@@ -227,7 +227,7 @@ def _native(flat: Tensor) -> bool:
     return flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 
 
-def _blockwise(x: Tensor, dequantize, out_features: int, block_rows: int = _BLOCK_ROWS) -> Tensor:
+def blockwise_matmul(x: Tensor, dequantize, out_features: int, block_rows: int = _BLOCK_ROWS) -> Tensor:
     """x W^T, dequantising W `block_rows` output rows at a time.
 
     On the CPU a 16-bit product is computed in float32 and rounded once: the same products (exact in float32) and

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from gemma3n.engine.cache import KVCache
+from gemma3n.model.cache import KVCache
 
 
 @pytest.mark.parametrize("max_len, window, prompt", [(20, 8, 5), (40, 8, 13), (12, 16, 3), (30, 4, 1)])

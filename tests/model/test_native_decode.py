@@ -95,8 +95,8 @@ def test_gemma3n_native_step_equals_eager(name, batch, sparse):
 
 
 def test_portable_code_path(monkeypatch):
-    """Without AVX2 (kernels._VECTORISED off) the step runs its portable C throughout."""
-    monkeypatch.setattr(kernels, "_VECTORISED", False)
+    """Without AVX2 (kernels.VECTORISED off) the step runs its portable C throughout."""
+    monkeypatch.setattr(kernels, "VECTORISED", False)
     assert_native_equals_eager(gemma3n_model("mixed", sparse=True), batch=2)
 
 

@@ -28,7 +28,7 @@ TOL = 2e-6  # relative to the largest output: float32 sums of up to 1024 terms
 def code_path(request, monkeypatch):
     if request.param == "avx2" and not kernels.native().g3n_vectorised():
         pytest.skip("this CPU has no AVX2 + FMA")
-    monkeypatch.setattr(kernels, "_VECTORISED", request.param == "avx2")
+    monkeypatch.setattr(kernels, "VECTORISED", request.param == "avx2")
     return request.param
 
 

@@ -126,7 +126,7 @@ def _reference_layer_calls(ref_bf16, ids):
 
 def _our_layer(model, i, streams, ple, t):
     """Run our layer i alone on the given streams (a layer that computes its own K/V)."""
-    from gemma3n.engine.cache import ephemeral_step
+    from gemma3n.model.cache import ephemeral_step
     text = model.lm.model
     layer = text.layers[i]
     step = ephemeral_step(None, 1, t, list(model.config.text.layer_types), model.config.text.sliding_window, "cpu")

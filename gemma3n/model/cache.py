@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SLIDING = "sliding_attention"
+from ..config import SLIDING
 
 
 @dataclass
@@ -50,6 +50,20 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.ring_index = torch.full((ring,), -1, dtype=torch.long, device=device)  # seq index held by each ring cell
         self._step_ring_index: Tensor | None = None
+
+    # -- what native code reads ------------------------------------------------------------------------------------
+
+    def slot_tensors(self) -> list[tuple[Tensor, Tensor]]:
+        """(keys, values) of every slot, (B, H, capacity, D) each."""
+        return [(s.k, s.v) for s in self.slots]
+
+    def write_cells(self) -> tuple[Tensor, Tensor]:
+        """(sliding, global) int64 (B,): the cell each row's K/V of the current one-token step goes to, as `update`
+        writes it. Call after `start`."""
+        index = self.length - 1
+        ring = next((s.k.shape[2] for s, t in zip(self.slots, self.slot_types) if t == SLIDING), 1)
+        return (torch.full((self.batch,), index % ring, dtype=torch.int64),
+                torch.full((self.batch,), index, dtype=torch.int64))
 
     # -- one forward call ------------------------------------------------------------------------------------------
 
