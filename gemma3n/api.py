@@ -5,167 +5,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint.hub import looks_like_hub_id, resolve_cached
-from .checkpoint.safetensors import Checkpoint, CheckpointError
-from .checkpoint.weights import KeyMap, assemble, prefixed_key_map, resolve_dtype, text_key_map
 from .config import ModelConfig
 from .engine import generate as engine
-from .engine.heap import return_freed_heap
 from .engine.sampling import SamplingParams
-
-
-def text_model_class(config: ModelConfig):
-    """The decoder class for a config's family."""
-    if config.family == "gemma3n":
-        from .model.text import CausalLM
-        return CausalLM
-    from .model.gemma3 import Gemma3CausalLM
-    return Gemma3CausalLM
-
-
-def _first_shared(config: ModelConfig) -> int | None:
-    return getattr(config.text, "first_shared_layer", None)
-
-
-def _load_folder(folder: Path, dtype: torch.dtype | None, device: str = "cpu", quantize=None, matformer=None):
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder}: no config.json here; pass a Hugging Face checkpoint folder or a .gguf file")
-    from .quant import apply_plan, deferred_tensors, plan_for, stored_plan
-    config = ModelConfig.from_file(folder / "config.json")
-    tensors = Checkpoint(folder)
-    if matformer is not None:  # a MatFormer slice read from the unsliced files (gemma3n/matformer)
-        from .matformer import elastic_view
-        config, tensors = elastic_view(folder, tensors, matformer)
-    keys = text_key_map(list(tensors), _first_shared(config))
-    cls = text_model_class(config)
-    stored = stored_plan(folder)
-    if stored is not None and quantize is not None:
-        raise ValueError(f"{folder} is already quantised ({stored[0].to_dict()}); load it without quantize=")
-    # a quantised checkpoint: the quantised modules are built as empty skeletons and assigned the stored tensors
-    build = (lambda: cls(config.text)) if stored is None else (
-        lambda: apply_plan(cls(config.text), stored[1], stored[0].group_size))
-    # quantize=: planned weights are left out of the assembly, then quantised one at a time from the map, and
-    # each one's file pages are dropped once it is done, so no float copy of the model is ever resident
-    chosen, scheme = plan_for(build, quantize)
-    source = {keys.source(p + ".weight"): p for p in chosen}
-    ple_name = keys.source("model.embed_tokens_per_layer.weight")
-    row_table = tensors.row_table(ple_name) if matformer is not None and ple_name in tensors else None
-    if row_table is not None:  # the kept layers' blocks of the stored table, read per lookup
-        source[ple_name] = "model.embed_tokens_per_layer"
-
-    def where(name: str) -> str:
-        return str(tensors.file_of(name)) if name in tensors else str(folder)
-
-    lm = assemble(build, deferred_tensors(tensors, source), keys, dtype, where)
-    if row_table is not None:
-        lm.model.embed_tokens_per_layer = row_table
-    if matformer is not None:
-        lm.matformer = tensors.plan.spec
-    if chosen:
-        def weight(path: str) -> torch.Tensor:
-            stored_weight = tensors[keys.source(path + ".weight")]
-            return stored_weight if dtype is None else stored_weight.to(dtype)
-        apply_plan(lm, chosen, scheme.group_size, weights=weight,
-                   release=lambda path: tensors.release(keys.source(path + ".weight")))
-    # the scheme in force, for encoders loaded later (gemma3n.quant.quantize_module(tower, scheme.vision, ...))
-    lm.quant_scheme = stored[0] if stored is not None else scheme
-    return config, lm, _load_multimodal(config, tensors, dtype, device, where, lm.quant_scheme)
-
-
-# Where each part of a Gemma 3n multimodal checkpoint lives.
-EMBEDDER_PREFIXES = ("model.embed_vision.", "model.embed_audio.")
-TOWER_WEIGHTS = {"vision": "model.vision_tower.timm_model.", "audio": "model.audio_tower."}
-
-
-def _load_multimodal(config: ModelConfig, tensors, dtype, device: str, where, scheme=None):
-    """The embedders (small) now; each tower's loader, run the first time a prompt needs that tower."""
-    names = list(tensors)
-    if config.family == "gemma3":  # Gemma 3's SigLIP tower and projector (checkpoint/gemma3_vision.py)
-        from .checkpoint.gemma3_vision import load_gemma3_vision
-        return load_gemma3_vision(config, tensors, dtype, device, where, scheme)
-    if config.family != "gemma3n" or not any(n.startswith(EMBEDDER_PREFIXES) for n in names):
-        return None
-    from .model.multimodal import Multimodal
-    embedder_names = [n for n in names if n.startswith(EMBEDDER_PREFIXES)]
-    mm = assemble(lambda: Multimodal(config), tensors, prefixed_key_map(embedder_names, "model."), dtype, where)
-    mm = mm.to(device)
-    for kind, prefix in TOWER_WEIGHTS.items():
-        if any(n.startswith(prefix) for n in names):
-            mm.set_tower_loader(kind, _tower_loader(kind, config, tensors, prefix, dtype, device, where, scheme))
-    return mm
-
-
-def _tower_loader(kind: str, config: ModelConfig, tensors, prefix: str, dtype, device: str, where, scheme=None):
-    def load() -> nn.Module:
-        if kind == "vision":
-            from .model.vision import build_vision_tower as build
-            section = config.vision
-        else:
-            from .model.audio import build_audio_tower as build
-            section = config.audio
-        keys: KeyMap = prefixed_key_map(list(tensors), prefix)
-        tower = assemble(lambda: build(dict(section)), tensors, keys, dtype, where)
-        if scheme is not None:  # the quantisation scheme in force names a format per tower ("vision": "int8")
-            from .quant import quantize_module
-            tower = quantize_module(tower, getattr(scheme, kind), scheme.group_size)
-        return tower.to(device)
-    return load
-
-
-def _load_gguf(path: Path, dtype: torch.dtype | None, quantize=None, device: str = "cpu"):
-    """Tensors are dequantised one at a time; the per-layer table stays in the file (rows dequantised per lookup);
-    with `quantize`, each planned weight is dequantised and re-quantised on its own, never the whole model."""
-    from .checkpoint.gguf import PLE_NAME, GGUFRowEmbedding, read_gguf
-    from .quant import deferred_tensors, plan_for
-    config, tensors = read_gguf(path, dtype)
-    keys = text_key_map(list(tensors), _first_shared(config))
-    cls = text_model_class(config)
-    chosen, scheme = plan_for(lambda: cls(config.text), quantize)
-    deferred = {keys.source(p + ".weight"): p for p in chosen}
-    if PLE_NAME in tensors:
-        deferred[PLE_NAME] = "model.embed_tokens_per_layer"
-    # the native kernels read the file's blocks on the CPU; elsewhere (and with quantize=) tensors are dequantised
-    kept = {} if chosen or device != "cpu" else _gguf_kept_as_stored(_skeleton(cls, config), tensors, keys)
-    deferred.update({keys.source(p + ".weight"): p for p in kept})
-    lm = assemble(lambda: cls(config.text), deferred_tensors(tensors, deferred), keys, dtype, lambda name: str(path))
-    if PLE_NAME in tensors:
-        lm.model.embed_tokens_per_layer = GGUFRowEmbedding(tensors.row_table(PLE_NAME))
-    _swap_in_gguf_modules(lm, kept, tensors.dtype)
-    if chosen:
-        from .quant import apply_plan
-        apply_plan(lm, chosen, scheme.group_size, weights=lambda p: tensors[keys.source(p + ".weight")])
-    lm.quant_scheme = scheme
-    # llama.cpp keeps the towers in a separate mmproj file, which is not supported: GGUF models are text-only.
-    return config, lm, None
-
-
-def _skeleton(cls, config) -> nn.Module:
-    with torch.device("meta"):
-        return cls(config.text)
-
-
-def _gguf_kept_as_stored(skeleton: nn.Module, tensors, keys) -> dict[str, tuple[int, "np.ndarray"]]:
-    """Module path -> (GGML type, stored rows) for the linears and the token embedding that the native kernels
-    compute from the file's blocks directly (quantised and 16-bit types; float32 tensors load as they are)."""
-    from .quant.gguf_modules import supported
-    kept = {}
-    for path, module in skeleton.named_modules():
-        if path == "model.embed_tokens_per_layer" or not (
-                (type(module) is nn.Linear and module.bias is None) or type(module) is nn.Embedding):
-            continue
-        stored = tensors.stored(keys.source(path + ".weight"))
-        if stored is not None and stored[0] != 0 and supported(stored[0], module.weight.shape[1]):
-            kept[path] = stored
-    return kept
-
-
-def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None:
-    from .quant.gguf_modules import GGUFEmbedding, GGUFLinear, raw_rows
-    for path, (ggml_type, data) in kept.items():
-        parent, _, name = path.rpartition(".")
-        old = lm.get_submodule(path)
-        cls = GGUFEmbedding if isinstance(old, nn.Embedding) else GGUFLinear
-        setattr(lm.get_submodule(parent), name, cls(raw_rows(data), ggml_type, old.weight.shape[1], dtype))
+from .loading import LoadedModel, load_checkpoint
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
@@ -183,67 +26,7 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     Gemma 3n safetensors folder, reading only the kept layers, rows and columns (the same model as the folder
     `gemma3n slice` writes).
     """
-    if activations is not None:
-        from . import kernels
-        kernels.set_activation_precision(activations)  # checked before any loading work
-    dtype = resolve_dtype(dtype)
-    path = Path(path_or_id).expanduser()
-    if not path.exists():
-        if isinstance(path_or_id, str) and looks_like_hub_id(path_or_id):
-            path = resolve_cached(path_or_id)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder; pass a checkpoint folder, a .gguf file "
-                                    f"or a Hugging Face model id that is in the local cache")
-    if path.is_dir():
-        config, lm, multimodal = _load_folder(path, dtype, device, quantize, matformer)
-    elif matformer is not None:
-        raise ValueError(f"{path}: MatFormer slicing at load time needs a Gemma 3n safetensors checkpoint folder "
-                         f"(not a .gguf file)")
-    elif path.suffix.lower() == ".gguf":
-        config, lm, multimodal = _load_gguf(path, dtype, quantize, device)
-    else:
-        raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
-    if device != "cpu":
-        lm = lm.to(device)
-    if config.family == "gemma3n":
-        from .model.text import enable_sparse_decode
-        enable_sparse_decode(lm)
-    model = Model(lm, config, path, _load_tokenizer(path), _generation_defaults(path), multimodal)
-    return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves ~200 MB of freed heap resident
-    if config.family == "gemma3n":
-        _prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own
-    return model
-
-
-def _prefetch_per_layer_table(lm) -> None:
-    """The per-layer table stays in the file and each token reads a row of it: read its pages ahead now
-    (checkpoint/prefetch.py), so that a decode step does not wait on the disk for a row."""
-    from .checkpoint.prefetch import prefetch_table
-    table = lm.model.embed_tokens_per_layer
-    stored = getattr(table, "table", None)  # a GGUF table (checkpoint/gguf.py GGUFRowEmbedding)
-    weight = stored.raw if stored is not None else getattr(table, "weight", None)
-    if weight is None:  # a MatFormer slice's view of the stored table (matformer/tensors.py SlicedRowEmbedding)
-        weight = getattr(table, "source", None)
-    if isinstance(weight, torch.Tensor) and weight.device.type != "cpu":
-        return
-    if weight is not None:  # a tensor, or a GGUF table's numpy view of the map
-        prefetch_table(weight)
-
-
-def _load_tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None for a folder that ships none (ids in, ids out still work)."""
-    from .processor.tokenizer import Tokenizer
-    if path.is_dir():
-        return Tokenizer.from_pretrained_dir(path) if (path / "tokenizer.json").exists() else None
-    return Tokenizer.from_gguf(path)
-
-
-def _generation_defaults(path: Path) -> SamplingParams:
-    """generation_config.json when the checkpoint has one; otherwise greedy, as transformers does."""
-    config = path / "generation_config.json" if path.is_dir() else None
-    if config is not None and config.exists():
-        return SamplingParams.from_generation_config(config)
-    return SamplingParams(temperature=0.0)
+    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer))
 
 
 class Model:
@@ -260,6 +43,11 @@ class Model:
         self.allow_network = False  # whether media given as http(s) URLs may be fetched
         self.pan_and_scan = None  # Gemma 3: True (or a dict of settings) also gives elongated images as crops
         self._processor = None
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> "Model":
+        return cls(loaded.language_model, loaded.config, loaded.path, loaded.tokenizer, loaded.defaults,
+                   loaded.multimodal)
 
     @property
     def dtype(self) -> torch.dtype:

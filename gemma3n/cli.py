@@ -147,7 +147,7 @@ def _add_quantize_command(sub) -> None:
 
 
 def cmd_quantize(args) -> int:
-    from .quant import quantize_checkpoint
+    from .convert import quantize_checkpoint
     scheme = args.scheme
     if scheme.lstrip().startswith("{"):
         try:

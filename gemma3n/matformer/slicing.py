@@ -91,7 +91,7 @@ def slice_checkpoint(src: str | Path, dst: str | Path | None, spec, quantize=Non
     partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         files, written_tensors = _write(tensors, plan, config, data, partial, scheme, progress, shard_bytes)
-        from ..quant.checkpoint import copy_side_files
+        from ..convert.quantized import copy_side_files
         copy_side_files(src, partial)
         if dst.exists():
             dst.rmdir()  # empty (checked above)
@@ -113,7 +113,7 @@ def _write(tensors: SlicedTensors, plan: SlicePlan, config: ModelConfig, data: d
         entries = [(name, tensors.shape(name), tensors.dtype(name), lambda name=name: tensors.chunks(name))
                    for name in sorted(tensors)]
     else:
-        from ..quant.checkpoint import quantization_block, quantized_entries
+        from ..convert.quantized import quantization_block, quantized_entries
         entries, chosen = quantized_entries(tensors, sliced, scheme)
         # tensors copied as stored stream a block of rows at a time (the per-layer table is GBs)
         entries = [(n, s, d, (lambda n=n: tensors.chunks(n)) if n in tensors and d == tensors.dtype(n) else p)

@@ -180,7 +180,7 @@ class SlicedRowEmbedding(nn.Module):
     def __init__(self, pieces: list[Tensor], source: Tensor):
         super().__init__()
         self.pieces = pieces
-        self.source = source  # the whole stored table, for the read-ahead (api._prefetch_per_layer_table)
+        self.source = source  # the whole stored table, for the read-ahead (loading.prefetch_per_layer_table)
         self.num_embeddings = source.shape[0]
         self.embedding_dim = sum(p.shape[1] for p in pieces)
 

@@ -90,7 +90,7 @@ class Processor:
 
     def gemma3_image_processor(self):
         if self._image_processor is None:
-            from ..model.siglip import SiglipConfig
+            from ..siglip_config import SiglipConfig
             from .gemma3_image import Gemma3ImageProcessor
             size = SiglipConfig.from_dict(self.config.vision).image_size if self.config.vision else 896
             # Gemma3Processor passes its own pan & scan defaults (off, 256 px, 4 crops, ratio 1.2) to the image
@@ -135,7 +135,7 @@ class Processor:
             return [{"type": "image"}]
         if kind == "audio":
             from .audio import load_audio
-            windows = split_long_audio(load_audio(source), describe(source))
+            windows = split_long_audio(load_audio(source, allow_network=allow_network), describe(source))
             clips.extend(windows)
             return [{"type": "audio"} for _ in windows]
         from .video import video_parts  # a video is its frames (image parts) and its sound track (an audio part)

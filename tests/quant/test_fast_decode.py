@@ -2,7 +2,7 @@
 
 On the real Gemma 3 270M (its Q4_K_M GGUF, computed from its blocks), 96 tokens decoded one at a time with the KV
 cache, teacher-forced: next-token distributions with int8 activations agree with the float32-activation ones at
-least as well as bfloat16 agrees with float32 on this model (97.7% top-1, gemma3n.quant.quality), and a
+least as well as bfloat16 agrees with float32 on this model (97.7% top-1, gemma3n.quant_quality), and a
 greedy answer through the public API is the same (on a prompt where the top token always wins by a margin; on
 others the two paths may part after a few tokens, as any two precisions do)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from gemma3n import kernels
 from gemma3n.model import native_decode
 from gemma3n.quant.gguf_modules import GGUFEmbedding, GGUFLinear
-from gemma3n.quant.quality import SAMPLE_TEXT
+from gemma3n.quant_quality import SAMPLE_TEXT
 
 pytestmark = pytest.mark.skipif(kernels.native() is None, reason=f"native kernels unavailable: {kernels.why_not()}")
 

@@ -5,7 +5,7 @@ from torch import nn
 
 from gemma3n.quant import (Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, int4_dequantize, int4_quantize,
                            int8_dequantize, int8_quantize, quantize_module)
-from gemma3n.quant.formats import _pack_tiles, int4_unpack
+from gemma3n.quant.formats import pack_tiles, int4_unpack
 
 
 def _weight(n, k, seed=0):
@@ -17,7 +17,7 @@ def test_int4_layout_is_the_cpu_kernels_where_they_are_used():
     its int4 kernel must then never be called on our weights."""
     from gemma3n.quant import modules
     q = torch.randint(0, 16, (192, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(1))
-    packed = _pack_tiles(q.to(torch.uint8))
+    packed = pack_tiles(q.to(torch.uint8))
     assert torch.equal(int4_unpack(packed), q.to(torch.uint8))
     if hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
         same = torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))

@@ -6,7 +6,8 @@ import torch
 
 import gemma3n
 from gemma3n.cli import main
-from gemma3n.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, parse_scheme, quantize_checkpoint
+from gemma3n.convert import quantize_checkpoint
+from gemma3n.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, parse_scheme
 
 from ..reference.tiny import build_reference, save_reference
 

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from gemma3n.quant.quality import guard_scheme, verdict
+from gemma3n.quant_quality import guard_scheme, verdict
 
 
 def test_verdict_thresholds():

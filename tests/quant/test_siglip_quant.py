@@ -61,7 +61,7 @@ def test_load_with_quantize_quantises_the_tower_on_first_use(tmp_path):
 def test_quantised_checkpoint_keeps_the_vision_side(tmp_path):
     """`gemma3n quantize` copies the tower and projector; the quantised folder loads and takes images."""
     torch.set_num_threads(1)
-    from gemma3n.quant import quantize_checkpoint
+    from gemma3n.convert import quantize_checkpoint
 
     from ..reference.tiny_gemma3 import build_gemma3_reference, image_run
     src, dst = tmp_path / "src", tmp_path / "dst"

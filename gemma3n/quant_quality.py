@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .api import load
+
 WARN_TOP1, WARN_KL = 0.90, 0.05
 REFUSE_TOP1, REFUSE_KL = 0.60, 1.0
 
@@ -73,10 +75,9 @@ def guard_scheme(path, scheme, text: str = SAMPLE_TEXT, max_tokens: int = 300, d
     """Measure a scheme on a checkpoint against its float (bf16) version, then warn or refuse (see verdict).
 
     `reference`: the float model already loaded from `path` in `dtype`, to reuse across schemes."""
-    import gemma3n
-    reference = reference or gemma3n.load(path, dtype=dtype)
+    reference = reference or load(path, dtype=dtype)
     ids = torch.tensor([reference.tokenizer.encode(text, add_special_tokens=True)[:max_tokens]])
-    quantised = gemma3n.load(path, dtype=dtype, quantize=scheme)
+    quantised = load(path, dtype=dtype, quantize=scheme)
     scores = compare(reference, quantised, ids)
     scores["verdict"] = verdict(scores, scheme)
     return scores

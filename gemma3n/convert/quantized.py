@@ -22,8 +22,9 @@ from ..checkpoint.safetensors import Checkpoint, CheckpointError
 from ..checkpoint.weights import TOWER_PREFIXES, text_key_map
 from ..checkpoint.writer import write_checkpoint
 from ..config import ModelConfig
-from .formats import int4_quantize, int8_quantize
-from .scheme import FLOATS, INT4, QuantScheme, parse_scheme, plan
+from ..model.families import text_model_class
+from ..quant.formats import int4_quantize, int8_quantize
+from ..quant.scheme import FLOATS, INT4, QuantScheme, parse_scheme, plan
 
 FORMAT = "gemma3n-weight-only-1"
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -94,7 +95,6 @@ def quantized_entries(tensors, config: ModelConfig, scheme: QuantScheme) -> tupl
     """The writer's entries (checkpoint/writer.py) of the quantised checkpoint of `tensors` (any mapping with
     `shape`: a Checkpoint, or a MatFormer slice of one) under `config`, and the plan (module path -> format)."""
     keys = text_key_map(list(tensors), getattr(config.text, "first_shared_layer", None))
-    from ..api import text_model_class
     with torch.device("meta"):
         skeleton = text_model_class(config)(config.text)
     chosen = plan(skeleton, scheme)

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .safetensors import CheckpointError
-from .weights import TOWER_PREFIXES, assemble, prefixed_key_map
+from ..checkpoint.safetensors import CheckpointError
+from ..checkpoint.weights import TOWER_PREFIXES, assemble, prefixed_key_map
 
 # Where the tower and the projector may live, most specific first: transformers' in-memory names, the released
 # checkpoints' (4.5x), and what transformers 5 writes back (its conversion drops "vision_model.").

@@ -1,0 +1,104 @@
+"""Loading: a checkpoint folder, a .gguf file or a cached Hub id -> a `LoadedModel` record.
+
+Nothing here generates text: the record holds what a runtime needs (config, language model, multimodal part,
+tokenizer, the checkpoint's sampling defaults) and gemma3n.api.Model puts a small facade on top of it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..checkpoint.hub import looks_like_hub_id, resolve_cached
+from ..checkpoint.prefetch import prefetch_table
+from ..checkpoint.safetensors import CheckpointError
+from ..checkpoint.weights import resolve_dtype
+from ..config import ModelConfig
+from ..engine.heap import return_freed_heap
+from ..engine.sampling import SamplingParams
+from ..processor.tokenizer import Tokenizer
+from .folder import load_folder
+from .gguf_file import load_gguf
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    language_model: nn.Module           # the decoder (causal LM), quantised modules swapped in where asked
+    multimodal: nn.Module | None        # embedders + lazily loaded towers; None for a text-only checkpoint
+    tokenizer: Tokenizer | None         # None for a folder that ships no tokenizer.json (ids in, ids out)
+    defaults: SamplingParams            # generation_config.json, or greedy
+    path: Path                          # the folder or file it came from
+
+
+def resolve_path(path_or_id: str | Path) -> Path:
+    """A folder, a file, or a Hub id found in the local Hugging Face cache -> a local path."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    if isinstance(path_or_id, str) and looks_like_hub_id(path_or_id):
+        return resolve_cached(path_or_id)
+    raise FileNotFoundError(f"{path}: no such file or folder; pass a checkpoint folder, a .gguf file "
+                            f"or a Hugging Face model id that is in the local cache")
+
+
+def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
+                    activations: str | None = None, matformer=None) -> LoadedModel:
+    """See gemma3n.load for the arguments."""
+    if activations is not None:
+        kernels.set_activation_precision(activations)  # checked before any loading work
+    dtype = resolve_dtype(dtype)
+    path = resolve_path(path_or_id)
+    if path.is_dir():
+        config, lm, multimodal = load_folder(path, dtype, device, quantize, matformer)
+    elif matformer is not None:
+        raise ValueError(f"{path}: MatFormer slicing at load time needs a Gemma 3n safetensors checkpoint folder "
+                         f"(not a .gguf file)")
+    elif path.suffix.lower() == ".gguf":
+        config, lm, multimodal = load_gguf(path, dtype, quantize, device)
+    else:
+        raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
+    if device != "cpu":
+        lm = lm.to(device)
+    if config.family == "gemma3n":
+        from ..model.text import enable_sparse_decode
+        enable_sparse_decode(lm)
+    loaded = LoadedModel(config, lm, multimodal, load_tokenizer(path), generation_defaults(path), path)
+    return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves a lot of freed heap resident
+    if config.family == "gemma3n":
+        prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own
+    return loaded
+
+
+def prefetch_per_layer_table(lm: nn.Module) -> None:
+    """The per-layer table stays in the file and each token reads a row of it: read its pages ahead now
+    (checkpoint/prefetch.py), so that a decode step does not wait on the disk for a row."""
+    table = lm.model.embed_tokens_per_layer
+    stored = getattr(table, "table", None)  # a GGUF table (checkpoint/gguf.py GGUFRowEmbedding)
+    weight = stored.raw if stored is not None else getattr(table, "weight", None)
+    if weight is None:  # a MatFormer slice's view of the stored table (matformer/tensors.py SlicedRowEmbedding)
+        weight = getattr(table, "source", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "cpu":
+        return
+    if weight is not None:  # a tensor, or a GGUF table's numpy view of the map
+        prefetch_table(weight)
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None for a folder that ships none (ids in, ids out still work)."""
+    if path.is_dir():
+        return Tokenizer.from_pretrained_dir(path) if (path / "tokenizer.json").exists() else None
+    return Tokenizer.from_gguf(path)
+
+
+def generation_defaults(path: Path) -> SamplingParams:
+    """generation_config.json when the checkpoint has one; otherwise greedy, as transformers does."""
+    config = path / "generation_config.json" if path.is_dir() else None
+    if config is not None and config.exists():
+        return SamplingParams.from_generation_config(config)
+    return SamplingParams(temperature=0.0)
+
+
+__all__ = ["LoadedModel", "load_checkpoint", "resolve_path"]
