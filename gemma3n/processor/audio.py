@@ -7,7 +7,6 @@ at its "very high quality" setting (a linear-phase windowed-sinc polyphase filte
 """
 from __future__ import annotations
 
-import base64
 import io
 import os
 from pathlib import Path
@@ -15,20 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from gemma3n.processor.audio_features import SAMPLE_RATE, AudioFeatureExtractor
+from ..media import MediaError, MediaPolicy, read_source
+from .audio_features import SAMPLE_RATE, AudioFeatureExtractor
 
 __all__ = ["AudioError", "AudioFeatureExtractor", "SAMPLE_RATE", "decode_audio", "is_silent", "load_audio",
            "resample", "to_mono"]
 
 
-class AudioError(ValueError):
+class AudioError(MediaError):
     """An audio input that cannot be used; the message names the source and says what to do."""
 
 
-def load_audio(source: Any, sampling_rate: int | None = None) -> np.ndarray:
+def load_audio(source: Any, sampling_rate: int | None = None, allow_network: bool = False) -> np.ndarray:
     """Any supported audio source -> float32 mono waveform at 16 kHz.
 
-    source: a path (str / Path), bytes, a binary file object, a `data:audio/...;base64,` URL, a numpy array or
+    source: a path (str / Path), bytes, a binary file object, a `data:audio/...;base64,` URL, an http(s) URL (only
+    with allow_network), a numpy array or
     torch tensor of samples (at `sampling_rate`, default 16 kHz; 2-D arrays are (samples, channels) or
     (channels, samples), the shorter axis being the channels), a `(array, rate)` pair or a Hugging Face datasets
     dict `{"array": ..., "sampling_rate": ...}`. Integer samples are scaled to [-1, 1].
@@ -41,7 +42,7 @@ def load_audio(source: Any, sampling_rate: int | None = None) -> np.ndarray:
     if _is_array(source):
         samples, rate = _array_samples(source, name), int(sampling_rate or SAMPLE_RATE)
     else:
-        samples, rate = decode_audio(_open_source(source, name), name)
+        samples, rate = decode_audio(_open_source(source, name, allow_network), name)
     return _finish(samples, rate, name)
 
 
@@ -170,45 +171,17 @@ def _array_samples(array: Any, name: str) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def _open_source(source: Any, name: str) -> str | io.IOBase:
-    """Path -> checked path string; bytes / data: URL / file object -> an in-memory stream."""
+def _open_source(source: Any, name: str, allow_network: bool = False) -> str | io.IOBase:
+    """Path -> checked path string; bytes / data: URL / file object -> an in-memory stream (media/source.py)."""
     if isinstance(source, dict) and source.get("bytes"):
         source = source["bytes"]
     elif isinstance(source, dict) and source.get("path"):
         source = source["path"]
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _stream(bytes(source), name)
-    if isinstance(source, str) and source.startswith("data:"):
-        return _stream(_data_url_bytes(source, name), name)
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        raise AudioError(f"{name}: audio URLs are not downloaded; download the file and pass its path")
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise AudioError(f"{name}: no such audio file" if not path.exists() else f"{name}: not a file")
-        if path.stat().st_size == 0:
-            raise AudioError(f"{name}: the file is empty (0 bytes)")
-        return str(path)
-    if hasattr(source, "read"):
-        return _stream(source.read(), name)
-    raise AudioError(f"{name}: unsupported audio source type {type(source).__name__}; give a path, bytes, a data: "
-                     "URL or a numpy array")
-
-
-def _stream(data: bytes, name: str) -> io.BytesIO:
-    if not data:
-        raise AudioError(f"{name}: the audio data is empty (0 bytes)")
-    return io.BytesIO(data)
-
-
-def _data_url_bytes(url: str, name: str) -> bytes:
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise AudioError(f"{name}: only base64 data: URLs are supported (data:audio/wav;base64,...)")
     try:
-        return base64.b64decode(payload, validate=True)
-    except ValueError as e:
-        raise AudioError(f"{name}: invalid base64 in the data: URL ({e})") from None
+        data = read_source(source, "audio", MediaPolicy(allow_network=allow_network))
+    except MediaError as e:
+        raise AudioError(str(e)) from None
+    return str(data) if isinstance(data, Path) else io.BytesIO(data)
 
 
 def _first_line(error: BaseException) -> str:

@@ -8,13 +8,7 @@ Two reference behaviours are reproduced on purpose, because Gemma3nProcessor has
 `ImageProcessor.__call__` accepts both kinds and routes each the way Gemma3nProcessor does, so the pixels match."""
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import os
-import re
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,88 +17,28 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..media import MediaError, MediaPolicy, read_source
+from ..media import describe as describe_source
 
-class ImageError(ValueError):
+
+class ImageError(MediaError):
     """An image that cannot be used; the message names the source and says what to do."""
-
-
-_BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]{64,}$")
 
 
 def describe(source: Any) -> str:
     """A short human name for an image source, for error messages."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"<{len(source)} bytes>"
-    if isinstance(source, str) and source.startswith("data:"):
-        return f"data: URL ({len(source)} characters)"
-    if isinstance(source, str) and len(source) > 200:
-        return f"{source[:60]}... ({len(source)} characters)"
     if isinstance(source, np.ndarray):
         return f"numpy array of shape {source.shape} and dtype {source.dtype}"
-    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    return describe_source(source)
 
 
-def _read_source(source: Any, allow_network: bool) -> bytes | Path:
-    """The encoded bytes (or the file path) behind a source that is not already a decoded image."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageError("image bytes are empty: pass the contents of an image file (PNG, JPEG, ...)")
-        return bytes(source)
-    if not isinstance(source, (str, os.PathLike)):
-        raise ImageError(f"cannot read an image from a {type(source).__name__}: pass a path, URL, bytes, "
-                         "a PIL image or a uint8 numpy array")
-    text = os.fspath(source)
-    if isinstance(text, str) and text.startswith("data:"):
-        return _decode_data_url(text)
-    if isinstance(text, str) and text.startswith(("http://", "https://")):
-        return _download(text, allow_network)
-    path = Path(text)
+def read_image_source(source: Any, allow_network: bool) -> bytes | Path:
+    """The encoded bytes (or the file path) behind a source that is not already a decoded image (media/source.py;
+    bare base64 text is taken, as transformers' load_image takes it)."""
     try:
-        if path.is_file():
-            return path
-    except OSError:  # e.g. a name too long to be a path: maybe base64 text
-        pass
-    if isinstance(text, str) and _BASE64.match(text):  # transformers also takes bare base64 text
-        return _decode_base64(text, describe(text))
-    if path.exists():
-        raise ImageError(f"image path {text} is not a file: pass the path of an image file")
-    raise ImageError(f"image file not found: {text} (check the path)")
-
-
-def _decode_base64(text: str, name: str) -> bytes:
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ImageError(f"{name}: invalid base64 image data ({e}); encode the file's bytes with base64") from None
-    if not data:
-        raise ImageError(f"{name}: the base64 image data is empty")
-    return data
-
-
-def _decode_data_url(url: str) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma:
-        raise ImageError(f"{describe(url)}: malformed data: URL (no ','); expected data:image/png;base64,....")
-    if header.endswith(";base64"):
-        return _decode_base64(payload, describe(url))
-    data = urllib.parse.unquote_to_bytes(payload)
-    if not data:
-        raise ImageError(f"{describe(url)}: the data: URL holds no image data")
-    return data
-
-
-def _download(url: str, allow_network: bool) -> bytes:
-    if not allow_network:
-        raise ImageError(f"{url}: reading images from the network is off; download the file and pass its path, "
-                         "or allow network access (allow_network=True)")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            data = response.read()
-    except OSError as e:
-        raise ImageError(f"{url}: download failed ({e}); check the URL or download the file yourself") from None
-    if not data:
-        raise ImageError(f"{url}: the server returned no data")
-    return data
+        return read_source(source, "image", MediaPolicy(allow_network=allow_network, allow_bare_base64=True))
+    except MediaError as e:
+        raise ImageError(str(e)) from None
 
 
 def _open(data: bytes | Path, name: str) -> Image.Image:
@@ -132,7 +66,7 @@ def load_image(source: Any, allow_network: bool = False) -> Image.Image:
     elif isinstance(source, np.ndarray):
         image = Image.fromarray(_as_rgb_array(source, describe(source)))
     else:
-        image = _open(_read_source(source, allow_network), describe(source))
+        image = _open(read_image_source(source, allow_network), describe(source))
     try:
         return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, ValueError) as e:

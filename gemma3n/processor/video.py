@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from gemma3n.processor.audio import AudioError, decode_audio_track, resample, to_mono
+from ..media import MediaError, MediaPolicy, read_source
+from .audio import AudioError, decode_audio_track, resample, to_mono
 
 DEFAULT_FPS = 1.0
 DEFAULT_MAX_FRAMES = 16
 DEFAULT_SIZE = 768  # the released image processor's size
 
 
-class VideoError(ValueError):
+class VideoError(MediaError):
     """A video input that cannot be used; the message names the source and says what to do."""
 
 
@@ -52,12 +53,13 @@ def sample_times(duration: float, fps: float = DEFAULT_FPS, max_frames: int = DE
 
 
 def load_video(source: Any, fps: float = DEFAULT_FPS, max_frames: int = DEFAULT_MAX_FRAMES,
-               size: int | None = DEFAULT_SIZE, with_audio: bool = True) -> Video:
-    """A video file (path, bytes or binary file object) -> sampled frames and its sound track (None if silent).
+               size: int | None = DEFAULT_SIZE, with_audio: bool = True, allow_network: bool = False) -> Video:
+    """A video file (path, bytes, binary file object, data: URL, or http(s) URL with allow_network) -> sampled
+    frames and its sound track (None if silent).
 
     A video without a sound track is fine (audio is None); a file without any video stream is an error."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else f"<video {type(source).__name__}>"
-    data = _open(source, name)
+    data = _open(source, name, allow_network)
     frames, timestamps, duration = _decode_frames(data, name, fps, max_frames, size)
     audio = _sound_track(data, name) if with_audio else None
     return Video(frames=frames, timestamps=timestamps, audio=audio, duration=duration)
@@ -80,11 +82,9 @@ def video_parts(source: Any, preprocessor: dict | None = None, allow_network: bo
     size (768)."""
     options = dict(source) if isinstance(source, dict) else {"path": source}
     media = options.get("path", options.get("bytes"))
-    if isinstance(media, str) and media.startswith(("http://", "https://")):
-        raise VideoError(f"{media}: video URLs are not downloaded; download the file and pass its path")
     video = load_video(media, fps=float(options.get("fps") or DEFAULT_FPS),
                        max_frames=int(options.get("max_frames") or DEFAULT_MAX_FRAMES),
-                       size=options.get("size") or _image_size(preprocessor))
+                       size=options.get("size") or _image_size(preprocessor), allow_network=allow_network)
     return video_content(video)
 
 
@@ -171,19 +171,12 @@ def _sound_track(data, name: str) -> np.ndarray | None:
     return resample(to_mono(samples), rate)
 
 
-def _open(source: Any, name: str):
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return io.BytesIO(bytes(source))
-    if hasattr(source, "read"):
-        return io.BytesIO(source.read())
-    if not isinstance(source, (str, os.PathLike)):
-        raise VideoError(f"{name}: unsupported video source type; give a path or bytes")
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise VideoError(f"{name}: no such video file")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{name}: the file is empty (0 bytes)")
-    return str(path)
+def _open(source: Any, name: str, allow_network: bool):
+    try:
+        data = read_source(source, "video", MediaPolicy(allow_network=allow_network))
+    except MediaError as e:
+        raise VideoError(str(e)) from None
+    return str(data) if isinstance(data, Path) else io.BytesIO(data)
 
 
 def _rewind(data):

@@ -6,14 +6,12 @@ Every failure is a 400 that says which part was wrong.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import re
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..media import MediaError, MediaPolicy, read_source
 from .errors import APIError, bad_request
 from .schemas import AudioPart, ImagePart, Message, TextPart
 from .settings import ServerSettings
@@ -58,82 +56,52 @@ def _convert_part(part, where: str, settings: ServerSettings, out: Converted) ->
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
         out.admit("image", settings.max_images, "images", where)
-        data = image_bytes(part.image_url.url, where, settings)
-        decode_image(data, where, settings)
-        # The checked bytes, not the decoded image, go on: the processor then reads them as the reference reads a
-        # URL (EXIF orientation applied), whereas an in-memory image would be taken as it is.
-        return {"type": "image", "image": data}
+        return {"type": "image", "image": decode_image(part.image_url.url, where, settings)}
     assert isinstance(part, AudioPart)
     out.admit("audio", settings.max_audios, "audio clips", where)
-    data = b64decode(part.input_audio.data, where, settings)
+    data = read_media(f"data:audio;base64,{part.input_audio.data}", "audio", where, settings)
     check_audio(data, where, settings)
     return {"type": "audio", "audio": data}
 
 
-def b64decode(text: str, where: str, settings: ServerSettings) -> bytes:
-    if len(text) > settings.max_media_bytes * 4 // 3 + 4:
-        raise APIError(413, f"{where}: the media is larger than the limit of {settings.max_media_bytes} bytes",
-                       param=where)
+def media_policy(settings: ServerSettings) -> MediaPolicy:
+    """What a request may make the server read: inline data always, http(s) only with --allow-remote-media (with
+    the size cap and timeout), local files never."""
+    return MediaPolicy(allow_files=False, allow_network=settings.allow_remote_media,
+                       max_bytes=settings.max_media_bytes, timeout_seconds=settings.remote_timeout_seconds,
+                       network_hint="send it inline as a data: URL (or start the server with --allow-remote-media)")
+
+
+def read_media(source: str, kind: str, where: str, settings: ServerSettings) -> bytes:
+    """The bytes of a request's media (media/source.py), or the 400 / 413 that says what was wrong."""
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{where}: the data is not valid base64", param=where) from None
+        return read_source(source, kind, media_policy(settings))
+    except MediaError as e:
+        raise APIError(e.status, f"{where}: {e}", param=where) from None
 
 
-def image_bytes(url: str, where: str, settings: ServerSettings) -> bytes:
-    """The bytes behind an image URL: a data: URL, or http(s) when allowed. Never a local file."""
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise bad_request(f"{where}: a data: URL must look like data:image/png;base64,<base64 data>", param=where)
-        return b64decode(payload, where, settings)
-    if url.startswith(("http://", "https://")):
-        if not settings.allow_remote_media:
-            raise bad_request(f"{where}: remote image URLs are disabled on this server; send the image inline as a "
-                              "data: URL (or start the server with --allow-remote-media)", param=where)
-        return fetch(url, where, settings)
-    raise bad_request(f"{where}: only data: URLs (and http(s) URLs when the server allows remote media) are "
-                      "accepted; local files are never read", param=where)
-
-
-def fetch(url: str, where: str, settings: ServerSettings) -> bytes:
-    """GET a remote media URL with a timeout and a size cap (only called with --allow-remote-media)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "gemma3n-server"})
-    try:
-        with urllib.request.urlopen(request, timeout=settings.remote_timeout_seconds) as response:
-            if not response.geturl().startswith(("http://", "https://")):
-                raise bad_request(f"{where}: the URL redirected away from http(s)", param=where)
-            data = response.read(settings.max_media_bytes + 1)
-    except APIError:
-        raise
-    except Exception as e:  # URLError, HTTPError, timeouts, bad URLs: all mean "could not fetch"
-        raise bad_request(f"{where}: could not fetch {url[:200]} ({e})", param=where) from None
-    if len(data) > settings.max_media_bytes:
-        raise APIError(413, f"{where}: the media is larger than the limit of {settings.max_media_bytes} bytes",
-                       param=where)
-    return data
-
-
-def decode_image(data: bytes, where: str, settings: ServerSettings) -> Any:
-    """Bytes -> a loaded PIL image (a full decode, so a truncated file is caught here), refusing what is not an
-    image or has too many pixels."""
+def decode_image(url: str, where: str, settings: ServerSettings) -> Any:
+    """An image URL -> the RGB image the processor takes (decoded once, here, with the EXIF orientation applied as
+    the reference applies it to a URL), refusing what is not an image or has too many pixels."""
+    data = read_media(url, "image", where, settings)
     try:
         from PIL import Image
+        from ..processor.image import ImageError, load_image
     except ImportError:
         raise bad_request("image input needs the pillow package on the server (pip install pillow)") from None
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > settings.max_image_pixels:
-            raise bad_request(f"{where}: the image is {width}x{height}; at most {settings.max_image_pixels} pixels "
-                              "are accepted", param=where)
-        image.load()
-    except APIError:
-        raise
+        width, height = Image.open(io.BytesIO(data)).size  # the header only: refuse a pixel bomb before decoding it
     except Exception as e:  # PIL raises many types for broken or unknown files
         raise bad_request(f"{where}: the data is not a readable image ({_reason(e)}); "
                           "send a PNG, JPEG, GIF or WebP", param=where) from None
-    return image
+    if width * height > settings.max_image_pixels:
+        raise bad_request(f"{where}: the image is {width}x{height}; at most {settings.max_image_pixels} pixels "
+                          "are accepted", param=where)
+    try:
+        return load_image(data)
+    except ImageError as e:
+        raise bad_request(f"{where}: the data is not a readable image ({_reason(e)}); "
+                          "send a PNG, JPEG, GIF or WebP", param=where) from None
 
 
 def check_audio(data: bytes, where: str, settings: ServerSettings) -> float:

@@ -99,11 +99,11 @@ def test_silence_is_detected_not_rejected():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p / "missing.wav", "no such audio file"),
+    (lambda p: p / "missing.wav", "audio file not found"),
     (lambda p: (p / "empty.wav").write_bytes(b"") or p / "empty.wav", "empty"),
     (lambda p: (p / "junk.mp3").write_bytes(b"\x00\x01 not audio at all " * 50) and p / "junk.mp3", "cannot decode"),
-    (lambda p: "https://example.com/a.wav", "not downloaded"),
-    (lambda p: "data:audio/wav,abc", "base64"),
+    (lambda p: "https://example.com/a.wav", "network is off"),
+    (lambda p: "data:audio/wav;base64,abc", "base64"),
 ])
 def test_clear_errors_name_the_source(tmp_path, make, message):
     source = make(tmp_path)

@@ -65,7 +65,7 @@ def test_content_items_with_sound(clip):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(VideoError, match="no such video file"):
+    with pytest.raises(VideoError, match="video file not found"):
         load_video(tmp_path / "none.mp4")
     (tmp_path / "empty.mp4").write_bytes(b"")
     with pytest.raises(VideoError, match="empty"):
@@ -87,5 +87,5 @@ def test_video_parts_for_the_processor(clip):
     assert [p["text"] for p in custom if p["type"] == "text"][:4] == [
         "Frame at 0.4 s:", "Frame at 1.1 s:", "Frame at 1.9 s:", "Frame at 2.6 s:"]
     assert custom[1]["image"].size == (16, 16)
-    with pytest.raises(VideoError, match="not downloaded"):
+    with pytest.raises(VideoError, match="network is off"):
         video_parts("https://example.com/v.mp4")

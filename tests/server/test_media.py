@@ -151,15 +151,15 @@ def _post_chat(server, *parts) -> httpx.Response:
 
 BAD_MEDIA = {
     "bad base64 image": ({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR*w0K"}},
-                         "messages[0].content[0]: the data is not valid base64"),
+                         "messages[0].content[0]: data:image/png;base64,... (31 characters): invalid base64 image"),
     "text sent as an image": (image_part(b"these bytes are words, not pixels"),
                               "messages[0].content[0]: the data is not a readable image"),
     "truncated PNG": (image_part(png(4)[:200]), "messages[0].content[0]: the data is not a readable image"),
-    "data: URL without base64": ({"type": "image_url", "image_url": {"url": "data:image/png," + "x" * 8}},
-                                 "data:image/png;base64,"),
+    "percent-encoded data: URL of no image": ({"type": "image_url", "image_url": {"url": "data:image/png," + "x" * 8}},
+                                               "messages[0].content[0]: the data is not a readable image"),
     "audio too long": (audio_part(sound(MAX_SECONDS + 1)), f"at most {MAX_SECONDS:g} s per clip"),
     "noise sent as audio": (audio_part(b"RIFF....WAVEnot really"), "the data is not readable audio"),
-    "empty audio": (audio_part(b""), "messages[0].content[0]: the data is not readable audio (Error opening: "),
+    "empty audio": (audio_part(b""), "messages[0].content[0]: data:audio;base64,... (18 characters): the audio data is empty"),
 }
 
 

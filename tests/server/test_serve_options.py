@@ -62,7 +62,7 @@ def test_remote_media_only_when_allowed(model, server, png_site):
         # Fetched and decoded; this tiny checkpoint is text-only, so the image itself is then refused.
         assert "text-only" in _ask(remote, png_site + "/cat.png").json()["error"]["message"]
         missing = _ask(remote, png_site + "/nothing.png")
-        assert missing.status_code == 400 and "could not fetch" in missing.json()["error"]["message"]
+        assert missing.status_code == 400 and "download failed" in missing.json()["error"]["message"]
         local = _ask(remote, "file:///etc/hostname")
         assert local.status_code == 400 and "local files are never read" in local.json()["error"]["message"]
         png = base64.b64encode(b"\x89PNG not really").decode()
