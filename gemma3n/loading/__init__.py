@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..checkpoint.gguf import open_gguf
 from ..checkpoint.hub import looks_like_hub_id, resolve_cached
 from ..checkpoint.prefetch import prefetch_table
 from ..checkpoint.safetensors import CheckpointError
@@ -57,7 +58,8 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
         raise ValueError(f"{path}: MatFormer slicing at load time needs a Gemma 3n safetensors checkpoint folder "
                          f"(not a .gguf file)")
     elif path.suffix.lower() == ".gguf":
-        config, lm, multimodal = load_gguf(path, dtype, quantize, device)
+        gguf = open_gguf(path)  # parsed once: the config, the tensors and the tokenizer all read it
+        config, lm, multimodal = load_gguf(gguf, dtype, quantize, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if device != "cpu":
@@ -65,7 +67,8 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     if config.family == "gemma3n":
         from ..model.text import enable_sparse_decode
         enable_sparse_decode(lm)
-    loaded = LoadedModel(config, lm, multimodal, load_tokenizer(path), generation_defaults(path), path)
+    tokenizer = Tokenizer.from_gguf(gguf) if not path.is_dir() else load_tokenizer(path)
+    loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path)
     return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves a lot of freed heap resident
     if config.family == "gemma3n":
         prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own

@@ -6,12 +6,11 @@ file's blocks; the rest are dequantised one at a time; the per-layer table stays
 lookup). With `quantize`, each planned weight is dequantised and re-quantised on its own, never the whole model."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from ..checkpoint.gguf import PLE_NAME, GGUFRowEmbedding, read_gguf
+from ..checkpoint.gguf_file import GGUFFile
 from ..checkpoint.weights import assemble, text_key_map
 from ..model.families import text_model_class
 from ..quant import apply_plan, deferred_tensors, plan_for
@@ -19,8 +18,10 @@ from ..quant.gguf_modules import GGUFEmbedding, GGUFLinear, raw_rows, supported
 from .folder import first_shared_layer
 
 
-def load_gguf(path: Path, dtype: torch.dtype | None, quantize=None, device: str = "cpu"):
-    config, tensors = read_gguf(path, dtype)
+def load_gguf(file: GGUFFile, dtype: torch.dtype | None, quantize=None, device: str = "cpu"):
+    """`file` is the parsed .gguf (checkpoint/gguf_file.py), which the tokenizer also reads."""
+    path = file.path
+    config, tensors = read_gguf(file, dtype)
     keys = text_key_map(list(tensors), first_shared_layer(config))
     cls = text_model_class(config)
     chosen, scheme = plan_for(lambda: cls(config.text), quantize)

@@ -8,14 +8,16 @@ whole in the text before BPE runs.
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from pathlib import Path
 from typing import Any, Iterable
 
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
+
+from ..checkpoint.gguf_file import GGUFFile
+
+_STRING, _ARRAY = 8, 9  # GGUF value types, for an open gguf.GGUFReader's fields
 
 # Texts longer than this are encoded without holding the GIL, so a server's other threads (its event loop) run on.
 GIL_FREE_CHARS = 4096
@@ -113,8 +115,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source: str | os.PathLike | Any) -> Tokenizer:
-        """Rebuild the tokenizer from a GGUF file's vocabulary (a path, or an open `gguf.GGUFReader`)."""
-        if hasattr(source, "fields"):  # an already-open GGUFReader: reuse it instead of parsing the file again
+        """Rebuild the tokenizer from a GGUF file's vocabulary: a path, a parsed `GGUFFile` (what loading passes, so
+        the file is parsed once) or an open `gguf.GGUFReader`."""
+        if isinstance(source, GGUFFile):
+            meta, where = source.metadata, str(source.path)
+        elif hasattr(source, "fields"):  # an already-open GGUFReader: reuse it instead of parsing the file again
             meta = _metadata_from_reader(source)
             where = str(getattr(getattr(source, "data", None), "filename", None) or "the GGUF reader")
         else:
@@ -327,69 +332,9 @@ def _add_control_tokens(backend: _Backend, tokens: list[str], pieces: list[str],
 # ---- GGUF metadata ----------------------------------------------------------------------------------------------
 
 # GGUF scalar value types -> struct format (little-endian)
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file, without touching its tensors.
-
-    Parsed here rather than with `gguf.GGUFReader`, which takes ~10 s on a 262k-token vocabulary because it builds
-    one numpy view per string; this walk takes well under a second.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as fh:
-        if os.fstat(fh.fileno()).st_size < 24:
-            raise ValueError(f"{path} is too short to be a GGUF file")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueError(f"{path} is not a GGUF file (bad magic bytes)")
-            version, _, kv_count = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise ValueError(f"{path} is GGUF version {version}; versions 2 and 3 are supported")
-            try:
-                return _read_kv(buf, kv_count)
-            except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
-                raise ValueError(f"{path}: truncated or corrupt GGUF metadata ({exc})") from None
-
-
-def _read_kv(buf: mmap.mmap, count: int) -> dict[str, Any]:
-    meta, pos = {}, 24
-    for _ in range(count):
-        key, pos = _read_str(buf, pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        meta[key], pos = _read_value(buf, pos + 4, kind)
-    return meta
-
-
-def _read_str(buf: mmap.mmap, pos: int) -> tuple[str, int]:
-    (size,) = struct.unpack_from("<Q", buf, pos)
-    end = pos + 8 + size
-    if end > len(buf):
-        raise ValueError("string runs past the end of the file")
-    return buf[pos + 8 : end].decode("utf-8"), end
-
-
-def _read_value(buf: mmap.mmap, pos: int, kind: int) -> tuple[Any, int]:
-    if kind in _SCALAR:
-        fmt = "<" + _SCALAR[kind]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if kind == _STRING:
-        return _read_str(buf, pos)
-    if kind != _ARRAY:
-        raise ValueError(f"unknown value type {kind}")
-    item_kind, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if item_kind in _SCALAR:  # one struct call for the whole array (scores, token types)
-        fmt = f"<{count}{_SCALAR[item_kind]}"
-        return list(struct.unpack_from(fmt, buf, pos)), pos + struct.calcsize(fmt)
-    items = []
-    for _ in range(count):
-        item, pos = _read_value(buf, pos, item_kind)
-        items.append(item)
-    return items, pos
+    """All key/value metadata of a GGUF file (checkpoint/gguf_file.py), without reading its tensors."""
+    return GGUFFile(path).metadata
 
 
 def _metadata_from_reader(reader: Any) -> dict[str, Any]:
