@@ -26,7 +26,7 @@ def test_instructions():
 
 def test_bad_files_fail_before_loading_a_model(tmp_path):
     missing = gemma3n_cli("transcribe", str(tmp_path / "none.wav"), "--model", str(tmp_path / "no-model"))
-    assert missing.returncode == 2 and "no such audio file" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "audio file not found" in missing.stderr and "Traceback" not in missing.stderr
     (tmp_path / "silence.wav").write_bytes(encode(np.zeros(16_000, np.float32), 16_000, "wav"))
     silent = gemma3n_cli("transcribe", str(tmp_path / "silence.wav"), "--model", str(tmp_path / "no-model"))
     assert silent.returncode == 0 and "silent" in silent.stderr and silent.stdout == ""

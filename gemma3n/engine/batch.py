@@ -1,19 +1,20 @@
-"""Continuous batching: sequences join and leave a running decode batch at step boundaries.
+"""The one generation loop: sequences join and leave a running decode batch at step boundaries.
 
-The `Decoder` in generate.py runs a fixed, left-padded batch from start to end. A server cannot wait for a batch to
-finish before admitting the next request, so here:
+Every generation runs here: a single prompt is a batch of one, `generate_batch` a batch of its rows
+(engine/generate.py), the server a batch that never ends. So:
 
-- a new sequence is prefilled alone, in chunks, with the model's ordinary `KVCache` sized exactly as `Decoder` sizes
-  it for that prompt (so its prefill computes what `generate()` computes);
-- its K/V are then copied into a `BatchCache`, where every row owns its keys from column 0 and has its own length;
-  a decode step feeds one token per row, each at its own position, with one forward for all rows;
+- a new sequence is prefilled alone, in chunks, with the model's ordinary `KVCache` sized for its prompt plus its
+  budget of new tokens;
+- its K/V are then copied into a `BatchCache` (model/batch_cache.py), where every row owns its keys from column 0
+  and has its own length; a decode step feeds one token per row, each at its own position, with one forward for
+  all rows;
 - a row that finishes (stop id, length, stop string, cancellation) is dropped and its memory released;
 - rows decode in groups of at most `kernels.MAX_ROWS`, one forward per group: within that width every row's products
   are computed alone (a wider forward would switch to GEMM paths that round differently, and greedy answers of a
   busy server would then depend on how many other requests run).
 
-Greedy rows therefore give the same tokens as the same prompt generated alone (the masked-out keys of shorter rows
-contribute exact zeros), and seeded sampling draws from the same per-row generator sequence.
+Greedy rows therefore give the same tokens whatever else runs beside them (the masked-out keys of shorter rows
+contribute exact zeros), and seeded sampling draws from the sequence's own generator.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from .. import kernels
 from ..model.batch_cache import BatchCache
 from ..model.cache import KVCache
-from .generate import DEFAULT_CHUNK, check_embeds, check_inputs, device_of, token_budget, chunk_end
+from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device_of, token_budget
 from .sampling import Sampler, SamplingParams
 
 
@@ -54,6 +55,7 @@ class Sequence:
     new_ids: list[int] = field(default_factory=list)
     sampled: int = 0  # tokens produced, stop ids included
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    stop_token: int | None = None  # the stop id that ended it, if one did
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     pending: int | None = None  # sampled but not yet fed to the model
@@ -67,8 +69,8 @@ class Sequence:
 class ContinuousBatch:
     """Sequences generated together; `add` one at any time, `step()` advances all of them.
 
-    Each `step()` feeds at most one prefill chunk (of the oldest sequence still prefilling, so a long prompt cannot
-    stall the others for more than a chunk) and then one decode column for every decoding sequence. It returns the
+    Each `step()` feeds one decode column for every decoding sequence and then at most one prefill chunk (of the
+    oldest sequence still prefilling, so a long prompt cannot stall the others for more than a chunk). It returns the
     (sequence, token) pairs it produced; token is None when the sequence ended on a stop id. Finished sequences
     leave the batch at once; `finish(seq, reason)` ends one from outside (stop string, client gone).
     """
@@ -115,17 +117,21 @@ class ContinuousBatch:
         self.prefilling.append(seq)
         return seq
 
-    def finish(self, seq: Sequence, reason: str = "stop") -> None:
-        """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step."""
-        if not seq.done:
+    def finish(self, seq: Sequence, reason: str = "stop", override: bool = False) -> None:
+        """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step. `override`: the
+        reason replaces one already set (a stop string completed by the token that also reached the length)."""
+        if not seq.done or override:
             seq.finish_reason = reason
         self._clock(seq)
 
     def step(self) -> list[tuple[Sequence, int | None]]:
         with torch.inference_mode():
             self._drop_finished()
-            produced = self._prefill_chunk()
-            produced += self._decode()
+            # decode first: a sequence whose prompt ends in this step gets its first token now and its second in
+            # the next step, so a step yields at most one token per sequence and a caller can end a sequence
+            # (stop string, client gone) between any two of its tokens
+            produced = self._decode()
+            produced += self._prefill_chunk()
             self._drop_finished()
         return produced
 
@@ -138,7 +144,7 @@ class ContinuousBatch:
         size = chunk_end(self.model, seq.prompt, 0, self.chunk_size)  # never splits an image block (Gemma 3)
         chunk, seq.prompt = seq.prompt[:, :size], seq.prompt[:, size:]
         extra = {}
-        if seq.prompt_embeds is not None:  # the same slices as Decoder._prefill passes
+        if seq.prompt_embeds is not None:  # the embeddings of this chunk's columns
             extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
             seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
         logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
@@ -167,13 +173,14 @@ class ContinuousBatch:
         return produced
 
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
-        """Pick the next token of `seq` and record it, as `Decoder._record` does for one row."""
+        """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
         token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
         seq.history[0, position] = token
         seq.sampled += 1
         seq.pending = token
         if token in seq.stop_ids:
+            seq.stop_token = token
             self.finish(seq, "stop")
             return None
         seq.new_ids.append(token)

@@ -7,26 +7,23 @@ logits (B, T or 1, V), where every call with a cache appends its columns to it. 
 as `model(..., inputs_embeds=)`. A tokenizer is anything with
 `decode(ids) -> str`.
 
-Batches are left-padded (`attention_mask` 1 = real token); all rows advance one column per step, and a row that
-has finished is fed masked padding until the last row finishes.
+Batches are left-padded (`attention_mask` 1 = real token); each row is generated as its own sequence of the one
+generation loop (`BatchGeneration` over engine/batch.py's `ContinuousBatch`), so a row computes exactly what its
+prompt computes alone.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
-from .sampling import Sampler, SamplingParams
+from .batch import ContinuousBatch, Sequence
+from .inputs import DEFAULT_CHUNK, ContextLengthError, check_embeds, check_inputs
+from .sampling import SamplingParams
 
-DEFAULT_CHUNK = 1024  # prompt columns per prefill forward: bounds the activations of long prompts
 REPLACEMENT = "\ufffd"  # what a decoder returns for an incomplete UTF-8 sequence
-
-
-class ContextLengthError(ValueError):
-    """The prompt leaves no room for a new token in the model's context."""
 
 
 @dataclass
@@ -107,174 +104,78 @@ def _pending_stop_prefix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-class Decoder:
-    """The generation of one batch; iterate to run it, one decode step per item.
+class BatchGeneration:
+    """The generation of a batch of prompts, run by the one generation loop (engine/batch.py): each row is a
+    sequence of its own in a `ContinuousBatch` (its real tokens only, so left padding changes nothing), prefilled
+    alone and then decoded with the others. A single prompt is a batch of one; the server's requests are the same
+    sequences joining one long-running batch.
 
-    Each item holds, per row, the token that step produced, or None when the row had already finished or produced
-    a stop id (stop ids are not part of the output). `stop(row)` ends a row early, e.g. on a stop string.
+    Iterate to run it: each item holds, per row, the token that step produced, or None (the row produced nothing
+    this step: still prefilling, finished, or it produced a stop id, which is not part of the output). `stop(row)`
+    ends a row early, e.g. on a stop string.
     """
 
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
                  attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
                  inputs_embeds: Tensor | None = None):
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-        self.model, self.params, self.chunk_size = model, params, chunk_size
-        self.input_ids, self.attention_mask = check_inputs(input_ids, attention_mask, device_of(model))
-        self.inputs_embeds = check_embeds(inputs_embeds, self.input_ids)
-        self.stop_ids = frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids)
-        batch, length = self.input_ids.shape
-        self.budget = token_budget(model, length, params.max_new_tokens)
-        with torch.inference_mode():
-            self.cache = model.new_cache(batch, length + self.budget)
-        self.sampler = Sampler(params)
-        # Prompt + new ids for the repetition penalty; padding is -1, which the penalty ignores.
-        self.history = torch.full((batch, length + self.budget), -1, dtype=torch.long, device=self.input_ids.device)
-        real = self.attention_mask.bool() if self.attention_mask is not None else torch.ones_like(self.input_ids).bool()
-        self.history[:, :length] = self.input_ids.masked_fill(~real, -1)
-        self.prompt_tokens: list[int] = real.sum(-1).tolist()
-        self.new_ids: list[list[int]] = [[] for _ in range(batch)]
-        self.stop_tokens: list[int | None] = [None] * batch  # the stop id that ended each row, if one did
-        self.sampled = [0] * batch  # tokens produced per row, stop ids included
-        self.finish_reasons: list[str | None] = [None] * batch
-        self.prefill_seconds = self.decode_seconds = 0.0
+        self.loop = ContinuousBatch(model, chunk_size)
+        ids, mask = check_inputs(input_ids, attention_mask, self.loop.device)
+        embeds = check_embeds(inputs_embeds, ids)
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        # every row is checked (too long for the context, ...) before any of them starts
+        self.rows: list[Sequence] = [
+            self.loop.add(ids[r][real[r]][None], params, stop_ids,
+                          None if embeds is None else embeds[r][real[r]][None]) for r in range(ids.shape[0])]
         self._started = False
 
     @property
     def batch(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.rows)
 
     @property
     def done(self) -> bool:
-        return all(r is not None for r in self.finish_reasons)
+        return all(seq.done for seq in self.rows)
 
     def stop(self, row: int) -> None:
         """End `row` now (its last token completed a stop string); it wins over a 'length' set by that token."""
-        self.finish_reasons[row] = "stop"
+        self.loop.finish(self.rows[row], "stop", override=True)
 
     def __iter__(self) -> Iterator[list[int | None]]:
         if self._started:
-            raise RuntimeError("a Decoder runs once; build a new one to generate again")
+            raise RuntimeError("a BatchGeneration runs once; build a new one to generate again")
         self._started = True
-        start = time.perf_counter()
-        logits = self._prefill()
-        first = True
-        try:
-            for step in range(self.budget):
-                tokens = self.sampler.sample(logits, self.history[:, :self.input_ids.shape[1] + step]).tolist()
-                if first:  # .tolist() waited for the device, so the clock is honest
-                    now = time.perf_counter()
-                    self.prefill_seconds, start, first = now - start, now, False
-                yield self._record(tokens, step)
-                if self.done:
-                    break
-                logits = self._feed(tokens)
-        finally:
-            if not first:
-                self.decode_seconds = time.perf_counter() - start
-
-    def _prefill(self) -> Tensor:
-        """Feed the prompt in chunks; the logits of its last column (every row ends on a real token)."""
-        ids, mask, embeds = self.input_ids, self.attention_mask, self.inputs_embeds
-        start = 0
-        while start < ids.shape[1]:
-            end = chunk_end(self.model, ids, start, self.chunk_size)
-            logits = self._forward(ids[:, start:end], None if mask is None else mask[:, start:end],
-                                   None if embeds is None else embeds[:, start:end])
-            start = end
-        return logits
-
-    def _feed(self, tokens: list[int]) -> Tensor:
-        """One decode column: active rows get their new token, finished rows masked padding."""
-        active = [r is None for r in self.finish_reasons]
-        ids = torch.tensor([[t if a else 0] for t, a in zip(tokens, active)], device=self.input_ids.device)
-        mask = None if all(active) else torch.tensor([[int(a)] for a in active], device=self.input_ids.device)
-        return self._forward(ids, mask)
-
-    def _forward(self, ids: Tensor, mask: Tensor | None, embeds: Tensor | None = None) -> Tensor:
-        # inference_mode per call, never across a `yield`, so it does not leak into the caller's code.
-        extra = {} if embeds is None else {"inputs_embeds": embeds}
-        with torch.inference_mode():
-            logits = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True, **extra)
-        return logits[:, -1].float()
-
-    def _record(self, tokens: list[int], step: int) -> list[int | None]:
-        # The history may have been made under inference mode (a caller's decorator) and be iterated outside it.
-        with torch.inference_mode():
-            self.history[:, self.input_ids.shape[1] + step] = torch.tensor(tokens, device=self.history.device)
-        produced: list[int | None] = []
-        for row, token in enumerate(tokens):
-            if self.finish_reasons[row] is not None:
-                produced.append(None)
+        row_of = {id(seq): row for row, seq in enumerate(self.rows)}
+        while len(self.loop):
+            produced = self.loop.step()
+            if not produced:  # a prefill chunk that did not end its prompt
                 continue
-            self.sampled[row] += 1
-            if token in self.stop_ids:
-                self.finish_reasons[row] = "stop"
-                self.stop_tokens[row] = token
-                produced.append(None)
-                continue
-            self.new_ids[row].append(token)
-            produced.append(token)
-            if self.sampled[row] >= self.budget:
-                self.finish_reasons[row] = "length"
-        return produced
+            # a sequence whose prompt just ended gets its first token and, in the same step, its second
+            tokens: list[int | None] = [None] * self.batch
+            seen: set[int] = set()
+            for seq, token in produced:
+                row = row_of[id(seq)]
+                if row in seen:
+                    yield tokens
+                    tokens, seen = [None] * self.batch, set()
+                tokens[row] = token
+                seen.add(row)
+            yield tokens
+
+    # per-row records, as `Generation` reports them
+    @property
+    def new_ids(self) -> list[list[int]]:
+        return [seq.new_ids for seq in self.rows]
+
+    @property
+    def stop_tokens(self) -> list[int | None]:
+        return [seq.stop_token for seq in self.rows]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return [seq.finish_reason for seq in self.rows]
 
 
-def chunk_end(model, input_ids: Tensor, start: int, chunk_size: int) -> int:
-    """The end of the prefill chunk that starts at `start`: `chunk_size` columns, or more where the model must see
-    a block of columns in one call (`model.chunk_end`, e.g. Gemma 3's bidirectional image blocks)."""
-    end = min(start + chunk_size, input_ids.shape[1])
-    widen = getattr(model, "chunk_end", None)
-    return end if widen is None else widen(input_ids, start, end)
-
-
-def device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def check_inputs(input_ids, attention_mask, device) -> tuple[Tensor, Tensor | None]:
-    """(B, T) long ids (a 1-D prompt is one row) and the matching mask, which must be left padding."""
-    ids = torch.as_tensor(input_ids)
-    ids = ids[None] if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.is_floating_point() or ids.is_complex():
-        raise ValueError(f"input_ids must be integer ids of shape (batch, length >= 1), got {tuple(ids.shape)} "
-                         f"{ids.dtype}")
-    ids = ids.to(device=device, dtype=torch.long)
-    if attention_mask is None:
-        return ids, None
-    mask = torch.as_tensor(attention_mask)
-    mask = mask[None] if mask.dim() == 1 else mask
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}")
-    mask = mask.to(device=device, dtype=torch.long)
-    if not bool(mask[:, -1].all()):
-        raise ValueError("attention_mask: every row must end with a real token; pad batches on the left")
-    return ids, mask
-
-
-def check_embeds(embeds, ids: Tensor) -> Tensor | None:
-    if embeds is None:
-        return None
-    if embeds.dim() != 3 or tuple(embeds.shape[:2]) != tuple(ids.shape):
-        raise ValueError(f"inputs_embeds must have shape (batch, length, hidden) matching input_ids {tuple(ids.shape)}, "
-                         f"got {tuple(embeds.shape)}")
-    return embeds.to(ids.device)
-
-
-def token_budget(model, prompt_len: int, max_new_tokens: int) -> int:
-    """New tokens allowed: max_new_tokens, capped so that prompt + new tokens fit the context."""
-    context = model.config.max_position_embeddings
-    if prompt_len + 1 > context:
-        raise ContextLengthError(
-            f"the prompt is {prompt_len} tokens but the model's context holds {context}, so no token can be "
-            f"generated; shorten the prompt to at most {context - 1} tokens")
-    return min(max_new_tokens, context - prompt_len)
-
-
-def _run(decoder: Decoder, streams: list[TextStream] | None) -> Iterator[tuple[int, str]]:
+def _run(decoder: BatchGeneration, streams: list[TextStream] | None) -> Iterator[tuple[int, str]]:
     """Drive the decoder, feeding each row's tokens to its stream; yields (row, text piece)."""
     for produced in decoder:
         for row, token in enumerate(produced):
@@ -299,12 +200,11 @@ def _streams(tokenizer, params: SamplingParams, batch: int) -> list[TextStream] 
     return [TextStream(tokenizer, params.stop) for _ in range(batch)]
 
 
-def _results(decoder: Decoder, streams: list[TextStream] | None) -> list[Generation]:
-    return [Generation(text=streams[r].text if streams else "", token_ids=decoder.new_ids[r],
-                       prompt_tokens=decoder.prompt_tokens[r], new_tokens=decoder.sampled[r],
-                       finish_reason=decoder.finish_reasons[r],
-                       prefill_seconds=decoder.prefill_seconds, decode_seconds=decoder.decode_seconds)
-            for r in range(decoder.batch)]
+def _results(decoder: BatchGeneration, streams: list[TextStream] | None) -> list[Generation]:
+    return [Generation(text=streams[r].text if streams else "", token_ids=seq.new_ids,
+                       prompt_tokens=seq.prompt_tokens, new_tokens=seq.sampled, finish_reason=seq.finish_reason,
+                       prefill_seconds=seq.prefill_seconds, decode_seconds=seq.decode_seconds)
+            for r, seq in enumerate(decoder.rows)]
 
 
 def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
@@ -312,7 +212,7 @@ def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Ite
                  inputs_embeds: Tensor | None = None, include_stop_ids: bool = False) -> list[list[int]]:
     """New ids of every row; a row that a stop id ended ends with that id only with `include_stop_ids` (the
     transformers convention for returned ids). Stop strings in `params` need `tokenizer`."""
-    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
+    decoder = BatchGeneration(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
                       inputs_embeds=inputs_embeds)
     streams = _streams(tokenizer, params, decoder.batch) if params.stop else None
     for _ in _run(decoder, streams):
@@ -327,7 +227,7 @@ def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, 
                    inputs_embeds: Tensor | None = None) -> list[Generation]:
     """Generate every row of a (left-padded) batch to completion; each row stops on its own. With no tokenizer
     (allowed only without stop strings) the texts are empty."""
-    decoder = Decoder(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
+    decoder = BatchGeneration(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
                       inputs_embeds=inputs_embeds)
     streams = _streams(tokenizer, params, decoder.batch)
     for _ in _run(decoder, streams):
@@ -349,7 +249,7 @@ class TextIterator:
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (),
                  *, chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None):
         # Built eagerly so a bad prompt (too long, wrong shape) raises here, not at the first `next()`.
-        self._decoder = Decoder(model, _one_row(input_ids), params, stop_ids, chunk_size=chunk_size,
+        self._decoder = BatchGeneration(model, _one_row(input_ids), params, stop_ids, chunk_size=chunk_size,
                                 inputs_embeds=inputs_embeds)
         self._streams = _streams(tokenizer, params, 1)
         self.generation: Generation | None = None
@@ -374,3 +274,7 @@ def _one_row(input_ids) -> Tensor:
         raise ValueError(f"expected one prompt of shape (T,) or (1, T), got {tuple(ids.shape)}; "
                          "use generate_batch for several")
     return ids
+
+
+__all__ = ["BatchGeneration", "ContextLengthError", "Generation", "TextIterator", "TextStream", "generate",
+           "generate_batch", "generate_ids", "stream"]

@@ -23,7 +23,7 @@ from ..config import SLIDING, Gemma3TextConfig, TextConfig
 from .batch_cache import BatchCache
 from .cache import KVCache, Step
 from ..quant.gguf_modules import GGUFLinear
-from ..quant.modules import NATIVE_MAX_ROWS, Int4Linear, Int8Linear
+from ..quant.modules import Int4Linear, Int8Linear
 
 _enabled = os.environ.get("GEMMA3N_NATIVE_DECODE", "1") != "0"
 
@@ -246,7 +246,7 @@ def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
     than the native kernels take, autograd on, the step disabled, or a model it does not describe. Built once per
     cache (at its first decode step) and kept on it."""
     if not _enabled or type(cache) not in (KVCache, BatchCache) or new_tokens != 1 or inputs_embeds is not None \
-            or cache.batch > NATIVE_MAX_ROWS or torch.is_grad_enabled() or kernels.native() is None:
+            or cache.batch > kernels.MAX_ROWS or torch.is_grad_enabled() or kernels.native() is None:
         return None
     held = getattr(cache, "native_decoder", None)
     if held is None or held[0] is not text_model:

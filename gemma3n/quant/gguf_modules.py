@@ -3,7 +3,7 @@
 eight times larger.
 
 The weight is the file's own bytes (a view of the memory map, [out_features, bytes per row]); the activations
-stay float32. Decode and short prompts (up to NATIVE_MAX_ROWS rows) run the native kernels, which decode the blocks
+stay float32. Decode and short prompts (up to kernels.MAX_ROWS rows) run the native kernels, which decode the blocks
 in registers; longer prompts dequantise a block of output rows at a time into a cache-sized float32 buffer and
 multiply densely. Either way the result is the float32 product of the dequantised weight (the values
 `gguf.quants.dequantize` gives, bit for bit) with x, up to the order of the additions.
@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from .. import kernels
 from .modules import blockwise_matmul
 
-NATIVE_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows of activations the fused kernels run
 _BLOCK_BYTES = 1 << 20  # float32 bytes of weight dequantised at once on the dense path (stays in cache)
 
 
@@ -68,7 +67,7 @@ class GGUFLinear(nn.Module):
     def _matmul(self, x: Tensor, rows: Tensor | None) -> Tensor:
         flat = x.reshape(-1, self.in_features)
         n = self.out_features if rows is None else rows.numel()
-        if flat.shape[0] <= NATIVE_MAX_ROWS or rows is not None:
+        if flat.shape[0] <= kernels.MAX_ROWS or rows is not None:
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
         else:
             step = max(64, _BLOCK_BYTES // (4 * self.in_features))  # a float32 block that stays in cache

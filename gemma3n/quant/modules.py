@@ -1,6 +1,6 @@
 """Quantised replacements for nn.Linear and the tied embedding / LM head.
 
-Decode and short prompts (up to NATIVE_MAX_ROWS rows) run the native kernels (gemma3n.kernels), which read the packed
+Decode and short prompts (up to kernels.MAX_ROWS rows) run the native kernels (gemma3n.kernels), which read the packed
 weights directly at close to memory speed; without the native library they run PyTorch's own weight-only kernels
 (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), as do prompts a little longer. Their cost grows with the rows of
 input (measured on this machine, [8192, 2048]: 128 rows take 3.7 ms in bf16, 40 ms int8, 29 ms int4), so long
@@ -17,7 +17,6 @@ from torch.nn import functional as F
 from .. import kernels
 from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
 
-NATIVE_MAX_ROWS = kernels.MAX_ROWS  # up to this many rows of activations the native kernels run
 
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256
@@ -224,7 +223,7 @@ class BiasedLinear(nn.Module):
 
 
 def _native(flat: Tensor) -> bool:
-    return flat.shape[0] <= NATIVE_MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
+    return flat.shape[0] <= kernels.MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 
 
 def blockwise_matmul(x: Tensor, dequantize, out_features: int, block_rows: int = _BLOCK_ROWS) -> Tensor:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ..engine.batch import ContinuousBatch, Sequence
-from ..engine.generate import DEFAULT_CHUNK, TextStream
+from ..engine.generate import TextStream
+from ..engine.inputs import DEFAULT_CHUNK
 from ..engine.heap import limit_arenas, return_freed_heap
 from ..engine.sampling import SamplingParams
 from .errors import APIError

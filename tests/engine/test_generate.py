@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3n.engine.generate import ContextLengthError, Decoder, TextStream, generate, generate_batch, \
+from gemma3n.engine.generate import BatchGeneration, ContextLengthError, TextStream, generate, generate_batch, \
     generate_ids, stream
 from gemma3n.engine.sampling import SamplingParams
 
@@ -149,6 +149,17 @@ def test_stop_string_spanning_tokens(model, prompt):
     assert generate_ids(model, ids, params, tokenizer=tok) == [free[:needed]]
 
 
+def test_stop_string_completed_by_the_first_token(model, prompt):
+    """The first token comes out of the prefill; a stop string it completes ends the row before a second token."""
+    tok = PieceTokenizer()
+    rows = [prompt(5), prompt(8, seed=2)]
+    firsts = [generate_ids(model, r, _greedy(1))[0][0] for r in rows]
+    ids, mask = _left_pad(rows)
+    gens = generate_batch(model, ids, _greedy(20, stop=(tok.decode([firsts[0]]),)), tok, attention_mask=mask)
+    assert gens[0].token_ids == [firsts[0]] and gens[0].finish_reason == "stop" and gens[0].text == ""
+    assert gens[0].new_tokens == 1
+
+
 def test_stop_strings_need_a_tokenizer(model, prompt):
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate_ids(model, prompt(5), _greedy(5, stop=("x",)))
@@ -165,8 +176,8 @@ def test_prompt_filling_the_context_is_a_clear_error(model, prompt):
 
 def test_generation_is_capped_by_the_context(model, prompt, reference):
     ids = prompt(CONTEXT - 4)
-    decoder = Decoder(model, ids, _greedy(10))
-    assert decoder.cache.max_len == CONTEXT
+    decoder = BatchGeneration(model, ids, _greedy(10))
+    assert decoder.rows[0].budget == 4
     out = [step[0] for step in decoder]
     assert out == reference(model, ids, 4)
     assert decoder.finish_reasons == ["length"]
@@ -174,7 +185,7 @@ def test_generation_is_capped_by_the_context(model, prompt, reference):
 
 
 def test_cache_is_sized_prompt_plus_new_tokens(model, prompt):
-    assert Decoder(model, prompt(5), _greedy(9)).cache.max_len == 14
+    assert BatchGeneration(model, prompt(5), _greedy(9)).rows[0].cache.max_len == 14
 
 
 # -- sampling through the loop ------------------------------------------------------------------------------------

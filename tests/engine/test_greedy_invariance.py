@@ -50,17 +50,16 @@ def test_greedy_answer_is_the_same_on_the_native_step_and_the_eager_layers(model
 @pytest.mark.parametrize("native", [True, False], ids=["native-step", "eager-layers"])
 def test_logits_do_not_depend_on_the_cache_capacity(model, native):
     """Bit for bit: a short budget (a smaller sliding ring) computes exactly what a long one computes."""
-    from gemma3n.engine.generate import Decoder
-    from gemma3n.engine.sampling import SamplingParams
     ids = torch.tensor([model.tokenizer.encode("The quick brown fox jumps over the lazy dog and", True)])
+    lm = model.decoder
 
     def logits(budget: int) -> list[torch.Tensor]:
-        decoder = Decoder(model.decoder, ids, SamplingParams(max_new_tokens=budget, temperature=0))
-        out = [decoder._prefill()]
-        token = out[0].argmax(-1)
-        for _ in range(budget - 1):
-            out.append(decoder._forward(token[:, None], None))
-            token = out[-1].argmax(-1)
+        """The prompt's last logits, then `budget - 1` greedy steps, on a cache sized prompt + budget."""
+        with torch.inference_mode():
+            cache = lm.new_cache(1, ids.shape[1] + budget)
+            out = [lm(ids, cache=cache, last_only=True)[:, -1].float()]
+            for _ in range(budget - 1):
+                out.append(lm(out[-1].argmax(-1)[:, None], cache=cache, last_only=True)[:, -1].float())
         return out
 
     native_decode.set_enabled(native)
