@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, error_response
@@ -62,6 +63,20 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(request: Request):
         return await generator.completion(request)
+
+    @app.post("/tokenize", dependencies=authorized)
+    async def tokenize(request: Request):
+        return await generator.tokenize(request)
+
+    @app.post("/detokenize", dependencies=authorized)
+    async def detokenize(request: Request):
+        return await generator.detokenize(request)
+
+    @app.get("/metrics", dependencies=authorized)
+    async def metrics():
+        text = scheduler.metrics.render(settings.model_name, scheduler.active, scheduler.waiting, scheduler.steps,
+                                        scheduler.peak_batch)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/audio/transcriptions", dependencies=authorized)
     async def transcriptions(request: Request):

@@ -18,7 +18,7 @@ from .errors import APIError, bad_request
 from .media import Converted, check_audio, convert_messages
 from .responses import Reply, sse
 from .scheduler import REQUEST_ERRORS, Job, Scheduler
-from .schemas import ChatRequest, CompletionRequest, parse_json, validate
+from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_json, validate
 from .settings import ServerSettings
 
 INSTRUCTIONS = {
@@ -87,6 +87,41 @@ class Generator:
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
+
+    async def tokenize(self, request: Request) -> Response:
+        req = validate(TokenizeRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
+        if req.model is not None:
+            self._check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give either 'prompt' (a text) or 'messages' (a chat), not both", param="prompt")
+        tokenizer = self.model.tokenizer
+        if tokenizer is None:
+            raise bad_request("this model has no tokenizer", param="prompt")
+        if req.prompt is not None:
+            self._check_text_size(len(req.prompt), "prompt")
+            ids = await asyncio.to_thread(tokenizer.encode, req.prompt, req.add_special_tokens)
+        else:
+            self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
+            converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
+            if converted.has_media:
+                raise bad_request("/tokenize takes text only; media expand to their placeholder tokens when "
+                                  "generating", param="messages")
+            try:
+                ids = (await asyncio.to_thread(self.model.encode_prompt, converted.messages))[0].tolist()
+            except REQUEST_ERRORS as e:
+                raise bad_request(str(e), param="messages") from None
+        return JSONResponse({"count": len(ids), "max_model_len": self.context, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        req = validate(DetokenizeRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
+        if req.model is not None:
+            self._check_model(req.model)
+        vocab = self.model.config.text.vocab_size
+        if any(t >= vocab for t in req.tokens):
+            raise bad_request(f"token ids must be < {vocab} (the vocabulary size)", param="tokens")
+        if self.model.tokenizer is None:
+            raise bad_request("this model has no tokenizer", param="tokens")
+        return JSONResponse({"prompt": self.model.tokenizer.decode(req.tokens)})
 
     # -- prompts (run in worker threads) ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from ..engine.generate import TextStream
 from ..engine.inputs import DEFAULT_CHUNK
 from ..engine.heap import limit_arenas, return_freed_heap
 from ..engine.sampling import SamplingParams
+from .metrics import Metrics
 from .errors import APIError
 
 log = logging.getLogger("gemma3n.server")
@@ -70,6 +71,7 @@ class Scheduler:
         self.running: dict[Sequence, tuple[Job, TextStream]] = {}
         self.steps = 0  # batch steps run
         self.peak_batch = 0  # most sequences decoded in one step
+        self.metrics = Metrics()
         self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="gemma3n-scheduler", daemon=True)
         limit_arenas(2)  # the event loop, this thread and the worker pool would each fragment an arena of its own
@@ -139,6 +141,7 @@ class Scheduler:
                 seq = self.batch.add(job.ids, job.params, self.stop_ids, inputs_embeds=embeds)
                 self.running[seq] = (job, TextStream(self.model.tokenizer, job.params.stop))
             except REQUEST_ERRORS as e:
+                self.metrics.refused()
                 job.emit("error", APIError(400, str(e)))
             except ImportError as e:  # a media tower this build does not have yet
                 job.emit("error", APIError(400, f"this build of gemma3n cannot read this media yet ({e})",
@@ -149,6 +152,8 @@ class Scheduler:
             if job.cancelled.is_set():
                 self.batch.finish(seq, "cancelled")
                 del self.running[seq]
+                self.metrics.finished("cancelled", seq.prompt_tokens, seq.sampled, seq.prefill_seconds or None,
+                                      seq.decode_seconds)
 
     def _step_batch(self) -> None:
         if not len(self.batch):
@@ -161,7 +166,7 @@ class Scheduler:
 
     def _deliver(self, seq: Sequence, token: int | None) -> None:
         job, stream = self.running[seq]
-        if not job.started:  # a sequence's first step may give two tokens (prefill, then its first decode)
+        if not job.started:
             job.started = True
             job.emit("started", seq.prompt_tokens)
         if token is not None:
@@ -175,10 +180,13 @@ class Scheduler:
             tail = stream.finish()
             if tail:
                 job.emit("text", tail)
+            self.metrics.finished(seq.finish_reason, seq.prompt_tokens, seq.sampled,
+                                  seq.prefill_seconds or None, seq.decode_seconds)
             job.emit("done", Result(stream.text, seq.prompt_tokens, seq.sampled, seq.finish_reason))
 
     def _fail_all(self, message: str) -> None:
         for job, _ in self.running.values():
+            self.metrics.refused()
             job.emit("error", APIError(500, message))
         self.running = {}
         self.batch = ContinuousBatch(self.model.decoder, self.chunk_size)

@@ -115,6 +115,20 @@ class CompletionRequest(_Sampling):
     best_of: Literal[1] | None = None
 
 
+class TokenizeRequest(_Strict):
+    """`POST /tokenize`: a text prompt (tokenized as /v1/completions does) or chat messages (as the chat endpoint
+    renders them, media excluded)."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
