@@ -1,0 +1,136 @@
+"""`gemma3n batch` without Ray: each row is answered as the server answers the same body, in input order, and a
+rerun resumes after the finished rows."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gemma3n.scale.batch_job import BatchInput, run_batch
+from gemma3n.scale.batch_rows import FolderTask
+from gemma3n.scale.engine import EngineSpec
+from gemma3n.server import ServerSettings
+
+from ..console import gemma3n as console
+from .conftest import MODEL, NEW, answers, expected_text, mixed_rows, png, wav, write_jsonl
+
+SETTINGS = ServerSettings(model_name=MODEL, max_tokens=NEW, max_audio_seconds=3.0, max_batch=8)
+
+
+def spec(folder: Path) -> EngineSpec:
+    return EngineSpec(model=str(folder), settings=SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, folder):
+    """The 40 mixed rows answered once by the local runner: (input rows, output path, summary)."""
+    tmp = tmp_path_factory.mktemp("batch")
+    rows = mixed_rows(40)
+    source = write_jsonl(tmp / "requests.jsonl", rows)
+    summary = run_batch(BatchInput(source), tmp / "answers.jsonl", spec(folder), progress=False)
+    return rows, tmp / "answers.jsonl", summary
+
+
+def test_rows_equal_generate_row_by_row_in_input_order(mixed, direct):
+    rows, output, summary = mixed
+    got = answers(output)
+    assert [g[0] for g in got] == [r["custom_id"] for r in rows]
+    assert summary["rows"] == summary["answered"] == 40 and summary["errors"] == 1
+    for row, (custom_id, status, text) in zip(rows, got):
+        if custom_id == "row-17":  # the truncated PNG carries the server's error
+            assert status == 400 and "messages[0].content[0]: the data is not a readable image" in text
+            continue
+        assert status == 200, (custom_id, text)
+        assert text == expected_text(direct, row), custom_id
+    texts = {t for _, s, t in got if s == 200}
+    assert len(texts) > 20  # distinct answers, so a mix-up of rows would show
+
+
+def test_output_lines_are_openai_batch_objects(mixed):
+    _, output, _ = mixed
+    first, broken = (json.loads(line) for i, line in enumerate(output.read_text().splitlines()) if i in (0, 17))
+    assert set(first) == {"id", "custom_id", "response", "error"} and first["error"] is None
+    assert first["response"]["status_code"] == 200 and first["response"]["body"]["object"] == "chat.completion"
+    assert first["response"]["body"]["model"] == MODEL and first["response"]["body"]["usage"]["completion_tokens"]
+    assert broken["error"] is None and broken["response"]["body"]["error"]["type"] == "invalid_request_error"
+
+
+def test_malformed_lines_get_errors_and_the_job_goes_on(tmp_path, folder):
+    good = {"custom_id": "ok", "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "w11 w12", "max_tokens": 3}}
+    lines = ["{not json", json.dumps({**good, "custom_id": "url", "url": "/v1/embeddings"}), json.dumps(good),
+             "", json.dumps({**good, "custom_id": "other-model", "body": {**good["body"], "model": "gpt-4o"}}),
+             json.dumps({**good, "custom_id": "stream", "body": {**good["body"], "stream": True}}),
+             json.dumps({**good, "custom_id": "too-long", "body": {**good["body"], "max_tokens": 999}}),
+             json.dumps(good)]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    run_batch(BatchInput(source), tmp_path / "out.jsonl", spec(folder), progress=False)
+    got = answers(tmp_path / "out.jsonl")
+    assert [(c, s) for c, s, _ in got] == [(None, 400), ("url", 400), ("ok", 200), ("other-model", 404),
+                                            ("stream", 400), ("too-long", 400), ("ok", 400)]
+    assert "not valid JSON" in got[0][2] and "/v1/embeddings" in got[1][2]
+    assert "does not exist" in got[3][2] and "stream" in got[4][2]
+    assert "at most 6" in got[5][2]  # the server's own --max-tokens refusal
+    assert "repeats an earlier row" in got[6][2]
+
+
+def test_a_rerun_resumes_after_the_finished_rows(mixed, tmp_path, folder):
+    rows, full, _ = mixed
+    source = write_jsonl(tmp_path / "requests.jsonl", rows)
+    lines = full.read_text().splitlines(keepends=True)
+    partial = tmp_path / "answers.jsonl"
+    partial.write_text("".join(lines[:25]) + lines[25][:40])  # interrupted while writing row 26
+    summary = run_batch(BatchInput(source), partial, spec(folder), progress=False)
+    assert summary["finished_before"] == 25 and summary["answered"] == 15
+    assert partial.read_text().splitlines()[:25] == [line.rstrip("\n") for line in lines[:25]]
+    assert answers(partial) == answers(full)
+    again = run_batch(BatchInput(source), partial, spec(folder), progress=False)  # all done: nothing to do
+    assert again["answered"] == 0 and answers(partial) == answers(full)
+    other = write_jsonl(tmp_path / "other.jsonl", rows[::-1])
+    with pytest.raises(ValueError, match="another job's results"):
+        run_batch(BatchInput(other), partial, spec(folder), progress=False)
+
+
+def test_folders_of_images_and_audio_through_the_console_script(tmp_path, folder, direct):
+    """The README's commands: `gemma3n batch FOLDER OUT --prompt TEXT` and `--transcribe`, file names in order."""
+    from gemma3n.server.generation import INSTRUCTIONS
+    images, audio = tmp_path / "photos", tmp_path / "recordings"
+    (images / "sub").mkdir(parents=True)
+    audio.mkdir()
+    (images / "b.png").write_bytes(png(3))
+    (images / "sub" / "a.png").write_bytes(png(4))
+    (images / "broken.jpg").write_bytes(b"not a picture")
+    (images / "notes.txt").write_text("not an image: left out")
+    (audio / "one.wav").write_bytes(wav(1.0))
+    (audio / "two.wav").write_bytes(wav(2.0))
+    limits = ["--max-tokens", str(NEW), "--default-max-tokens", str(NEW), "--max-audio-seconds", "3"]
+    run = console("batch", str(images), str(tmp_path / "captions.jsonl"), "--model", str(folder), "--prompt",
+                  "w40 w41", "--served-model-name", MODEL, *limits)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["rows"] == 3 and "3/3 rows" in run.stderr and "rows/s" in run.stderr
+    got = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [g["file"] for g in got] == ["b.png", "broken.jpg", "sub/a.png"]
+    for g, image in ((got[0], png(3)), (got[2], png(4))):
+        want = direct.generate([{"role": "user", "content": [{"type": "image", "image": image},
+                                                             {"type": "text", "text": "w40 w41"}]}],
+                               max_new_tokens=NEW, temperature=0)
+        assert g["status_code"] == 200 and g["text"] == want and g["error"] is None
+    assert got[1]["status_code"] == 400 and "not a readable image" in got[1]["error"]["message"]
+    run = console("batch", str(audio), str(tmp_path / "transcripts.jsonl"), "--model", str(folder),
+                  "--transcribe", "--served-model-name", MODEL, "--quiet", *limits)
+    assert run.returncode == 0, run.stderr
+    got = [json.loads(line) for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    assert [g["file"] for g in got] == ["one.wav", "two.wav"]
+    for g, seconds in zip(got, (1.0, 2.0)):
+        want = direct.generate([{"role": "user", "content": [{"type": "audio", "audio": wav(seconds)},
+                                {"type": "text", "text": INSTRUCTIONS[False].format(language="")}]}],
+                               max_new_tokens=NEW, temperature=0)
+        assert g["text"] == want
+
+
+def test_console_batch_refuses_a_file_for_another_model_before_loading(tmp_path, folder):
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(2))
+    run = console("batch", str(source), str(tmp_path / "out.jsonl"), "--model", str(folder))
+    assert run.returncode == 2 and "--served-model-name tiny-mm" in run.stderr
+    assert not (tmp_path / "out.jsonl").exists()
