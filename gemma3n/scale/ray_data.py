@@ -76,7 +76,7 @@ def run_on_ray(source: BatchInput, output: OrderedOutput, spec: EngineSpec, prog
     ctx.enable_progress_bars = False  # the job's own progress line says rows, rows/s and ETA
     finished = frozenset(_finished_keys(source, output.done))
     # Reading is light next to generating: it takes no CPU slot, so the actors may hold every core.
-    read_args = {"ray_remote_args": {"num_cpus": 0}}
+    read_args = {"num_cpus": 0}
     if source.folder:
         files = [str(p) for p in source.files()[output.done:]]
         if not files:
@@ -88,9 +88,10 @@ def run_on_ray(source: BatchInput, output: OrderedOutput, spec: EngineSpec, prog
         EngineReplica, fn_constructor_kwargs={"spec": spec, "task": source.task,
                                               "root": str(source.path) if source.folder else None,
                                               "finished": finished},
-        batch_size=spec.settings.max_batch, concurrency=replicas, num_cpus=spec.threads or 1,
+        batch_size=spec.settings.max_batch, compute=ray.data.ActorPoolStrategy(size=replicas),
+        num_cpus=spec.threads or 1,
         # A second block waits inside the actor (when its queue can hold it), so the engine never idles.
-        ray_remote_args={"max_concurrency": 2 if in_flight(spec.settings) >= 2 * spec.settings.max_batch else 1})
+        max_concurrency=2 if in_flight(spec.settings) >= 2 * spec.settings.max_batch else 1)
     _write(answered, source, output, progress)
 
 

@@ -9,6 +9,7 @@ replicas with the load. Needs the `ray` extra; importing this module imports Ray
 """
 from __future__ import annotations
 
+import random
 import signal
 import sys
 import time
@@ -26,10 +27,11 @@ REPLICA_HEADER = "x-gemma3n-replica"  # which replica answered: for operators (a
 
 class LeastLoadedRouter(FIFOMixin, RequestRouter):
     """Route each request to the replica with the fewest requests in flight: every candidate is one group, whose
-    queue lengths Serve probes, taking the lowest (its default asks two replicas drawn at random)."""
+    queue lengths Serve probes, taking the lowest (its default asks two replicas drawn at random). The group is
+    shuffled so that ties (idle replicas) are broken at random, not always toward the same replica."""
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        return [list(candidate_replicas)] if candidate_replicas else []
+        return [random.sample(list(candidate_replicas), len(candidate_replicas))] if candidate_replicas else []
 
 
 @serve.ingress()
@@ -37,21 +39,21 @@ class OpenAIReplica:
     """One replica: one model and the server's app around it."""
 
     def __init__(self, spec: EngineSpec):
-        self.app = create_app(spec.load_model(), spec.settings)
+        self.openai_app = create_app(spec.load_model(), spec.settings)
         replica = serve.get_replica_context().replica_id.unique_id
 
-        @self.app.middleware("http")
+        @self.openai_app.middleware("http")
         async def name_replica(request, call_next):
             response = await call_next(request)
             response.headers[REPLICA_HEADER] = replica
             return response
 
     def __serve_build_asgi_app__(self):
-        return self.app
+        return self.openai_app
 
     def check_health(self) -> None:
         """Serve calls this periodically; a replica whose model thread has died is restarted."""
-        if not self.app.state.scheduler.thread.is_alive():
+        if not self.openai_app.state.scheduler.thread.is_alive():
             raise RuntimeError("the model thread is not running")
 
 

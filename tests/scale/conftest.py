@@ -136,3 +136,29 @@ def answers(path: Path) -> list[tuple]:
                 body["choices"][0].get("message", {}).get("content", body["choices"][0].get("text")))
         out.append((row["custom_id"], response["status_code"], text))
     return out
+
+
+@pytest.fixture(scope="package")
+def mixed_local(tmp_path_factory, folder):
+    """The 40 mixed rows answered once by the local runner: (input rows, input path, output path, summary)."""
+    from gemma3n.scale.batch_job import BatchInput, run_batch
+    tmp = tmp_path_factory.mktemp("batch")
+    rows = mixed_rows(40)
+    source = write_jsonl(tmp / "requests.jsonl", rows)
+    summary = run_batch(BatchInput(source), tmp / "answers.jsonl", batch_spec(folder), progress=False)
+    return rows, source, tmp / "answers.jsonl", summary
+
+
+def batch_settings():
+    from gemma3n.server import ServerSettings
+    return ServerSettings(model_name=MODEL, max_tokens=NEW, max_audio_seconds=3.0, max_batch=8)
+
+
+def batch_spec(folder: Path):
+    from gemma3n.scale.engine import EngineSpec
+    return EngineSpec(model=str(folder), settings=batch_settings())
+
+
+# The same limits as flags of the console script.
+LIMIT_FLAGS = ["--served-model-name", MODEL, "--max-tokens", str(NEW), "--default-max-tokens", str(NEW),
+               "--max-audio-seconds", "3", "--max-batch", "8"]

@@ -3,33 +3,19 @@ rerun resumes after the finished rows."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 
 from gemma3n.scale.batch_job import BatchInput, run_batch
-from gemma3n.scale.batch_rows import FolderTask
-from gemma3n.scale.engine import EngineSpec
-from gemma3n.server import ServerSettings
 
 from ..console import gemma3n as console
-from .conftest import MODEL, NEW, answers, expected_text, mixed_rows, png, wav, write_jsonl
-
-SETTINGS = ServerSettings(model_name=MODEL, max_tokens=NEW, max_audio_seconds=3.0, max_batch=8)
-
-
-def spec(folder: Path) -> EngineSpec:
-    return EngineSpec(model=str(folder), settings=SETTINGS)
+from .conftest import LIMIT_FLAGS, MODEL, NEW, answers, batch_spec as spec, expected_text, mixed_rows, png, wav, \
+    write_jsonl
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory, folder):
-    """The 40 mixed rows answered once by the local runner: (input rows, output path, summary)."""
-    tmp = tmp_path_factory.mktemp("batch")
-    rows = mixed_rows(40)
-    source = write_jsonl(tmp / "requests.jsonl", rows)
-    summary = run_batch(BatchInput(source), tmp / "answers.jsonl", spec(folder), progress=False)
-    return rows, tmp / "answers.jsonl", summary
+def mixed(mixed_local):
+    rows, _, output, summary = mixed_local
+    return rows, output, summary
 
 
 def test_rows_equal_generate_row_by_row_in_input_order(mixed, direct):
@@ -104,9 +90,9 @@ def test_folders_of_images_and_audio_through_the_console_script(tmp_path, folder
     (images / "notes.txt").write_text("not an image: left out")
     (audio / "one.wav").write_bytes(wav(1.0))
     (audio / "two.wav").write_bytes(wav(2.0))
-    limits = ["--max-tokens", str(NEW), "--default-max-tokens", str(NEW), "--max-audio-seconds", "3"]
+    limits = LIMIT_FLAGS
     run = console("batch", str(images), str(tmp_path / "captions.jsonl"), "--model", str(folder), "--prompt",
-                  "w40 w41", "--served-model-name", MODEL, *limits)
+                  "w40 w41", *limits)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["rows"] == 3 and "3/3 rows" in run.stderr and "rows/s" in run.stderr
     got = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
@@ -118,7 +104,7 @@ def test_folders_of_images_and_audio_through_the_console_script(tmp_path, folder
         assert g["status_code"] == 200 and g["text"] == want and g["error"] is None
     assert got[1]["status_code"] == 400 and "not a readable image" in got[1]["error"]["message"]
     run = console("batch", str(audio), str(tmp_path / "transcripts.jsonl"), "--model", str(folder),
-                  "--transcribe", "--served-model-name", MODEL, "--quiet", *limits)
+                  "--transcribe", "--quiet", *limits)
     assert run.returncode == 0, run.stderr
     got = [json.loads(line) for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
     assert [g["file"] for g in got] == ["one.wav", "two.wav"]
