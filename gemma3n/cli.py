@@ -441,6 +441,7 @@ def _server_settings(args, model_path: Path, **extra):
 def cmd_serve(args) -> int:
     if args.ray is not None:
         return cmd_serve_ray(args)
+    _without_ray(args, "--replicas", "--threads-per-replica", "--min-replicas", "--max-replicas")
     try:
         from .server import serve
         import fastapi, uvicorn  # noqa: F401  fail here, with the fix, rather than after loading the model
@@ -468,7 +469,8 @@ def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--replicas", type=_ranged(int, "count", 1), default=1,
                    help="engines (Ray actors), each holding the model once (default 1)")
     p.add_argument("--threads-per-replica", type=_ranged(int, "count", 1),
-                   help="CPU cores (torch threads) of each engine (default: the cluster's CPUs / --replicas)")
+                   help="CPU cores (torch threads) of each engine; Ray reserves as many CPUs per replica "
+                        "(default: the cluster's CPUs / --replicas)")
 
 
 def _add_ray_serve_args(p: argparse.ArgumentParser) -> None:
@@ -496,6 +498,13 @@ def _add_batch_parser(sub) -> None:
     _add_ray_args(p, "run the job as a Ray Data pipeline")
 
 
+def _without_ray(args, *flags: str) -> None:
+    """Replica flags mean nothing without --ray: refuse them rather than ignore them."""
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) not in (None, 1)]
+    if given:
+        raise ValueError(f"{', '.join(given)} need --ray (one process serves without it)")
+
+
 def _ray_required(what: str) -> None:
     try:
         import ray  # noqa: F401
@@ -516,6 +525,8 @@ def cmd_batch(args) -> int:
     from .scale.batch_rows import FolderTask
     if args.ray is not None:
         _ray_required("gemma3n batch --ray")
+    else:
+        _without_ray(args, "--replicas")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt must not be empty")
     model_path = Path(args.model or default_model_path())

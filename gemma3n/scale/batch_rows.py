@@ -78,7 +78,7 @@ def parse_request(line: str) -> tuple[object, str, bytes] | dict:
         return batch_output(None, 400, error_body(400, f"this line is not valid JSON ({e}); each line must be one "
                                                        "request object"))
     if not isinstance(row, dict):
-        return batch_output(None, 400, error_body(400, f"this line must be a JSON object with custom_id, "
+        return batch_output(None, 400, error_body(400, "this line must be a JSON object with custom_id, "
                                                        "method, url and body"))
     custom_id = row.get("custom_id")
     problem = None

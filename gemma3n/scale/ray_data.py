@@ -30,7 +30,8 @@ class EngineReplica:
     def __call__(self, batch: dict) -> dict:
         kinds, futures = [], []
         if self.source.folder:
-            rows = [(Path(p).relative_to(self.source.path).as_posix(), bytes(b))
+            # Ray Data names each file by its path on the filesystem it read (absolute, maybe without the root "/")
+            rows = [(Path("/", str(p)).relative_to(self.source.path).as_posix(), bytes(b))
                     for p, b in zip(batch["path"], batch["bytes"])]
         else:
             rows = [str(t).rstrip("\r") for t in batch["text"]]
@@ -78,7 +79,7 @@ def run_on_ray(source: BatchInput, output: OrderedOutput, spec: EngineSpec, prog
     # Reading is light next to generating: it takes no CPU slot, so the actors may hold every core.
     read_args = {"num_cpus": 0}
     if source.folder:
-        files = [str(p) for p in source.files()[output.done:]]
+        files = [str(p.resolve()) for p in source.files()[output.done:]]
         if not files:
             return
         dataset = ray.data.read_binary_files(files, include_paths=True, **read_args)
@@ -86,7 +87,7 @@ def run_on_ray(source: BatchInput, output: OrderedOutput, spec: EngineSpec, prog
         dataset = ray.data.read_text(str(source.path), **read_args)
     answered = dataset.map_batches(
         EngineReplica, fn_constructor_kwargs={"spec": spec, "task": source.task,
-                                              "root": str(source.path) if source.folder else None,
+                                              "root": str(source.path.resolve()) if source.folder else None,
                                               "finished": finished},
         batch_size=spec.settings.max_batch, compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=spec.threads or 1,

@@ -105,8 +105,8 @@ def serve_until_stopped(spec: EngineSpec, replicas: int, host: str, port: int, m
     finally:
         try:
             serve.delete(APP_NAME)
-            if own_cluster:
-                serve.shutdown()
+            if own_cluster or not serve.status().applications:
+                serve.shutdown()  # no app left: stop Serve's proxies, so the next `serve --ray` may pick its port
         finally:
             if own_cluster:
                 import ray

@@ -62,13 +62,16 @@ def test_malformed_lines_get_errors_and_the_job_goes_on(tmp_path, folder):
 
 
 def test_a_rerun_resumes_after_the_finished_rows(mixed, tmp_path, folder):
+    """The README's `gemma3n batch requests.jsonl answers.jsonl --model M`, interrupted and run again."""
     rows, full, _ = mixed
     source = write_jsonl(tmp_path / "requests.jsonl", rows)
     lines = full.read_text().splitlines(keepends=True)
     partial = tmp_path / "answers.jsonl"
     partial.write_text("".join(lines[:25]) + lines[25][:40])  # interrupted while writing row 26
-    summary = run_batch(BatchInput(source), partial, spec(folder), progress=False)
-    assert summary["finished_before"] == 25 and summary["answered"] == 15
+    run = console("batch", str(source), str(partial), "--model", str(folder), *LIMIT_FLAGS)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["finished_before"] == 25 and summary["answered"] == 15 and "40/40 rows" in run.stderr
     assert partial.read_text().splitlines()[:25] == [line.rstrip("\n") for line in lines[:25]]
     assert answers(partial) == answers(full)
     again = run_batch(BatchInput(source), partial, spec(folder), progress=False)  # all done: nothing to do
@@ -120,3 +123,28 @@ def test_console_batch_refuses_a_file_for_another_model_before_loading(tmp_path,
     run = console("batch", str(source), str(tmp_path / "out.jsonl"), "--model", str(folder))
     assert run.returncode == 2 and "--served-model-name tiny-mm" in run.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_nothing_of_ray_is_imported_without_ray_and_its_absence_is_explained(tmp_path):
+    """Batch and serve without --ray import no Ray; with --ray and no Ray installed, one line says what to
+    install (Ray hidden from a child interpreter)."""
+    import subprocess
+    import sys
+
+    from ..console import console_env
+    code = ("import sys\n"
+            "from gemma3n.cli import build_parser\n"
+            "import gemma3n.scale.batch_job, gemma3n.scale.engine\n"
+            "build_parser().parse_args(['batch', 'a', 'b', '--ray', 'auto'])\n"
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray was imported'\n"
+            "sys.modules['ray'] = None\n"
+            "from gemma3n.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    source = write_jsonl(tmp_path / "in.jsonl", mixed_rows(1))
+    for args in (["batch", str(source), str(tmp_path / "out"), "--ray"], ["serve", "--ray", "auto"]):
+        run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             env=console_env(), timeout=120)
+        assert run.returncode == 2 and "pip install 'gemma3n[ray]'" in run.stderr, run.stderr
+    for args in (["serve", "--replicas", "2"], ["batch", str(source), str(tmp_path / "out"), "--replicas", "3"]):
+        run = console(*args)
+        assert run.returncode == 2 and "--replicas need --ray" in run.stderr, run.stderr
