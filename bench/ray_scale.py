@@ -32,8 +32,12 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(Path(sys.executable).parent / "gemma3n")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 MODEL = "gemma-3-270m-q4_k_m"
+
+
+def env() -> dict:
+    """The environment of each command, taken after ray.init (which sets RAY_AUTH_MODE for its clients)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def rows(n: int, tokens: int) -> str:
@@ -47,7 +51,7 @@ def rows(n: int, tokens: int) -> str:
 def batch(source: Path, extra: list[str]) -> dict:
     out = source.with_suffix(f".{time.monotonic_ns()}.out")
     run = subprocess.run([SCRIPT, "batch", str(source), str(out), "--quiet", "--overwrite", *extra],
-                         capture_output=True, text=True, env=ENV, timeout=3600)
+                         capture_output=True, text=True, env=env(), timeout=3600)
     if run.returncode != 0:
         raise RuntimeError(run.stderr[-2000:])
     summary = json.loads(run.stdout)
@@ -63,7 +67,7 @@ def free_port() -> int:
 
 def latencies(extra: list[str], requests: int) -> list[float]:
     port = free_port()
-    server = subprocess.Popen([SCRIPT, "serve", "--port", str(port), *extra], env=ENV,
+    server = subprocess.Popen([SCRIPT, "serve", "--port", str(port), *extra], env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
