@@ -65,7 +65,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def latencies(extra: list[str], requests: int) -> list[float]:
+def latencies(extra: list[str], requests: int, model: str = MODEL) -> list[float]:
     port = free_port()
     server = subprocess.Popen([SCRIPT, "serve", "--port", str(port), *extra], env=env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,7 +81,7 @@ def latencies(extra: list[str], requests: int) -> list[float]:
             if time.time() > deadline or server.poll() is not None:
                 raise RuntimeError("the server did not start")
             time.sleep(0.5)
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        body = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
         with httpx.Client(timeout=120) as client:
             for _ in range(5):  # warm-up: first requests build caches and connections
                 client.post(url + "/v1/completions", json=body)
@@ -103,6 +103,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--latency-model", metavar="PATH",
+                        help="measure the overhead on this checkpoint instead (a tiny one: the model's own time "
+                             "then hides less of Ray's)")
+    parser.add_argument("--skip-batch", action="store_true", help="only the per-request overhead")
     args = parser.parse_args()
     import ray
     import torch
@@ -116,20 +120,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "rows.jsonl"
         source.write_text(rows(args.rows, args.tokens))
-        for trial in range(args.trials):
+        for trial in range(0 if args.skip_batch else args.trials):
             for name, extra in runs.items():
                 summary = batch(source, extra)
                 results[name].append(summary["rows_per_second"])
                 print(f"trial {trial + 1} {name}: {summary['rows_per_second']} rows/s "
                       f"({summary['seconds']} s)", file=sys.stderr, flush=True)
-    single = latencies([], args.requests)
-    on_ray = latencies(["--ray", address, "--replicas", "1", "--threads-per-replica", str(cpus)], args.requests)
+    served = ["--model", args.latency_model, "--served-model-name", "m"] if args.latency_model else []
+    name = "m" if args.latency_model else MODEL
+    single = latencies(served, args.requests, name)
+    on_ray = latencies([*served, "--ray", address, "--replicas", "1", "--threads-per-replica", str(cpus)],
+                       args.requests, name)
     ray.shutdown()
     report = {"question": "batch rows/s locally and on Ray; Ray Serve's per-request overhead",
               "machine": f"{platform.processor() or platform.machine()}, {cpus} cores", "torch": torch.__version__,
               "ray": ray.__version__, "model": "Gemma 3 270M Q4_K_M GGUF", "rows": args.rows,
               "new_tokens": args.tokens, "trials": args.trials,
-              "rows_per_second": {k: statistics.median(v) for k, v in results.items()},
+              "latency_model": args.latency_model or "Gemma 3 270M Q4_K_M GGUF",
+              "rows_per_second": {k: statistics.median(v) for k, v in results.items() if v},
               "rows_per_second_trials": results,
               "latency_ms_single_process": round(1000 * statistics.median(single), 1),
               "latency_ms_ray_serve": round(1000 * statistics.median(on_ray), 1),

@@ -516,7 +516,9 @@ def _ray_required(what: str) -> None:
 def _engine_spec(args, model_path: Path, threads: int | None, **settings):
     from .scale.engine import EngineSpec
     load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer)
-    return EngineSpec(model=str(model_path), load=load, settings=_server_settings(args, model_path, **settings),
+    # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
+    model = str(model_path.resolve()) if model_path.exists() else str(model_path)
+    return EngineSpec(model=model, load=load, settings=_server_settings(args, model_path, **settings),
                       threads=threads)
 
 
@@ -534,7 +536,7 @@ def cmd_batch(args) -> int:
     task = None
     if args.transcribe or args.prompt is not None:
         task = FolderTask(transcribe=args.transcribe, prompt=args.prompt, model_name=spec.settings.model_name)
-    summary = run_batch(BatchInput(Path(args.input), task), args.output, spec, overwrite=args.overwrite,
+    summary = run_batch(BatchInput(Path(args.input).resolve(), task), args.output, spec, overwrite=args.overwrite,
                         use_ray=args.ray is not None, address=args.ray or None, replicas=args.replicas,
                         progress=not args.quiet)
     print(json.dumps(summary))

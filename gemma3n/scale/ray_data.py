@@ -93,7 +93,12 @@ def run_on_ray(source: BatchInput, output: OrderedOutput, spec: EngineSpec, prog
         num_cpus=spec.threads or 1,
         # A second block waits inside the actor (when its queue can hold it), so the engine never idles.
         max_concurrency=2 if in_flight(spec.settings) >= 2 * spec.settings.max_batch else 1)
-    _write(answered, source, output, progress)
+    try:
+        _write(answered, source, output, progress)
+    except ray.exceptions.RayError as e:  # an actor could not start (a model path missing on a node, ...)
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise ValueError(f"the Ray job failed: {lines[-1] if lines else type(e).__name__} (the rows answered so "
+                         "far are kept; rerun to resume)") from None
 
 
 def _finished_keys(source: BatchInput, done: int) -> list:
