@@ -470,7 +470,7 @@ def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="engines (Ray actors), each holding the model once (default 1)")
     p.add_argument("--threads-per-replica", type=_ranged(int, "count", 1),
                    help="CPU cores (torch threads) of each engine; Ray reserves as many CPUs per replica "
-                        "(default: the cluster's CPUs / --replicas)")
+                        "(default: the cluster's CPUs / --replicas; without --ray: torch's default)")
 
 
 def _add_ray_serve_args(p: argparse.ArgumentParser) -> None:

@@ -145,6 +145,11 @@ def test_nothing_of_ray_is_imported_without_ray_and_its_absence_is_explained(tmp
         run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                              env=console_env(), timeout=120)
         assert run.returncode == 2 and "pip install 'gemma3n[ray]'" in run.stderr, run.stderr
-    for args in (["serve", "--replicas", "2"], ["batch", str(source), str(tmp_path / "out"), "--replicas", "3"]):
-        run = console(*args)
-        assert run.returncode == 2 and "--replicas need --ray" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("args", [["serve", "--replicas", "2"], ["serve", "--max-replicas", "3"],
+                                  ["batch", "in.jsonl", "out.jsonl", "--replicas", "3"]])
+def test_replica_flags_without_ray_are_refused(args, capsys):
+    from gemma3n.cli import main
+    assert main(args) == 2
+    assert "need --ray" in capsys.readouterr().err
