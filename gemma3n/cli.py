@@ -1,4 +1,4 @@
-"""Command line: `gemma3n run PROMPT`, `gemma3n chat`, `gemma3n serve`.
+"""Command line: `gemma3n run PROMPT`, `gemma3n chat`, `gemma3n serve`, `gemma3n batch`, ...
 
 Errors are printed as one line for people (`gemma3n: error: ...`), never as a traceback.
 """
@@ -108,14 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_transcribe_parser(sub)
     _add_serve_parser(sub)
+    _add_batch_parser(sub)
     _add_quantize_command(sub)
     _add_slice_command(sub)
     return parser
 
 
 def _add_serve_parser(sub) -> None:
-    from .server.settings import ServerSettings
-    d = ServerSettings()
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
     _add_load_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -123,18 +122,29 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
-    for name, kind, what in (("max_body_bytes", int, "request body size"), ("max_prompt_tokens", int, "prompt tokens"),
-                             ("max_tokens", int, "new tokens per request"),
-                             ("default_max_tokens", int, "new tokens of a chat request that sets no max_tokens"), ("max_images", int, "images per request"),
-                             ("max_audios", int, "audio clips per request"),
-                             ("max_media_bytes", int, "bytes of one image or audio file"),
-                             ("max_audio_seconds", float, "seconds of one audio clip"),
-                             ("max_batch", int, "requests decoded together"),
-                             ("max_queue", int, "requests waiting beyond --max-batch")):
+    _add_limit_args(p)
+    _add_ray_serve_args(p)
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The server's per-request limits (`gemma3n serve`, and `gemma3n batch`, whose rows they bound the same)."""
+    from .server.settings import ServerSettings
+    d = ServerSettings()
+    for name, kind, what in LIMITS:
         low = 0 if name in ("max_images", "max_audios") else 1 if kind is int else 0.0
         p.add_argument("--" + name.replace("_", "-"), type=_ranged(kind, "limit", low, low_open=kind is float),
                        default=getattr(d, name),
                        help=f"limit: {what} (default {getattr(d, name)})")
+
+
+LIMITS = (("max_body_bytes", int, "request body size"), ("max_prompt_tokens", int, "prompt tokens"),
+          ("max_tokens", int, "new tokens per request"),
+          ("default_max_tokens", int, "new tokens of a chat request that sets no max_tokens"),
+          ("max_images", int, "images per request"), ("max_audios", int, "audio clips per request"),
+          ("max_media_bytes", int, "bytes of one image or audio file"),
+          ("max_audio_seconds", float, "seconds of one audio clip"),
+          ("max_batch", int, "requests decoded together"),
+          ("max_queue", int, "requests waiting beyond --max-batch"))
 
 
 def _add_quantize_command(sub) -> None:
@@ -421,20 +431,25 @@ def cmd_transcribe(args) -> int:
     return 0
 
 
+def _server_settings(args, model_path: Path, **extra):
+    from .server import ServerSettings
+    limits = {name: getattr(args, name) for name, _, _ in LIMITS}
+    return ServerSettings(model_name=args.served_model_name or model_path.name.removesuffix(".gguf"), **limits,
+                          **extra)
+
+
 def cmd_serve(args) -> int:
+    if args.ray is not None:
+        return cmd_serve_ray(args)
+    _without_ray(args, "--replicas", "--threads-per-replica", "--min-replicas", "--max-replicas")
     try:
-        from .server import ServerSettings, serve
+        from .server import serve
         import fastapi, uvicorn  # noqa: F401  fail here, with the fix, rather than after loading the model
     except ImportError as e:
         raise ValueError(f"the server needs the 'serve' extra ({e.name} is missing): pip install 'gemma3n[serve]'")
     api_key = args.api_key or os.environ.get("GEMMA3N_API_KEY") or None
     model_path = Path(args.model or default_model_path())
-    limits = {k: getattr(args, k) for k in ("max_body_bytes", "max_prompt_tokens", "max_tokens",
-                                            "default_max_tokens", "max_images",
-                                            "max_audios", "max_media_bytes", "max_audio_seconds", "max_batch",
-                                            "max_queue")}
-    settings = ServerSettings(model_name=args.served_model_name or model_path.name.removesuffix(".gguf"),
-                              api_key=api_key, allow_remote_media=args.allow_remote_media, **limits)
+    settings = _server_settings(args, model_path, api_key=api_key, allow_remote_media=args.allow_remote_media)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
@@ -445,11 +460,119 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -- scale out: `gemma3n batch` and `gemma3n serve --ray` (gemma3n/scale) -------------------------------------------
+
+def _add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"{what} on Ray (the 'ray' extra): ADDRESS of a running cluster ('auto': the one on this "
+                        "machine; ray://HEAD:10001), or none: $RAY_ADDRESS, else a new local Ray instance")
+    p.add_argument("--replicas", type=_ranged(int, "count", 1), default=1,
+                   help="engines (Ray actors), each holding the model once (default 1)")
+    p.add_argument("--threads-per-replica", type=_ranged(int, "count", 1),
+                   help="CPU cores (torch threads) of each engine; Ray reserves as many CPUs per replica "
+                        "(default: the cluster's CPUs / --replicas; without --ray: torch's default)")
+
+
+def _add_ray_serve_args(p: argparse.ArgumentParser) -> None:
+    _add_ray_args(p, "serve through Ray Serve")
+    p.add_argument("--min-replicas", type=_ranged(int, "count", 0),
+                   help="with --ray: let Serve scale the replicas with the load, down to this many")
+    p.add_argument("--max-replicas", type=_ranged(int, "count", 1),
+                   help="with --ray: let Serve scale the replicas with the load, up to this many")
+
+
+def _add_batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="answer a file of requests (OpenAI Batch API JSONL) or a folder of images / "
+                                     "audio files, locally or on Ray")
+    p.add_argument("input", help="JSONL of requests ({custom_id, method, url, body} a line), or a folder with "
+                                 "--transcribe / --prompt")
+    p.add_argument("output", help="JSONL of answers, in input order; rerunning resumes after its finished rows")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--transcribe", action="store_true", help="INPUT is a folder of audio files: transcribe each")
+    task.add_argument("--prompt", help="INPUT is a folder of images: answer this prompt about each (greedy)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming an existing OUTPUT")
+    p.add_argument("--served-model-name", help="the model name requests must give (default: the checkpoint's name)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    _add_load_args(p)
+    _add_limit_args(p)
+    _add_ray_args(p, "run the job as a Ray Data pipeline")
+
+
+def _without_ray(args, *flags: str) -> None:
+    """Replica flags mean nothing without --ray: refuse them rather than ignore them."""
+    given = [f for f in flags if getattr(args, f[2:].replace("-", "_")) not in (None, 1)]
+    if given:
+        raise ValueError(f"{', '.join(given)} need --ray (one process serves without it)")
+
+
+def _ray_required(what: str) -> None:
+    try:
+        import ray  # noqa: F401
+        import ray.data, ray.serve  # noqa: F401, E401
+    except ImportError as e:
+        raise ValueError(f"{what} needs the 'ray' extra ({e.name} is missing): pip install 'gemma3n[ray]'")
+
+
+def _engine_spec(args, model_path: Path, threads: int | None, **settings):
+    from .scale.engine import EngineSpec
+    load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer)
+    # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
+    model = str(model_path.resolve()) if model_path.exists() else str(model_path)
+    return EngineSpec(model=model, load=load, settings=_server_settings(args, model_path, **settings),
+                      threads=threads)
+
+
+def cmd_batch(args) -> int:
+    from .scale.batch_job import BatchInput
+    from .scale.job import run_batch
+    from .scale.batch_rows import FolderTask
+    if args.ray is not None:
+        _ray_required("gemma3n batch --ray")
+    else:
+        _without_ray(args, "--replicas")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt must not be empty")
+    model_path = Path(args.model or default_model_path())
+    spec = _engine_spec(args, model_path, args.threads_per_replica)
+    task = None
+    if args.transcribe or args.prompt is not None:
+        task = FolderTask(transcribe=args.transcribe, prompt=args.prompt, model_name=spec.settings.model_name)
+    summary = run_batch(BatchInput(Path(args.input).resolve(), task), args.output, spec, overwrite=args.overwrite,
+                        use_ray=args.ray is not None, address=args.ray or None, replicas=args.replicas,
+                        progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_serve_ray(args) -> int:
+    _ray_required("gemma3n serve --ray")
+    import ray
+
+    from .scale.ray_data import cluster_cpus, connect
+    api_key = args.api_key or os.environ.get("GEMMA3N_API_KEY") or None
+    model_path = Path(args.model or default_model_path())
+    own = not args.ray and not os.environ.get("RAY_ADDRESS")
+    connect(args.ray or None, log_to_driver=True)
+    threads = args.threads_per_replica or max(1, cluster_cpus() // args.replicas)
+    spec = _engine_spec(args, model_path, threads, api_key=api_key, allow_remote_media=args.allow_remote_media)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
+              file=sys.stderr)
+    from .scale.ray_serve import serve_until_stopped
+    try:
+        serve_until_stopped(spec, args.replicas, args.host, args.port, args.min_replicas, args.max_replicas,
+                            own_cluster=own)
+    finally:
+        if own and ray.is_initialized():
+            ray.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
-                    "quantize": cmd_quantize, "slice": cmd_slice}
+                    "batch": cmd_batch, "quantize": cmd_quantize, "slice": cmd_slice}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

@@ -20,7 +20,9 @@ LAYERS = [
     {"convert", "matformer"},                 # checkpoints written from checkpoints
     {"loading"},                              # files -> a LoadedModel record
     {"api", "__init__"},                      # the public facade: gemma3n.load, Model
-    {"quant_quality", "server", "cli"},       # tools and front ends
+    {"quant_quality", "server"},              # tools and front ends
+    {"scale"},                                # batch jobs and Ray: the server's app run offline or replicated
+    {"cli"},                                  # the command line over all of it
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
