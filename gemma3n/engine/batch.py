@@ -31,6 +31,30 @@ from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device
 from .sampling import Sampler, SamplingParams
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely tokens at its position (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+PROMPT_LOGPROB_CHUNK = 64  # prompt columns per forward when every column's logits are kept (vocab-wide rows)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
+    """logits (N, V) float32 and the token at each row (N,) -> their log-probabilities and `top` alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        alts = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alts = [()] * len(chosen)
+    return [TokenLogprob(int(t), c, a) for t, c, a in zip(tokens.tolist(), chosen, alts)]
+
+
 @dataclass(eq=False)
 class DecodeGroup:
     """Sequences decoded by one forward call, and their cache."""
@@ -56,6 +80,8 @@ class Sequence:
     sampled: int = 0  # tokens produced, stop ids included
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     stop_token: int | None = None  # the stop id that ended it, if one did
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # per prompt token after the first
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     pending: int | None = None  # sampled but not yet fed to the model
@@ -141,13 +167,19 @@ class ContinuousBatch:
         if not self.prefilling:
             return []
         seq = self.prefilling[0]
-        size = chunk_end(self.model, seq.prompt, 0, self.chunk_size)  # never splits an image block (Gemma 3)
+        every = seq.params.prompt_logprobs  # keep every column's logits: smaller chunks bound their memory
+        chunk_size = min(self.chunk_size, PROMPT_LOGPROB_CHUNK) if every else self.chunk_size
+        size = chunk_end(self.model, seq.prompt, 0, chunk_size)  # never splits an image block (Gemma 3)
         chunk, seq.prompt = seq.prompt[:, :size], seq.prompt[:, size:]
         extra = {}
         if seq.prompt_embeds is not None:  # the embeddings of this chunk's columns
             extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
             seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
-        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=True, **extra)[:, -1].float()
+        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
+        if every:  # column i predicts prompt token i + 1: this chunk's next tokens, and the next chunk's first
+            following = torch.cat((chunk[0, 1:], seq.prompt[0, :1])).to(logits.device)
+            seq.prompt_logprobs += token_logprobs(logits[0, :following.shape[0]], following, seq.params.logprobs or 0)
+        logits = logits[:, -1].float()
         if seq.prompt.shape[1]:
             return []
         self.prefilling.pop(0)
@@ -176,6 +208,8 @@ class ContinuousBatch:
         """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
         token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
+        if seq.params.logprobs is not None and token not in seq.stop_ids:
+            seq.logprobs += token_logprobs(logits, torch.tensor([token]), seq.params.logprobs)
         seq.history[0, position] = token
         seq.sampled += 1
         seq.pending = token

@@ -32,6 +32,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # log-probabilities of the model's own distribution (the raw logits, before temperature and the filters):
+    # None = not computed; n >= 0 = each new token's, with the n most likely alternatives
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # also every prompt token's (after the first), given the tokens before it
 
     def __post_init__(self) -> None:
         # Accept any iterable (a list from JSON, a single string) but store tuples so the params stay hashable.
@@ -47,6 +51,8 @@ class SamplingParams:
         _check_real("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "must be > 0")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"SamplingParams.stop: every stop string must be a non-empty str, got {s!r}")

@@ -16,7 +16,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from .errors import APIError, bad_request
 from .media import Converted, check_audio, convert_messages
-from .responses import Reply, sse
+from .responses import Reply, chat_logprobs, completion_logprobs, sse
 from .scheduler import REQUEST_ERRORS, Job, Scheduler
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_json, validate
 from .settings import ServerSettings
@@ -45,22 +45,56 @@ class Generator:
     async def chat(self, request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
-        params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
+        if req.logprobs and req.stream:
+            raise bad_request("logprobs are not available with \"stream\": true yet; ask without streaming",
+                              param="logprobs")
+        params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens,
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        return await self._respond(request, Job(params, ids, media), Reply(self.settings.model_name, chat=True),
-                                   req.stream, req.include_usage)
+        job = Job(params, ids, media)
+        render = None
+        if req.logprobs:
+            render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
+        return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
+                                   req.include_usage, render)
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
-        params = self._params(req, req.max_tokens, 16)  # OpenAI's default for text completions
+        if req.stream and (req.echo or req.logprobs is not None):
+            raise bad_request("echo and logprobs are not available with \"stream\": true yet; ask without "
+                              "streaming", param="logprobs" if req.logprobs is not None else "echo")
+        params = self._params(req, req.max_tokens, 16,  # OpenAI's default for text completions
+                              logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))
         if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
             self._check_text_size(len(req.prompt if isinstance(req.prompt, str) else req.prompt[0]), "prompt")
         ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
+        render = None
+        if req.echo or req.logprobs is not None:
+            render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
         return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
-                                   req.stream, req.include_usage)
+                                   req.stream, req.include_usage, render)
+
+    def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
+        """`echo` (the prompt's text before the answer) and `logprobs` (the prompt's tokens first, with echo)."""
+        tokenizer = self.model.tokenizer
+        if not req.echo:
+            echo = ""
+        elif isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
+            echo = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        else:
+            echo = tokenizer.decode(prompt_ids) if tokenizer is not None else ""
+        extras = {"echo": echo}
+        if req.logprobs is not None:
+            if tokenizer is None:
+                raise bad_request("logprobs need the model's tokenizer to name the tokens", param="logprobs")
+            prompt = result.prompt_logprobs if req.echo else None
+            extras["logprobs"] = completion_logprobs(tokenizer, result.logprobs, prompt, prompt_ids[0])
+        return extras
 
     async def audio(self, request: Request, translate: bool) -> Response:
         form = await read_form(request, self.settings.max_body_bytes)
@@ -213,11 +247,15 @@ class Generator:
         self.scheduler.submit(job)
         return job
 
-    async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool):
+    async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool,
+                       render=None):
+        """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`."""
         self._submit(job)
         if not stream:
             result = await self._collect(request, job)
-            return result if isinstance(result, Response) else JSONResponse(reply.whole(result))
+            if isinstance(result, Response):
+                return result
+            return JSONResponse(reply.whole(result, **(render(result) if render else {})))
         try:
             first = await self._next(request, job)
         except ClientGone:

@@ -20,12 +20,15 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def whole(self, result: Result) -> dict:
+    def whole(self, result: Result, logprobs: dict | None = None, echo: str = "") -> dict:
+        """The response; `logprobs` as `chat_logprobs` / `completion_logprobs` made it, `echo` the prompt's text
+        (completions with "echo": true)."""
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": result.finish_reason, "logprobs": None}
+                      "finish_reason": result.finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion", [choice], usage=usage(result))
-        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": echo + result.text, "finish_reason": result.finish_reason,
+                  "logprobs": logprobs}
         return self._envelope("text_completion", [choice], usage=usage(result))
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
@@ -39,6 +42,56 @@ class Reply:
     def usage_chunk(self, result: Result) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(kind, [], usage=usage(result))
+
+
+def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token as text and as its UTF-8 bytes; a byte-fallback piece (<0xE2>) is its one byte, whose text alone is
+    not valid UTF-8 (OpenAI then gives the bytes, and text with a replacement character)."""
+    piece = tokenizer.id_to_token(token) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            byte = int(piece[3:5], 16)
+            return bytes([byte]).decode("utf-8", errors="replace"), [byte]
+        except ValueError:
+            pass
+    text = tokenizer.decode([token])
+    return text, list(text.encode("utf-8"))
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """OpenAI's chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}."""
+    def one(token: int, logprob: float) -> dict:
+        text, raw = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(tokenizer, entries: list, prompt: list | None = None, first_prompt_token: int | None = None,
+                        start: int = 0) -> dict:
+    """OpenAI's legacy completion `logprobs`: tokens, token_logprobs, top_logprobs ({text: logprob}) and
+    text_offset. With echo, the prompt's tokens come first; its first token has no logprob (null), as in OpenAI's
+    and vLLM's answers."""
+    tokens, values, tops, offsets = [], [], [], []
+    offset = start
+
+    def add(token: int, logprob, top) -> None:
+        nonlocal offset
+        text, _ = token_text(tokenizer, token)
+        tokens.append(text)
+        values.append(logprob)
+        tops.append(None if top is None else {token_text(tokenizer, t)[0]: lp for t, lp in top})
+        offsets.append(offset)
+        offset += len(text)
+
+    if prompt is not None:
+        add(first_prompt_token, None, None)
+        for e in prompt:
+            add(e.token, e.logprob, e.top)
+    for e in entries:
+        add(e.token, e.logprob, e.top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def usage(result: Result) -> dict:

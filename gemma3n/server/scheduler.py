@@ -40,6 +40,8 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    logprobs: list | None = None  # engine.batch.TokenLogprob per new token, when the request asked for them
+    prompt_logprobs: list | None = None  # per prompt token after the first (completions' echo)
 
 
 class Job:
@@ -182,7 +184,10 @@ class Scheduler:
                 job.emit("text", tail)
             self.metrics.finished(seq.finish_reason, seq.prompt_tokens, seq.sampled,
                                   seq.prefill_seconds or None, seq.decode_seconds)
-            job.emit("done", Result(stream.text, seq.prompt_tokens, seq.sampled, seq.finish_reason))
+            asked = job.params.logprobs is not None
+            job.emit("done", Result(stream.text, seq.prompt_tokens, seq.sampled, seq.finish_reason,
+                                    seq.logprobs if asked else None,
+                                    seq.prompt_logprobs if job.params.prompt_logprobs else None))
 
     def _fail_all(self, message: str) -> None:
         for job, _ in self.running.values():

@@ -82,7 +82,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     tools: Any = None
     response_format: Any = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -106,12 +107,14 @@ class CompletionRequest(_Sampling):
         if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             return value
         if all(isinstance(v, list) for v in value):
+            if len(value) == 1:  # a batch of one token-id prompt (what evaluation harnesses send)
+                return cls.one_prompt(value[0])
             raise ValueError("several token-id prompts in one request are not supported; send one per request")
         raise ValueError("a list prompt must hold strings or token ids (integers >= 0), not a mix")
 
-    echo: Literal[False] | None = None
+    echo: bool | None = None
     suffix: None = None
-    logprobs: None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: Literal[1] | None = None
 
 
