@@ -72,6 +72,10 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     async def detokenize(request: Request):
         return await generator.detokenize(request)
 
+    @app.get("/tokenizer_info", dependencies=authorized)
+    async def tokenizer_info():
+        return generator.tokenizer_info()
+
     @app.get("/metrics", dependencies=authorized)
     async def metrics():
         text = scheduler.metrics.render(settings.model_name, scheduler.active, scheduler.waiting, scheduler.steps,

@@ -146,6 +146,17 @@ class Generator:
                 raise bad_request(str(e), param="messages") from None
         return JSONResponse({"count": len(ids), "max_model_len": self.context, "tokens": ids})
 
+    def tokenizer_info(self) -> Response:
+        """`GET /tokenizer_info`: what a client-side tokenizer needs to match the server's (vLLM's shape, used by
+        lm-evaluation-harness's remote tokenizer): the special token strings and the chat template."""
+        tokenizer = self.model.tokenizer
+        if tokenizer is None:
+            raise APIError(404, "this model has no tokenizer", code="no_tokenizer")
+        return JSONResponse({"tokenizer_class": "gemma3n.Tokenizer", "bos_token": tokenizer.bos_token,
+                             "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+                             "chat_template": tokenizer.chat_template, "model_max_length": self.context,
+                             "add_bos_token": True})
+
     async def detokenize(self, request: Request) -> Response:
         req = validate(DetokenizeRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         if req.model is not None:

@@ -63,6 +63,9 @@ def test_tokenize_matches_what_generation_feeds_the_model(server, model):
     messages = [{"role": "user", "content": "hi"}]
     chat = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30).json()
     assert chat["tokens"] == model.encode_prompt(messages)[0].tolist()
+    info = httpx.get(url + "/tokenizer_info", timeout=30).json()
+    assert (info["bos_token"], info["eos_token"]) == (model.tokenizer.bos_token, model.tokenizer.eos_token)
+    assert info["chat_template"] == model.tokenizer.chat_template
     back = httpx.post(url + "/detokenize", json={"model": "tiny", "tokens": bare["tokens"]}, timeout=30).json()
     assert back["prompt"] == model.tokenizer.decode(bare["tokens"])
 
