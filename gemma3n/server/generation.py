@@ -6,6 +6,7 @@ relays the job's events: as one JSON object, or as server-sent events. A client 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import AsyncIterator
 
 import torch
@@ -60,7 +61,7 @@ class Generator:
         if req.logprobs:
             render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
         return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
-                                   req.include_usage, render)
+                                   req.include_usage, render, req.n or 1)
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
@@ -77,7 +78,7 @@ class Generator:
         if req.echo or req.logprobs is not None:
             render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
         return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
-                                   req.stream, req.include_usage, render)
+                                   req.stream, req.include_usage, render, req.n or 1)
 
     def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
         """`echo` (the prompt's text before the answer) and `logprobs` (the prompt's tokens first, with echo)."""
@@ -259,8 +260,23 @@ class Generator:
         return job
 
     async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool,
-                       render=None):
-        """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`."""
+                       render=None, n: int = 1):
+        """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`. `n` choices are `n`
+        sequences of the batch (the n-th seeded seed + n - 1 when a seed is given, so each is reproducible)."""
+        if n > 1:
+            if stream:
+                raise bad_request("n > 1 is not available with \"stream\": true yet", param="n")
+            jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
+                                job.ids, job.media) for i in range(1, n)]
+            for each in jobs:
+                self._submit(each)
+            results = await asyncio.gather(*(self._collect(request, each) for each in jobs))
+            failed = next((r for r in results if isinstance(r, Response)), None)
+            if failed is not None:
+                for each in jobs:
+                    self.scheduler.cancel(each)
+                return failed
+            return JSONResponse(reply.choices([(r, render(r) if render else {}) for r in results]))
         self._submit(job)
         if not stream:
             result = await self._collect(request, job)

@@ -23,13 +23,23 @@ class Reply:
     def whole(self, result: Result, logprobs: dict | None = None, echo: str = "") -> dict:
         """The response; `logprobs` as `chat_logprobs` / `completion_logprobs` made it, `echo` the prompt's text
         (completions with "echo": true)."""
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                      "finish_reason": result.finish_reason, "logprobs": logprobs}
-            return self._envelope("chat.completion", [choice], usage=usage(result))
-        choice = {"index": 0, "text": echo + result.text, "finish_reason": result.finish_reason,
-                  "logprobs": logprobs}
-        return self._envelope("text_completion", [choice], usage=usage(result))
+        return self.choices([(result, {"logprobs": logprobs, "echo": echo})])
+
+    def choices(self, answers: list[tuple[Result, dict]]) -> dict:
+        """The response of `n` choices: (result, its extras) each; the prompt is counted once in the usage."""
+        choices = []
+        for index, (result, extras) in enumerate(answers):
+            logprobs = extras.get("logprobs")
+            if self.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                                "finish_reason": result.finish_reason, "logprobs": logprobs})
+            else:
+                choices.append({"index": index, "text": extras.get("echo", "") + result.text,
+                                "finish_reason": result.finish_reason, "logprobs": logprobs})
+        prompt = answers[0][0].prompt_tokens or 0
+        completion = sum(result.completion_tokens for result, _ in answers)
+        total = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=total)
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
         if self.chat:

@@ -63,7 +63,7 @@ class _Sampling(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2 ** 63)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    n: Literal[1] | None = None
+    n: Annotated[int, Field(ge=1, le=16)] | None = None  # choices; each its own sequence of the batch
     max_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @property
@@ -193,8 +193,6 @@ def _where(loc: tuple) -> str:
 def _explain(err: dict) -> str:
     if err["type"] == "missing":
         return "this field is required"
-    if err["type"] == "literal_error" and err["loc"] and err["loc"][-1] == "n":
-        return "only n=1 is supported"
     if err["type"] in ("literal_error", "none_required") and err["loc"] and \
             err["loc"][-1] in ("echo", "suffix", "logprobs", "best_of"):
         return "not supported by this server"

@@ -46,7 +46,7 @@ BAD_CHAT = {
     "empty messages": ({**OK, "messages": []}, 400, "messages"),
     "unknown role": ({**OK, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
     "unknown part": (_chat_with({"type": "video_url", "video_url": {}}), 400, "messages[0].content"),
-    "n > 1": ({**OK, "n": 2}, 400, "only n=1 is supported"),
+    "n above 16": ({**OK, "n": 17}, 400, "n"),
     "top_p out of range": ({**OK, "top_p": 1.5}, 400, "top_p"),
     "max_tokens over the limit": ({**OK, "max_tokens": 10_000}, 400, f"at most {LIMITS['max_tokens']}"),
     "too many prompt tokens": ({**OK, "messages": [{"role": "user", "content": "word " * 400}]}, 400,
@@ -105,7 +105,7 @@ def test_completion_errors(server):
     assert "vocabulary" in _error(_post(server, "/v1/completions", json={"model": "tiny", "prompt": [1, 10**6]}),
                                   400)["message"]
     assert "not supported" in _error(_post(server, "/v1/completions",
-                                           json={"model": "tiny", "prompt": "a", "echo": True}), 400)["message"]
+                                           json={"model": "tiny", "prompt": "a", "suffix": "b"}), 400)["message"]
     assert "prompt" in _error(_post(server, "/v1/completions", json={"model": "tiny", "prompt": []}), 400)["message"]
 
 

@@ -74,3 +74,22 @@ def test_logprob_requests_refused_clearly(server, path, body, message):
     base.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
     response = httpx.post(server.url + path, json={**base, **body}, timeout=30)
     assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+
+
+def test_n_choices_are_each_a_reproducible_sequence(client):
+    messages = [{"role": "user", "content": "tell me something"}]
+    sampling = dict(model="tiny", messages=messages, max_tokens=6, temperature=1.0, seed=5)
+    many = client.chat.completions.create(n=3, **sampling)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(**{**sampling, "seed": 5 + i}) for i in range(3)]
+    assert [c.message.content for c in many.choices] == [s.choices[0].message.content for s in singles]
+    assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert many.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    greedy = client.completions.create(model="tiny", prompt="one two", max_tokens=4, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text
+
+
+def test_n_with_stream_is_refused_clearly(server):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "n": 2, "stream": True}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and "n > 1" in response.json()["error"]["message"]
