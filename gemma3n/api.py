@@ -169,7 +169,7 @@ def _swap_in_gguf_modules(lm: nn.Module, kept: dict, dtype: torch.dtype) -> None
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None, matformer=None) -> "Model":
+         activations: str | None = None, matformer=None, adapter=None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -182,6 +182,8 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     gemma3n.matformer.PUBLISHED) or {"layers_skipped": [...], "ffn_hidden_dims": [...]}: load that slice of a
     Gemma 3n safetensors folder, reading only the kept layers, rows and columns (the same model as the folder
     `gemma3n slice` writes).
+    adapter: a PEFT LoRA adapter folder (`gemma3n finetune` writes one): merged into float weights, applied beside
+    quantised ones (int8 / int4 / GGUF blocks stay as stored).
     """
     if activations is not None:
         from . import kernels
@@ -203,6 +205,11 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
         config, lm, multimodal = _load_gguf(path, dtype, quantize, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
+    # -- LoRA adapter (gemma3n/finetune): before the device move and the sparse layout, which see merged weights
+    if adapter is not None:
+        from .finetune.peft_format import apply_adapter
+        apply_adapter(lm, adapter, config)
+    # -- end LoRA adapter
     if device != "cpu":
         lm = lm.to(device)
     if config.family == "gemma3n":
