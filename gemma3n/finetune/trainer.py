@@ -184,7 +184,7 @@ class Trainer:
                 for batch in batches:
                     loss_sum, _ = self.loss_sum(batch)
                     (loss_sum / label_tokens).backward()
-                    total_loss += float(loss_sum)
+                    total_loss += float(loss_sum.detach())
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 self.optimizer.step()
