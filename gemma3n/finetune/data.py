@@ -17,7 +17,6 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -193,7 +192,8 @@ class Encoder:
         self.tokenizer = tok
         self.turn_start = tok.encode("<start_of_turn>model\n")
         self.turn_end = tok.token_to_id("<end_of_turn>")
-        if self.turn_end is None or len(self.turn_start) < 2 or self.turn_start[0] != tok.token_to_id("<start_of_turn>"):
+        opens = tok.token_to_id("<start_of_turn>")
+        if self.turn_end is None or len(self.turn_start) < 2 or self.turn_start[0] != opens:
             raise ValueError("this tokenizer has no Gemma turn tokens (<start_of_turn>, <end_of_turn>), so the "
                              "assistant turns cannot be found; train on {\"text\": ...} lines instead")
 

@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..model.layers import softcap
 from . import data as data_mod
 from .lora import inject, make_differentiable, select_targets, frozen_linear, undo_differentiable
-from .peft_format import CONFIG_NAME, WEIGHTS_NAME, external_name, read_adapter, save_adapter, internal_name
+from .peft_format import external_name, internal_name, read_adapter, save_adapter
 
 LOG_NAME, STATE_NAME = "training_log.jsonl", "trainer_state.pt"
 
@@ -173,7 +172,7 @@ class Trainer:
         order = self._micro_batches(len(train_set), total * args.gradient_accumulation)
         bar = Progress(total, enabled=progress)
         history, started, seen_tokens, last_loss = [], time.perf_counter(), 0, None
-        self._training(True)
+        self.set_training(True)
         try:
             while step < total:
                 step_started = time.perf_counter()
@@ -210,7 +209,7 @@ class Trainer:
                 if args.save_steps and step % args.save_steps == 0 and not at_end:
                     self._save_checkpoint(step, scheduler)
         finally:
-            self._training(False)
+            self.set_training(False)
             bar.close()
         save_adapter(self.output, self.lm, self.model.config, self.base_name, args.lora_rank, args.lora_alpha,
                      args.lora_dropout)
@@ -223,7 +222,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, items: list) -> float:
         """Mean cross-entropy over the label tokens of `items` (dropout off)."""
-        self._training(False)
+        self.set_training(False)
         try:
             total, count = 0.0, 0
             for start in range(0, len(items), self.args.batch_size):
@@ -231,13 +230,13 @@ class Trainer:
                 total, count = total + float(loss_sum), count + n
             return total / max(count, 1)
         finally:
-            self._training(True)
+            self.set_training(True)
 
     def finish(self) -> None:
         """Put the model back as it was loaded (adapters stay attached; quantised linears unwrapped)."""
         undo_differentiable(self.lm, self.frozen_paths)
 
-    def _training(self, on: bool) -> None:
+    def set_training(self, on: bool) -> None:
         """Dropout of the adapters, per-layer gradient checkpointing, and the sparse decode path (decode only)."""
         for wrapper in self.wrappers.values():
             wrapper.lora_dropout.train(on)

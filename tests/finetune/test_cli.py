@@ -76,3 +76,21 @@ def test_resume_continues_exactly(tiny_base, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="other settings"):
         gemma3n.finetune(base, data, tmp_path / "out", resume=True, **{**settings, "lora_dropout": 0.1, "seed": 1})
+
+
+def test_qlora_on_a_float_folder_quantised_as_it_loads_then_resumed(tiny_base, tmp_path):
+    _, base = tiny_base("mixed")
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    out = tmp_path / "adapter"
+    common = ("finetune", "--model", str(base), "--data", str(data), "--output", str(out), "--quantize", "int4",
+              "--batch-size", "2", "--learning-rate", "1e-2", "--save-steps", "1", "--quiet")
+    first = console(*common, "--max-steps", "2")
+    assert first.returncode == 0, first.stderr
+    resumed = console(*common, "--max-steps", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["steps"] == 3  # from checkpoint-1: steps 2 and 3 again
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    model = gemma3n.load(base, quantize="int4", adapter=out)
+    kinds = {type(m.base_layer).__name__ for m in model.lm.modules() if hasattr(m, "lora_A")}
+    assert "Int4Linear" in kinds  # applied beside the quantised weights, which stay as they are
