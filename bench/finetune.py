@@ -91,7 +91,12 @@ def float_folder(gguf: Path, work: Path) -> Path:
     if not (folder / "config.json").exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
         import torch
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config  # transformers will not save a GGUF-loaded model: copy it into a plain one
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(loaded)(config)
+        model.load_state_dict(loaded.state_dict())
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
     return folder

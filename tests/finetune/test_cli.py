@@ -78,6 +78,7 @@ def test_resume_continues_exactly(tiny_base, tmp_path):
         gemma3n.finetune(base, data, tmp_path / "out", resume=True, **{**settings, "lora_dropout": 0.1, "seed": 1})
 
 
+@pytest.mark.slow  # two console runs with int4 quantisation at load: ~1 min on 2 shared cores
 def test_qlora_on_a_float_folder_quantised_as_it_loads_then_resumed(tiny_base, tmp_path):
     _, base = tiny_base("mixed")
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
