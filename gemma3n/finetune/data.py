@@ -24,6 +24,7 @@ IGNORE = -100  # label of a token that carries no loss (transformers' and PyTorc
 TAGS = {"<image>": ("image", "images"), "<audio>": ("audio", "audios"), "<video>": ("video", "videos")}
 _TAG = re.compile("(" + "|".join(map(re.escape, TAGS)) + ")")
 _ROLES = ("system", "user", "assistant")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
 MAX_REPORTED_ERRORS = 20
 
 
@@ -140,15 +141,26 @@ def _media_list(item: dict, key: str, folder: Path, allow_network: bool) -> list
             if not allow_network:
                 raise ValueError(f"{key}: {source} is a URL; pass --allow-network to fetch media")
             resolved.append(source)
-        elif source.startswith("data:") or len(source) > 512:  # a data: URL or bare base64
+        elif source.startswith("data:"):
             resolved.append(source)
         else:
-            path = Path(source).expanduser()
-            path = path if path.is_absolute() or not (folder / path).exists() else folder / path
-            if not path.is_file():
+            path = _existing(source, folder)
+            if path is not None:
+                resolved.append(str(path))
+            elif _BASE64.fullmatch(source) and len(source) >= 64:  # bare base64, as ms-swift accepts
+                resolved.append(source)
+            else:
                 raise ValueError(f"{key}: file not found: {source} (relative paths are read from {folder})")
-            resolved.append(str(path))
     return resolved
+
+
+def _existing(source: str, folder: Path) -> Path | None:
+    try:
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() or not (folder / path).exists() else folder / path
+        return path if path.is_file() else None
+    except OSError:  # a name too long to be a path
+        return None
 
 
 def _content(text: str, media: dict, used: dict, index: int) -> str | list[dict]:

@@ -51,11 +51,13 @@ def test_bad_lines_are_all_reported_before_anything_starts(tiny_base, tmp_path):
         {"messages": [{"role": "user", "content": "<image> w1"}, {"role": "assistant", "content": "w2"}]},
         {"messages": [{"role": "robot", "content": "w1"}]},
         {"prompt": "w1"},
+        {"messages": [{"role": "user", "content": "<image> w1"}, {"role": "assistant", "content": "w2"}],
+         "images": ["https://example.com/cat.png"]},
     ])
     done = console("finetune", "--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"))
     assert done.returncode == 2
     for line, reason in ((2, "not valid JSON"), (3, "no assistant turn"), (4, "more <image> tags than images listed"),
-                         (5, "role 'robot'"), (6, "needs 'messages'")):
+                         (5, "role 'robot'"), (6, "needs 'messages'"), (7, "pass --allow-network")):
         reported = [text for text in done.stderr.splitlines() if f"bad.jsonl:{line}: " in text]
         assert len(reported) == 1 and reason in reported[0], done.stderr
     assert "bad.jsonl:1:" not in done.stderr and not (tmp_path / "out").exists()
