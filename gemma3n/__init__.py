@@ -2,7 +2,6 @@
 from .api import Model, load
 from .config import ConfigError, ModelConfig, TextConfig
 from .checkpoint.safetensors import CheckpointError
-from .finetune import finetune
 
-__all__ = ["load", "Model", "ModelConfig", "TextConfig", "ConfigError", "CheckpointError", "finetune"]
+__all__ = ["load", "Model", "ModelConfig", "TextConfig", "ConfigError", "CheckpointError"]
 __version__ = "0.1.0"

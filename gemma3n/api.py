@@ -205,9 +205,9 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
         config, lm, multimodal = _load_gguf(path, dtype, quantize, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
-    # -- LoRA adapter (gemma3n/finetune): before the device move and the sparse layout, which see merged weights
+    # -- LoRA adapter (gemma3n/adapters): before the device move and the sparse layout, which see merged weights
     if adapter is not None:
-        from .finetune.peft_format import apply_adapter
+        from .adapters.peft_format import apply_adapter
         apply_adapter(lm, adapter, config)
     # -- end LoRA adapter
     if device != "cpu":

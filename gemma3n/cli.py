@@ -165,7 +165,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-# -- fine-tuning: `gemma3n finetune` and `gemma3n merge` (gemma3n/finetune) -----------------------------------------
+# -- fine-tuning: `gemma3n finetune` and `gemma3n merge` (gemma3n/finetune, gemma3n/adapters) -----------------------------------------
 
 def _add_finetune_commands(sub) -> None:
     p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter on a JSONL of conversations or text")
@@ -215,14 +215,14 @@ def _add_finetune_commands(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    import gemma3n
+    from .finetune import finetune
     settings = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                     target=args.target, epochs=args.epochs, max_steps=args.max_steps,
                     learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, batch_size=args.batch_size,
                     gradient_accumulation=args.gradient_accumulation, max_length=args.max_length, seed=args.seed,
                     val_fraction=args.val_fraction, save_steps=args.save_steps,
                     gradient_checkpointing=not args.no_gradient_checkpointing, allow_network=args.allow_network)
-    result = gemma3n.finetune(args.model or default_model_path(), args.data, args.output, val=args.val,
+    result = finetune(args.model or default_model_path(), args.data, args.output, val=args.val,
                               device=args.device, dtype=args.dtype, quantize=args.quantize, resume=args.resume,
                               progress=not args.quiet, **settings)
     print(json.dumps({"output": str(result.output), "steps": result.steps, "final_loss": result.final_loss,
@@ -232,7 +232,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .finetune.merge import merge_adapter
+    from .adapters.merge import merge_adapter
     print(json.dumps(merge_adapter(args.base, args.adapter, args.destination)))
     return 0
 

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model.layers import softcap
 from . import data as data_mod
-from .lora import inject, make_differentiable, select_targets, frozen_linear, undo_differentiable
-from .peft_format import external_name, internal_name, read_adapter, save_adapter
+from ..adapters.lora import inject, make_differentiable, select_targets, frozen_linear, undo_differentiable
+from ..adapters.peft_format import external_name, internal_name, read_adapter, save_adapter
 
 LOG_NAME, STATE_NAME = "training_log.jsonl", "trainer_state.pt"
 

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import gemma3n
+from gemma3n.finetune import finetune
 
 from ..console import gemma3n as console
 from .tiny_data import words, write_jsonl
@@ -67,17 +68,17 @@ def test_resume_continues_exactly(tiny_base, tmp_path):
     _, base = tiny_base("mixed")
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     settings = dict(max_steps=4, save_steps=2, learning_rate=1e-2, lora_dropout=0.1, progress=False)
-    gemma3n.finetune(base, data, tmp_path / "out", **settings)
+    finetune(base, data, tmp_path / "out", **settings)
     whole = load_file(tmp_path / "out" / "adapter_model.safetensors")
     # as if the run had stopped after its checkpoint at step 2: resume redoes steps 3 and 4
-    resumed = gemma3n.finetune(base, data, tmp_path / "out", resume=True, **settings)
+    resumed = finetune(base, data, tmp_path / "out", resume=True, **settings)
     assert [r["step"] for r in resumed.history] == [3, 4]
     again = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert all(torch.equal(whole[k], again[k]) for k in whole)
     log = [json.loads(line) for line in (tmp_path / "out" / "training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="other settings"):
-        gemma3n.finetune(base, data, tmp_path / "out", resume=True, **{**settings, "lora_dropout": 0.1, "seed": 1})
+        finetune(base, data, tmp_path / "out", resume=True, **{**settings, "lora_dropout": 0.1, "seed": 1})
 
 
 @pytest.mark.slow  # two console runs with int4 quantisation at load: ~1 min on 2 shared cores

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gemma3n.finetune.lora import LoRALinear, frozen_linear, inject, make_differentiable, merge_into
+from gemma3n.adapters.lora import LoRALinear, frozen_linear, inject, make_differentiable, merge_into
 from gemma3n.quant.gguf_modules import GGUFLinear, raw_rows, supported
 from gemma3n.quant.modules import Int4Linear, Int8Linear
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import gemma3n
+from gemma3n.finetune import finetune
 from gemma3n.finetune import data as data_mod
 
 from .tiny_data import words, write_jsonl
@@ -42,7 +43,7 @@ def test_image_and_audio_conversations_train(tiny_base, media):
     assert set(items[1].media) == {"pixel_values", "input_features", "input_features_mask"}
     # media tokens never carry loss: only the assistant's words and <end_of_turn>
     assert [label for label in items[1].labels if label != data_mod.IGNORE] == [42, 106]
-    result = gemma3n.finetune(base, data, media / "out", max_steps=2, batch_size=2, lora_dropout=0.0,
+    result = finetune(base, data, media / "out", max_steps=2, batch_size=2, lora_dropout=0.0,
                               learning_rate=1e-2, warmup_ratio=0.0, progress=False)
     assert result.steps == 2 and all(math.isfinite(r["loss"]) for r in result.history)
     assert result.history[1]["loss"] < result.history[0]["loss"]  # the same two examples, after one update
