@@ -98,3 +98,16 @@ def test_qlora_on_a_float_folder_quantised_as_it_loads_then_resumed(tiny_base, t
     model = gemma3n.load(base, quantize="int4", adapter=out)
     kinds = {type(m.base_layer).__name__ for m in model.lm.modules() if hasattr(m, "lora_A")}
     assert "Int4Linear" in kinds  # applied beside the quantised weights, which stay as they are
+
+
+def test_target_regex_and_gradient_accumulation(tiny_base, tmp_path):
+    _, base = tiny_base("mixed")
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    result = finetune(base, data, tmp_path / "out", target=r".*self_attn\.(q|v)_proj", gradient_accumulation=2,
+                      max_steps=2, progress=False)
+    assert result.trained_modules == 6 + 4  # q_proj in all 6 layers; v_proj only where K/V are not shared
+    names = {k.split(".lora_")[0] for k in load_file(tmp_path / "out" / "adapter_model.safetensors")}
+    assert all(n.endswith(("q_proj", "v_proj")) for n in names) and len(names) == 10
+    assert result.steps == 2 and len(result.history) == 2  # 4 examples, 2 micro-batches per step: one epoch
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        finetune(base, data, tmp_path / "none", target="nothing_here", max_steps=1, progress=False)
