@@ -12,7 +12,7 @@ from .loading import LoadedModel, load_checkpoint
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None, matformer=None) -> "Model":
+         activations: str | None = None, matformer=None, adapter=None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -25,8 +25,10 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     gemma3n.matformer.PUBLISHED) or {"layers_skipped": [...], "ffn_hidden_dims": [...]}: load that slice of a
     Gemma 3n safetensors folder, reading only the kept layers, rows and columns (the same model as the folder
     `gemma3n slice` writes).
+    adapter: a PEFT LoRA adapter folder (`gemma3n finetune` writes one): merged into float weights, applied beside
+    quantised ones (int8 / int4 / GGUF blocks stay as stored).
     """
-    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer))
+    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter))
 
 
 class Model:

@@ -63,6 +63,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     _add_matformer_arg(p)
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
+                        "weights, applied beside quantised ones")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_parser(sub)
     _add_quantize_command(sub)
     _add_slice_command(sub)
+    _add_finetune_commands(sub)
     return parser
 
 
@@ -168,6 +172,78 @@ def cmd_quantize(args) -> int:
     started = time.perf_counter()
     summary = quantize_checkpoint(args.source, args.destination, scheme)
     print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+# -- fine-tuning: `gemma3n finetune` and `gemma3n merge` (gemma3n/finetune, gemma3n/adapters) -----------------------------------------
+
+def _add_finetune_commands(sub) -> None:
+    p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter on a JSONL of conversations or text")
+    p.add_argument("--model", "-m", help=f"base: checkpoint folder, .gguf file or cached Hub id "
+                                         f"(default: {DEFAULT_MODEL_HELP})")
+    p.add_argument("--data", required=True, help="training JSONL (ms-swift format: messages/images/audios, or text)")
+    p.add_argument("--output", "-o", required=True, help="folder for the adapter, checkpoints and training_log.jsonl")
+    p.add_argument("--val", help="validation JSONL")
+    p.add_argument("--val-fraction", type=_ranged(float, "fraction", 0.0, 1.0), default=0.0,
+                   help="hold out this fraction of --data for validation (0)")
+    p.add_argument("--lora-rank", type=_ranged(int, "rank", 1), default=8, help="LoRA rank r (8)")
+    p.add_argument("--lora-alpha", type=_ranged(float, "alpha", 0.0, low_open=True), default=32,
+                   help="LoRA alpha; the update is scaled by alpha / r (32)")
+    p.add_argument("--lora-dropout", type=_ranged(float, "probability", 0.0, 1.0), default=0.05,
+                   help="dropout on the adapter's input (0.05)")
+    p.add_argument("--target", default="all-linear",
+                   help="all-linear (every linear of the text decoder; the default) or a regular expression "
+                        "matching whole module names, as PEFT's target_modules, e.g. '.*self_attn\\.(q|v)_proj'")
+    p.add_argument("--epochs", type=_ranged(float, "count", 0.0, low_open=True), default=3, help="passes (3)")
+    p.add_argument("--max-steps", type=_ranged(int, "count", 1), help="stop after this many optimizer steps")
+    p.add_argument("--learning-rate", "--lr", type=_ranged(float, "rate", 0.0, low_open=True), default=1e-4,
+                   help="peak learning rate of AdamW, after a linear warm-up, then cosine decay (1e-4)")
+    p.add_argument("--warmup-ratio", type=_ranged(float, "fraction", 0.0, 1.0), default=0.05,
+                   help="fraction of the steps spent warming up (0.05)")
+    p.add_argument("--batch-size", type=_ranged(int, "count", 1), default=1, help="examples per micro-batch (1)")
+    p.add_argument("--gradient-accumulation", type=_ranged(int, "count", 1), default=1,
+                   help="micro-batches per optimizer step (1)")
+    p.add_argument("--max-length", type=_ranged(int, "count", 1), default=2048,
+                   help="longer text examples are cut to this many tokens (2048)")
+    p.add_argument("--seed", type=_ranged(int, "seed", 0), default=42, help="seed of the adapter init and data order")
+    p.add_argument("--save-steps", type=_ranged(int, "count", 1), help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint-N in --output")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when torch sees a GPU, else cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on the CPU, bfloat16 on a GPU that has it)")
+    p.add_argument("--quantize", "-q", metavar="SCHEME",
+                   help="QLoRA on a float checkpoint: quantise the frozen base as it loads (int8, int4, ...); a GGUF "
+                        "or `gemma3n quantize` checkpoint is trained on as stored without it")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep every layer's activations (faster, more memory)")
+    p.add_argument("--allow-network", action="store_true", help="allow media given as http(s) URLs to be fetched")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    m = sub.add_parser("merge", help="write a checkpoint folder with a LoRA adapter merged into its weights")
+    m.add_argument("base", help="float checkpoint folder")
+    m.add_argument("adapter", help="adapter folder (PEFT format)")
+    m.add_argument("destination", help="new folder for the merged checkpoint")
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+    settings = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                    target=args.target, epochs=args.epochs, max_steps=args.max_steps,
+                    learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, batch_size=args.batch_size,
+                    gradient_accumulation=args.gradient_accumulation, max_length=args.max_length, seed=args.seed,
+                    val_fraction=args.val_fraction, save_steps=args.save_steps,
+                    gradient_checkpointing=not args.no_gradient_checkpointing, allow_network=args.allow_network)
+    result = finetune(args.model or default_model_path(), args.data, args.output, val=args.val,
+                              device=args.device, dtype=args.dtype, quantize=args.quantize, resume=args.resume,
+                              progress=not args.quiet, **settings)
+    print(json.dumps({"output": str(result.output), "steps": result.steps, "final_loss": result.final_loss,
+                      "val_loss": result.val_loss, "tokens_per_second": round(result.tokens_per_second, 1),
+                      "seconds": round(result.seconds, 1), "adapted_layers": result.trained_modules}))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .adapters.merge import merge_adapter
+    print(json.dumps(merge_adapter(args.base, args.adapter, args.destination)))
     return 0
 
 
@@ -261,7 +337,7 @@ def _load(args):
     if say:
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
     model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations,
-                         matformer=getattr(args, "matformer", None))
+                         matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None))
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
@@ -515,7 +591,11 @@ def _ray_required(what: str) -> None:
 
 def _engine_spec(args, model_path: Path, threads: int | None, **settings):
     from .scale.engine import EngineSpec
-    load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer)
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None:  # replicas on other machines need a path that means the same there
+        adapter = str(Path(adapter).resolve()) if Path(adapter).exists() else adapter
+    load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer,
+                adapter=adapter)
     # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
     model = str(model_path.resolve()) if model_path.exists() else str(model_path)
     return EngineSpec(model=model, load=load, settings=_server_settings(args, model_path, **settings),
@@ -572,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
-                    "batch": cmd_batch, "quantize": cmd_quantize, "slice": cmd_slice}
+                    "batch": cmd_batch, "quantize": cmd_quantize, "slice": cmd_slice,
+                    "finetune": cmd_finetune, "merge": cmd_merge}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

@@ -17,10 +17,10 @@ LAYERS = [
     {"quant"},                                # quantised weights as modules
     {"model"},                                # the one description of the model (and its caches)
     {"engine"},                               # generation: sampling, the batch loop
-    {"convert", "matformer"},                 # checkpoints written from checkpoints
+    {"convert", "matformer", "adapters"},     # checkpoints written from checkpoints; LoRA adapters
     {"loading"},                              # files -> a LoadedModel record
     {"api", "__init__"},                      # the public facade: gemma3n.load, Model
-    {"quant_quality", "server"},              # tools and front ends
+    {"quant_quality", "server", "finetune"},  # tools and front ends; training
     {"scale"},                                # batch jobs and Ray: the server's app run offline or replicated
     {"cli"},                                  # the command line over all of it
 ]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..adapters.peft_format import apply_adapter
 from ..checkpoint.gguf import open_gguf
 from ..checkpoint.hub import looks_like_hub_id, resolve_cached
 from ..checkpoint.prefetch import prefetch_table
@@ -46,7 +47,7 @@ def resolve_path(path_or_id: str | Path) -> Path:
 
 
 def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-                    activations: str | None = None, matformer=None) -> LoadedModel:
+                    activations: str | None = None, matformer=None, adapter=None) -> LoadedModel:
     """See gemma3n.load for the arguments."""
     if activations is not None:
         kernels.set_activation_precision(activations)  # checked before any loading work
@@ -62,6 +63,8 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
         config, lm, multimodal = load_gguf(gguf, dtype, quantize, device)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
+    if adapter is not None:  # before the device move and the sparse layout, which then see the merged weights
+        apply_adapter(lm, adapter, config)
     if device != "cpu":
         lm = lm.to(device)
     if config.family == "gemma3n":

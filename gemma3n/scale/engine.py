@@ -21,7 +21,7 @@ class EngineSpec:
     on another machine can build its own)."""
 
     model: str  # checkpoint folder, .gguf file or cached Hub id; the same path on every machine
-    load: dict = field(default_factory=dict)  # gemma3n.load keywords: dtype, quantize, activations, matformer
+    load: dict = field(default_factory=dict)  # gemma3n.load keywords: dtype, quantize, activations, matformer, adapter
     settings: ServerSettings = field(default_factory=ServerSettings)
     threads: int | None = None  # torch / OpenMP threads of this engine (None: leave as they are)
 

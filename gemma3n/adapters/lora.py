@@ -1,0 +1,189 @@
+"""LoRA beside any of the decoder's linear kinds: float (nn.Linear), our int8 / int4 (gemma3n.quant) and GGUF blocks.
+
+y = base(x) + B(A(dropout(x))) * scaling, with A [r, in] and B [out, r] trained in float32 and the base frozen in
+its stored form. The quantised kinds compute without autograd (native kernels, packed formats), so their products
+run through `frozen_linear`: the forward is theirs, the backward multiplies the incoming gradient by the dequantised
+weight a block of output rows at a time, so no float copy of a whole weight is ever made (QLoRA).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..quant.gguf_modules import GGUFEmbedding, GGUFLinear
+from ..quant.modules import Int4Linear, Int8Linear
+
+QUANTISED_LINEARS = (Int8Linear, Int4Linear, GGUFLinear)
+_BACKWARD_BLOCK_ROWS = 2048  # output rows of a quantised weight dequantised at once in the backward (a tile multiple)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A bias-free linear of one of the kinds LoRA can sit beside (embedding tables excluded)."""
+    if isinstance(module, (GGUFEmbedding,)) or type(module).__name__.endswith("Embedding"):
+        return False
+    if type(module) is nn.Linear:
+        return module.bias is None
+    return isinstance(module, QUANTISED_LINEARS)
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """x -> product(x) where product is a frozen quantised x W^T; the gradient reaches x only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, product, dequantize, out_features: int) -> Tensor:
+        ctx.dequantize, ctx.out_features, ctx.x_dtype = dequantize, out_features, x.dtype
+        with torch.no_grad():
+            return product(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        flat = grad.reshape(-1, ctx.out_features).float()
+        grad_x = None
+        for start in range(0, ctx.out_features, _BACKWARD_BLOCK_ROWS):
+            rows = slice(start, min(start + _BACKWARD_BLOCK_ROWS, ctx.out_features))
+            part = flat[:, rows] @ ctx.dequantize(rows).float()
+            grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x.reshape(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None
+
+
+def frozen_linear(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) for a frozen linear of any kind, differentiable with respect to x when autograd is on. A tied
+    embedding table used as the LM head (its `.linear`) counts as a linear too."""
+    if type(module) is nn.Linear or isinstance(module, nn.Embedding):
+        return F.linear(x, module.weight, getattr(module, "bias", None))
+    product = module.linear if hasattr(module, "linear") else module.forward
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return product(x)
+    return _FrozenProduct.apply(x, product, module.dequantize, module.out_features)
+
+
+class FrozenLinear(nn.Module):
+    """A quantised linear that LoRA does not target, made differentiable with respect to its input (training only:
+    gradients must flow through it to the adapters of earlier layers)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frozen_linear(self.base_layer, x)
+
+
+class LoRALinear(nn.Module):
+    """base(x) + lora_B(lora_A(dropout(x))) * scaling; the names are PEFT's (base_layer, lora_A, lora_B)."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        device = _device_of(base_layer)
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """PEFT's default initialisation: A as nn.Linear's Kaiming-uniform, B zero (so training starts at the
+        base model)."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on a [r, in] weight
+        with torch.no_grad():
+            self.lora_A.weight.uniform_(-bound, bound, generator=generator)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = frozen_linear(self.base_layer, x)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """scaling * B A, float32 [out, in]: what merging adds to the base weight."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def decoder_linears(lm: nn.Module) -> dict[str, nn.Module]:
+    """Module path (in the causal LM, "model.layers.3.self_attn.q_proj") -> linear, for every linear of the
+    text decoder that LoRA may target (the embedding table / LM head excluded)."""
+    return {path: m for path, m in lm.named_modules() if path.startswith("model.") and is_linear(m)}
+
+
+def select_targets(lm: nn.Module, target: str, external_name) -> list[str]:
+    """Paths of the decoder linears chosen by `target`: "all-linear", or a regular expression that must match a
+    module's whole name as PEFT matches it (the name in the base checkpoint's transformers class, given by
+    `external_name(path)`, e.g. "model.language_model.layers.0.self_attn.q_proj")."""
+    linears = decoder_linears(lm)
+    if target == "all-linear":
+        return list(linears)
+    try:
+        pattern = re.compile(target)
+    except re.error as e:
+        raise ValueError(f"--target {target!r} is not a valid regular expression ({e})") from None
+    chosen = [p for p in linears if pattern.fullmatch(external_name(p)) or pattern.fullmatch(p)]
+    if not chosen:
+        example = external_name(next(iter(linears)))
+        raise ValueError(f"--target {target!r} matches no linear layer of the text decoder; it must match whole "
+                         f"module names such as {example!r} (e.g. '.*self_attn\\.(q_proj|v_proj)'), or be all-linear")
+    return chosen
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def inject(lm: nn.Module, paths: list[str], rank: int, alpha: float, dropout: float = 0.0,
+           use_rslora: bool = False) -> dict[str, LoRALinear]:
+    """Wrap each linear at `paths` in a LoRALinear (in place); returns path -> wrapper."""
+    wrapped = {}
+    for path in paths:
+        base = lm.get_submodule(path)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{path} already carries an adapter")
+        wrapped[path] = LoRALinear(base, rank, alpha, dropout, use_rslora)
+        replace_module(lm, path, wrapped[path])
+    return wrapped
+
+
+def make_differentiable(lm: nn.Module) -> list[str]:
+    """Wrap the quantised linears that carry no adapter in FrozenLinear, so gradients flow through them; returns
+    their paths (for `undo_differentiable`)."""
+    paths = [p for p, m in lm.named_modules() if isinstance(m, QUANTISED_LINEARS) and not isinstance(m, GGUFEmbedding)
+             and not p.endswith(".base_layer") and p != "model.embed_tokens"]
+    for path in paths:
+        replace_module(lm, path, FrozenLinear(lm.get_submodule(path)))
+    return paths
+
+
+def undo_differentiable(lm: nn.Module, paths: list[str]) -> None:
+    for path in paths:
+        replace_module(lm, path, lm.get_submodule(path).base_layer)
+
+
+def merge_into(lm: nn.Module, path: str, wrapper: LoRALinear) -> bool:
+    """Fold the adapter into a float base weight (a new tensor: the stored one may be a read-only memory map);
+    returns False (leaving the wrapper in place) when the base is quantised, where it stays beside the weights."""
+    base = wrapper.base_layer
+    if type(base) is not nn.Linear:
+        return False
+    with torch.no_grad():
+        merged = (base.weight.float() + wrapper.delta_weight().to(base.weight.device)).to(base.weight.dtype)
+    base.weight = nn.Parameter(merged, requires_grad=False)
+    replace_module(lm, path, base)
+    return True
