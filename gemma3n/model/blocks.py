@@ -11,9 +11,13 @@ block kernel runs, on which named registers, with the weights of which submodule
 
 So a new layer type, or a change to a layer's order, is written once, in its BLOCKS. A new block kernel needs both
 twins: a PyTorch function here and a `g3n_block_<kernel>` in C, which tests/model/test_native_blocks.py compares
-block by block (as llama.cpp's test-backend-ops compares backends op by op). Why a plan executed in C rather than a
-ctypes call per block: a step of Gemma 3 270M is ~150 blocks, and Python between them would cost a few
-microseconds each, a measurable share of a ~25 ms step; one call per step keeps the whole stack in C.
+block by block (as llama.cpp's test-backend-ops compares backends op by op).
+
+Why a plan run in C rather than a ctypes call per block from Python: a decode step is ~150 blocks (Gemma 3 270M)
+to ~400 (E2B), most of them norms and sums over one row of a few thousand floats, for which a Python-side call
+costs more than the arithmetic; one call per step keeps that overhead at one per step, as the hand-written step
+before it had. Why not a compiler (torch.compile, a generated C file): the plan is data, built once per cache,
+with no toolchain at run time beyond the native library that is already built.
 
 Features are data in the modules, not architecture numbers: a norm's offset (Gemma 3's 1 + w), whether values are
 normed (Gemma 3n), the attention scale, which layer's K/V a layer reads (KV sharing), the sparse MLP's z, the
