@@ -11,6 +11,9 @@ split into
 Medians over the steps, in ms, and what they read: the weights' bytes per token over the step time, against this
 machine's plain read bandwidth (measured here the same way bench/speed.py does). The last line is one JSON object.
 
+With --threads 1 each step's CPU time is reported too: on a shared machine it compares two trees where wall time
+mostly measures the neighbours.
+
 Run: python bench/decode_profile.py [--model PATH ...] [--steps 32] [--threads 2]
 (default: the packaged Gemma 3 270M Q4_K_M GGUF)
 
@@ -72,9 +75,9 @@ def _profile_pass(lm, ids: list[int], steps: int, head_times: list[float], nativ
             if decoder is not None:
                 decoder.profile = torch.zeros(len(native_decode.PROFILE), dtype=torch.float64)
             head_times.clear()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             nxt = lm(nxt, None, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
-            step = time.perf_counter() - t0
+            step, step_cpu = time.perf_counter() - t0, time.thread_time() - c0
             decoder = cache.native_decoder[1]
             if decoder is None:
                 raise SystemExit("the native decode step does not apply to this model")
@@ -87,6 +90,8 @@ def _profile_pass(lm, ids: list[int], steps: int, head_times: list[float], nativ
             row["LM head"] = head_times[0]
             row["other PyTorch work"] = step - native - head_times[0]
             row["step"] = step
+            if torch.get_num_threads() == 1:  # all the work is on this thread: its CPU time, which the machine's
+                row["step, CPU time of the one thread"] = step_cpu  # other load barely moves (wall time does)
             rows.append(row)
     return rows
 

@@ -18,7 +18,7 @@ from ..checkpoint.safetensors import Checkpoint
 from ..checkpoint.weights import text_key_map
 from ..checkpoint.writer import write_checkpoint
 from ..config import ModelConfig
-from ..quant.checkpoint import copy_side_files, stored_plan
+from ..convert.quantized import copy_side_files, stored_plan
 from .peft_format import adapter_layers, is_unused_shared_kv
 
 

@@ -87,7 +87,7 @@ def finetune(model: str | Path, data: str | Path, output: str | Path, val: str |
              progress: bool = True, **settings) -> TrainingResult:
     """Train a LoRA adapter for `model` (a checkpoint folder, .gguf file or cached Hub id) on the JSONL `data` and
     write it to `output` (PEFT format, with training_log.jsonl). settings: the fields of TrainingArguments."""
-    from ..api import load  # the loader sits above this package (api.py calls peft_format when it loads adapters)
+    from ..api import load  # the loader sits below this package (loading calls peft_format to apply adapters)
     args = TrainingArguments(**settings)
     args.check()
     output = Path(output)

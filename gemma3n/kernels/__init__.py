@@ -36,7 +36,7 @@ from torch import Tensor
 ABI_VERSION = 6
 _SOURCE = Path(__file__).with_name("native.c")
 # native.c includes the others
-_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_step.c"))
+_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_blocks.c"))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -140,7 +140,7 @@ def _declare(lib) -> None:
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
     lib.g3n_int4_matmul_q8.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i32]
-    lib.g3n_decode_step.argtypes, lib.g3n_decode_step.restype = [p, p], i32  # model/native_decode.py
+    lib.g3n_run_plan.argtypes, lib.g3n_run_plan.restype = [p, p], i32  # model/native_decode.py
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
               lib.g3n_int4_matmul_q8):

@@ -1185,4 +1185,4 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
 /* ------------------------------------------------------------------------------------------------------------ */
 /* exact matrix-vector products for decode, and a whole decode step (their own files, for size)               */
 #include "gemv_f32.c"
-#include "decode_step.c"
+#include "decode_blocks.c"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import FULL, SLIDING, Gemma3TextConfig
 from .cache import KVCache, ephemeral_step
 from . import native_decode
+from .blocks import Block, LayerContext, run_eager
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, rotate
 from .text import MLP
@@ -31,10 +31,14 @@ class Attention(nn.Module):
     Gemma3Attention ignores the field and llama.cpp's converter rejects it, so honouring it would break parity.
     """
 
-    def __init__(self, cfg: Gemma3TextConfig):
+    normalises_values = False  # (Gemma 3n norms V)
+    shares_kv = False  # every layer computes its own K/V
+
+    def __init__(self, cfg: Gemma3TextConfig, layer: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.kind, self.kv_slot = cfg.layer_types[layer], layer  # every layer has its own K/V
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
         self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=False)
@@ -43,14 +47,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=NORM_OFFSET)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, offset=NORM_OFFSET)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, store) -> Tensor:
-        """x (B, T, D) -> (B, T, D). `store(k, v)` writes the new K/V to the cache and returns what to attend to."""
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> k (rotated), v (B, Hkv, T, hd)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        k, v = store(rotate(k, cos, sin), v)
+        return rotate(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        """x (B, T, D) -> (B, T, D), attending to `kv` (what the cache holds after this call's K/V)."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         q = rotate(q, cos, sin)
+        k, v = kv
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -58,20 +67,33 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
 
+    # The order of operations, run by the eager forward and by the native decode plan (blocks.py).
+    BLOCKS = (
+        Block("rms_norm", ("x",), "h", "input_layernorm"),
+        Block("attention", ("h",), "h", "self_attn"),
+        Block("rms_norm", ("h",), "h", "post_attention_layernorm"),
+        Block("add", ("x", "h"), "x"),
+        Block("rms_norm", ("x",), "h", "pre_feedforward_layernorm"),
+        Block("mlp", ("h",), "h", "mlp"),
+        Block("rms_norm", ("h",), "h", "post_feedforward_layernorm"),
+        Block("add", ("x", "h"), "x"),
+    )
+    STATE = "x"  # the register carried from layer to layer: the hidden states (B, T, D)
+
     def __init__(self, cfg: Gemma3TextConfig, layer: int):
         super().__init__()
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.kind = cfg.layer_types[layer]
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(d, cfg.intermediate_size, sparsity=0.0)
         self.input_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
         self.post_attention_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
         self.pre_feedforward_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
         self.post_feedforward_layernorm = RMSNorm(d, eps, offset=NORM_OFFSET)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, store) -> Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), *rope, mask, store))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, kv_source) -> Tensor:
+        """x (B, T, D) -> (B, T, D); `kv_source(normed)` stores this call's K/V and returns what to attend to."""
+        return run_eager(self, self.BLOCKS, LayerContext(rope, mask, kv_source), {self.STATE: x})[self.STATE]
 
 
 class TextModel(nn.Module):
@@ -119,10 +141,13 @@ class TextModel(nn.Module):
                                                         for kind, m in step.masks.items()}
         masks = {kind: additive_mask(m, x.dtype) for kind, m in allowed.items()}
         for i, layer in enumerate(self.layers):
-            def store(k: Tensor, v: Tensor, i: int = i) -> tuple[Tensor, Tensor]:
+            rope = ropes[layer.kind]
+
+            def kv_source(normed: Tensor, i: int = i, layer=layer, rope=rope) -> tuple[Tensor, Tensor]:
+                k, v = layer.self_attn.project_kv(normed, *rope)
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
-            x = layer(x, ropes[layer.kind], masks[layer.kind], store)
+            x = layer(x, rope, masks[layer.kind], kv_source)
         return self.norm(x[:, -1:] if last_only else x)
 
 

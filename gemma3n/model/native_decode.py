@@ -1,12 +1,19 @@
-"""A decode step of the whole decoder stack in one native call (kernels/decode_step.c).
+"""A decode step of the whole decoder stack in one native call: the layers' blocks, run as a plan in C.
 
 A decode step of the eager layers is ~1,500 (Gemma 3 270M) to ~4,500 (Gemma 3n E2B) small PyTorch ops, and on a
 laptop CPU their dispatch costs as much as the matrix products themselves. For a step of one new token per row,
-`NativeDecoder` runs every layer in C instead: the same equations, the products on the weights as stored (the
-kernels the eager modules call), the rest in float32. The embeddings, the per-layer inputs, the AltUp stream
-set-up and collapse, the final norm and the head stay the eager code, and so do prefill and everything the native
-step does not describe (another device, a float16 cache, a module kind it does not know): those run the eager
-layers, which stay the reference (tests/model/test_native_decode.py compares the two).
+`NativeDecoder` runs the layers in C instead, from the same description the eager forward runs: each layer class
+lists its order of operations once, as blocks (model/blocks.py), and this module turns the blocks of every layer
+into a plan of native block kernels (kernels/decode_blocks.c), each the twin of one PyTorch function and tested
+against it (tests/model/test_native_blocks.py). The plan is built once per cache and run by one C call per step
+(a ctypes call per block would put Python back between ~150 to ~400 blocks a step). The products run on the
+weights as stored (the kernels the eager modules call), the rest in float32.
+
+What the plan holds is data read from the modules (norm scales with their offset, attention scale, value norm, KV
+slot, sparsity, AltUp streams, output scale), never a model family. The embeddings, the per-layer inputs, the
+AltUp stream set-up and collapse, the final norm and the head stay the eager code, and so do prefill and
+everything the plan does not describe (another device, a float16 cache, a module kind or block it does not know):
+those run the eager layers, which stay the reference (tests/model/test_native_decode.py compares the two).
 
 Turn it off with GEMMA3N_NATIVE_DECODE=0 or `set_enabled(False)`; it is also off without the native library.
 """
@@ -19,18 +26,21 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels
-from ..config import SLIDING, Gemma3TextConfig, TextConfig
-from .batch_cache import BatchCache
-from .cache import KVCache, Step
+from ..config import SLIDING
 from ..quant.gguf_modules import GGUFLinear
 from ..quant.modules import Int4Linear, Int8Linear
+from .batch_cache import BatchCache
+from .blocks import Block, steps
+from .cache import KVCache, Step
+from .layers import RMSNorm
 
 _enabled = os.environ.get("GEMMA3N_NATIVE_DECODE", "1") != "0"
 
 L_NONE, L_GGUF, L_INT8, L_INT4, L_FLOAT_T = range(5)
 _FLOAT_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}  # GGUF type ids of float rows
-_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 2}  # the scale-type ids decode_step.c reads caches with
+_CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 2}  # the scale-type ids decode_blocks.c reads caches with
 _c_void_p = ctypes.c_void_p
+_MAX_HEAD_DIM = 1024  # decode_blocks.c rotates a head in a buffer of this size
 
 
 def set_enabled(enabled: bool) -> None:
@@ -43,38 +53,29 @@ def enabled() -> bool:
     return _enabled
 
 
+# what a step's profile (NativeDecoder.profile) adds up: the products by group, attention, the whole native call
+PROFILE = ("attention projections", "MLP", "AltUp, LAuReL, per-layer input", "attention over the cache",
+           "native call")
+_GROUP = {"attention": 0, "mlp": 1}  # products of other blocks: group 2
+
+
 class _Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("type", ctypes.c_int32), ("w", _c_void_p), ("s", _c_void_p),
                 ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("g", ctypes.c_int64), ("group", ctypes.c_int32)]
 
 
-# what a step's profile (NativeDecoder.profile) adds up: the products by group, attention, the whole native call
-PROFILE = ("attention projections", "MLP", "AltUp, LAuReL, per-layer input", "attention over the cache",
-           "native call")
-_GROUP = {"q": 0, "k": 0, "v": 0, "o": 0, "gate": 1, "up": 1, "down": 1}
+class _Op(ctypes.Structure):  # g3n_op
+    _fields_ = [("run", _c_void_p), ("inputs", ctypes.c_int32 * 3), ("out", ctypes.c_int32), ("lin", _Lin * 4),
+                ("vec", _c_void_p * 2), ("opt", ctypes.c_int32 * 8), ("val", ctypes.c_float * 2)]
 
 
-_LINS = ("q", "k", "v", "o", "gate", "up", "down", "laurel_left", "laurel_right", "router", "pred", "corr",
-         "ple_gate", "ple_proj")
-_NORMS = ("in_norm", "post_attn_norm", "pre_ffw_norm", "post_ffw_norm", "q_norm", "k_norm", "laurel_norm",
-          "router_norm", "out_scale", "ple_norm")
+class _Plan(ctypes.Structure):  # g3n_plan
+    _fields_ = [("n_ops", ctypes.c_int32), ("n_regs", ctypes.c_int32), ("ops", ctypes.POINTER(_Op)),
+                ("width", ctypes.POINTER(ctypes.c_int64))]
 
 
-class _Layer(ctypes.Structure):
-    _fields_ = [(name, _Lin) for name in _LINS] + [(name, _c_void_p) for name in _NORMS] + [
-        ("kind", ctypes.c_int32), ("slot", ctypes.c_int32), ("writes", ctypes.c_int32), ("sparse", ctypes.c_int32),
-        ("sparse_skip", ctypes.c_int32), ("z", ctypes.c_float)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in ("arch", "n_layers", "d", "heads", "kv_heads", "hd", "streams",
-                                                     "ple_dim")] + \
-               [("eps", ctypes.c_float), ("attn_scale", ctypes.c_float), ("router_scale", ctypes.c_float),
-                ("layers", ctypes.POINTER(_Layer))]
-
-
-class _Step(ctypes.Structure):
-    _fields_ = [("batch", ctypes.c_int64), ("x", _c_void_p), ("ple", _c_void_p),
+class _Step(ctypes.Structure):  # g3n_step
+    _fields_ = [("batch", ctypes.c_int64), ("reg", _c_void_p), ("ple", _c_void_p),
                 ("cos", _c_void_p * 2), ("sin", _c_void_p * 2), ("mask", _c_void_p * 2),
                 ("tk", ctypes.c_int64 * 2), ("cell", _c_void_p * 2),
                 ("k", _c_void_p), ("v", _c_void_p), ("cap", _c_void_p),
@@ -87,69 +88,35 @@ class Unsupported(Exception):
 
 
 class NativeDecoder:
-    """The native description of one model's layers (for one cache, made at its first decode step: `for_step`);
-    `bind` points it at the cache's tensors, `run` does a step. It is taken from the modules as they are at that
-    step: weights changed in place are seen, modules replaced (or hooks added) later in the same cache's life are
-    not, and the next cache describes the model afresh."""
+    """The plan of one model's layers (for one cache, made at its first decode step: `for_step`); `bind` points it
+    at the cache's tensors, `run` does a step. It is taken from the modules as they are at that step: weights
+    changed in place are seen, modules replaced (or hooks added) later in the same cache's life are not, and the
+    next cache describes the model afresh.
 
-    def __init__(self, text_model: nn.Module):
+    `blocks` (default: every block of every layer, in order) may be any list of (module, Block) pairs, as
+    `blocks.steps` gives them: the tests run single blocks this way (`execute`)."""
+
+    def __init__(self, text_model: nn.Module, blocks: list[tuple[nn.Module, Block]] | None = None):
+        lib = kernels.native()
+        if lib is None:
+            raise Unsupported(kernels.why_not())
         self.keep: list[Tensor] = []  # every tensor a pointer below refers to stays alive with this object
         cfg = text_model.config
-        # the decoder is told apart by its config (importing the decoders here would make an import circle)
-        offset = text_model.norm.offset  # Gemma 3 multiplies by 1 + w, Gemma 3n by w
-        if type(cfg) is TextConfig:
-            arch, streams, ple_dim = 4, cfg.altup_num_inputs, cfg.hidden_size_per_layer_input
-            producer_of = cfg.kv_producer
-            attn_scale = 1.0
-            router_scale = _as_model_dtype(1.0 / cfg.hidden_size, text_model.norm.weight.dtype)
-        elif type(cfg) is Gemma3TextConfig:
-            arch, streams, ple_dim = 3, 1, 0
-            producer_of = list(range(cfg.num_hidden_layers))
-            attn_scale, router_scale = cfg.query_pre_attn_scalar ** -0.5, 0.0
-        else:
-            raise Unsupported(f"{type(text_model).__name__}")
-        if cfg.head_dim > 1024 or cfg.head_dim % 2 or streams > 16:  # decode_step.c's fixed-size buffers
-            raise Unsupported(f"head_dim {cfg.head_dim} / {streams} AltUp streams")
-        dtype = text_model.norm.weight.dtype
-        layers = (_Layer * cfg.num_hidden_layers)()
-        for i, layer in enumerate(text_model.layers):
-            attn, mlp, desc = layer.self_attn, layer.mlp, layers[i]
-            desc.kind, desc.slot, desc.writes = _kind(layer.kind), producer_of[i], int(producer_of[i] == i)
-            desc.q, desc.o = self._lin(attn.q_proj), self._lin(attn.o_proj)
-            desc.q_norm = self._norm(attn.q_norm, offset)
-            if desc.writes:
-                desc.k, desc.v, desc.k_norm = self._lin(attn.k_proj), self._lin(attn.v_proj), \
-                    self._norm(attn.k_norm, offset)
-            desc.gate, desc.up, desc.down = self._lin(mlp.gate_proj), self._lin(mlp.up_proj), self._lin(mlp.down_proj)
-            if desc.down.kind == L_FLOAT_T and not (mlp.sparsity > 0 and mlp.sparse_decode):
-                raise Unsupported("a transposed down projection outside a sparse MLP")
-            desc.sparse = int(mlp.sparsity > 0)
-            desc.sparse_skip = mlp.SPARSE_MAX_TOKENS if mlp.sparsity > 0 and mlp.sparse_decode else 0
-            desc.z = _as_model_dtype(mlp.z, dtype)
-            desc.in_norm = self._norm(layer.input_layernorm, offset)
-            desc.post_attn_norm = self._norm(layer.post_attention_layernorm, offset)
-            desc.pre_ffw_norm = self._norm(layer.pre_feedforward_layernorm, offset)
-            desc.post_ffw_norm = self._norm(layer.post_feedforward_layernorm, offset)
-            if arch == 4:
-                desc.laurel_left, desc.laurel_right = self._lin(layer.laurel.linear_left), \
-                    self._lin(layer.laurel.linear_right)
-                desc.laurel_norm = self._norm(layer.laurel.post_laurel_norm, 0.0)
-                desc.router, desc.router_norm = self._lin(layer.altup.modality_router), \
-                    self._norm(layer.altup.router_norm, 0.0)
-                desc.pred, desc.corr = self._lin(layer.altup.prediction_coefs), self._lin(layer.altup.correction_coefs)
-                desc.out_scale = self._vector(layer.altup.correct_output_scale) if layer.correct_scale else None
-                desc.ple_gate, desc.ple_proj = self._lin(layer.per_layer_input_gate), \
-                    self._lin(layer.per_layer_projection)
-                desc.ple_norm = self._norm(layer.post_per_layer_input_norm, 0.0)
-        self.layers = layers
-        self.model = _Model(arch=arch, n_layers=cfg.num_hidden_layers, d=cfg.hidden_size,
-                            heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, hd=cfg.head_dim,
-                            streams=streams, ple_dim=ple_dim, eps=cfg.rms_norm_eps, attn_scale=attn_scale,
-                            router_scale=router_scale, layers=layers)
-        for desc in layers:
-            for name in _LINS:
-                getattr(desc, name).group = _GROUP.get(name, 2)
-        self.text_model = text_model
+        self.text_model, self.d, self.n_layers = text_model, cfg.hidden_size, cfg.num_hidden_layers
+        self.dtype = text_model.norm.weight.dtype  # the compute dtype: constants are rounded to it, as eager does
+        layers = list(text_model.layers)
+        self.state = type(layers[0]).STATE  # the register the layers carry: hidden states or AltUp streams
+        if blocks is None:
+            blocks = [pair for layer in layers for pair in steps(layer, type(layer).BLOCKS)]
+        self.registers: dict[str, int] = {}
+        self.written: dict[int, int] = {}  # register -> floats per row, for those some block writes
+        ops = (_Op * len(blocks))()
+        for op, (module, block) in zip(ops, blocks):
+            self._describe(lib, op, module, block)
+        self.ops = ops
+        self.width = (ctypes.c_int64 * len(self.registers))(*[self.written.get(i, 0)
+                                                              for i in range(len(self.registers))])
+        self.plan = _Plan(n_ops=len(blocks), n_regs=len(self.registers), ops=ops, width=self.width)
         self.bound: tuple | None = None
         self.profile: Tensor | None = None  # set to torch.zeros(len(PROFILE), dtype=float64) to collect seconds
 
@@ -166,7 +133,23 @@ class NativeDecoder:
                       (ctypes.c_int64 * n)(*[k.shape[2] for k, _ in slots]), _CACHE_TYPES[slots[0][0].dtype])
         return True
 
-    # -- descriptions ----------------------------------------------------------------------------------------------
+    # -- the plan --------------------------------------------------------------------------------------------------
+
+    def _register(self, name: str) -> int:
+        return self.registers.setdefault(name, len(self.registers))
+
+    def _describe(self, lib, op: _Op, module: nn.Module, block: Block) -> None:
+        describe = _DESCRIBE.get(block.kernel)
+        fn = getattr(lib, f"g3n_block_{block.kernel}", None)
+        if describe is None or fn is None or len(block.inputs) > 3:
+            raise Unsupported(f"block {block.kernel!r}")
+        op.run = ctypes.cast(fn, _c_void_p).value
+        inputs = [self._register(name) for name in block.inputs]
+        op.inputs[:] = inputs + [-1] * (3 - len(inputs))
+        op.out = self._register(block.output)
+        self.written[op.out] = describe(self, op, module, block)
+        for lin in op.lin:
+            lin.group = _GROUP.get(block.kernel, 2)
 
     def _hold(self, t: Tensor) -> int:
         if t.device.type != "cpu" or not t.is_contiguous():  # the C code reads plain row-major memory
@@ -192,51 +175,165 @@ class NativeDecoder:
                         self._hold(m.scales_and_zeros), m.out_features, m.in_features, m.group_size)
         raise Unsupported(f"linear module {m!r}")
 
-    def _norm(self, norm: nn.Module, offset: float) -> int:
-        """The scale RMSNorm multiplies by, in float32: w + offset, added as the eager norm adds it."""
+    def _norm(self, norm: nn.Module) -> int | None:
+        """The scale an RMSNorm multiplies by, in float32: w + offset, added as the eager norm adds it (None: a
+        norm without a scale)."""
+        if type(norm) is not RMSNorm:
+            raise Unsupported(f"norm module {norm!r}")
+        if not norm.with_scale:
+            return None
         w = norm.weight.float()
-        return self._hold((w + torch.tensor(offset, dtype=torch.float32) if offset else w).contiguous())
+        return self._hold((w + torch.tensor(norm.offset, dtype=torch.float32) if norm.offset else w).contiguous())
 
     def _vector(self, w: Tensor) -> int:
         return self._hold(w.detach().float().contiguous())
 
+    def _model_dtype(self, value: float) -> float:
+        """A Python float constant as the eager code holds it: rounded to the compute dtype."""
+        return float(torch.tensor(value, dtype=self.dtype))
+
     # -- a step ----------------------------------------------------------------------------------------------------
 
     def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None) -> Tensor:
-        """x: Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) -> the same shape, after
-        every layer, in x's dtype. `step` is this call's `cache.start(...)`, on the cache `for_step` bound."""
-        k_ptrs, v_ptrs, caps, cache_type = self.bound
-        b = cache.batch
+        """x: the layers' state, Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) ->
+        the same shape, after every layer, in x's dtype. `step` is this call's `cache.start(...)`, on the cache
+        `for_step` bound."""
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr():
             work = work.clone()  # computed in place: never write into the caller's tensor
-        s = _Step(batch=b, x=work.data_ptr(), k=ctypes.cast(k_ptrs, _c_void_p), v=ctypes.cast(v_ptrs, _c_void_p),
-                  cap=ctypes.cast(caps, _c_void_p), cache_type=cache_type, threads=torch.get_num_threads(),
+        self.execute({self.state: work}, cache.batch, step, cache, ple, x.dtype)
+        return work if work.dtype == x.dtype else work.to(x.dtype)
+
+    def execute(self, registers: dict[str, Tensor], batch: int, step: Step | None = None, cache=None,
+                ple: Tensor | None = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """Run the plan on `batch` rows. `registers` gives some registers as float32 contiguous tensors (a row
+        each, or [S][B][D] streams), updated in place; the others are made here. Returns every register as a
+        (B, width) tensor (streams: their memory viewed so). `step` and the bound `cache` are needed by attention
+        blocks (their RoPE tables are rounded to `dtype`, default the model's), `ple` (B, 1, L, P) by per-layer
+        inputs."""
+        lib = kernels.native()
+        n = len(self.registers)
+        width = self.width
+        for name, t in registers.items():
+            i = self.registers[name]
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" \
+                    or self.written.get(i, t.numel() // batch) * batch != t.numel():
+                raise ValueError(f"register {name!r}: a contiguous float32 CPU tensor of "
+                                 f"{self.written.get(i, '?')} values per row is needed")
+            width[i] = t.numel() // batch
+        given = {self.registers[name] for name in registers}
+        made = [i for i in range(n) if i not in given]
+        if any(i not in self.written for i in made):
+            raise ValueError("every register that no block writes must be given")
+        pool = torch.empty(batch * sum(width[i] for i in made), dtype=torch.float32)
+        tensors: list[Tensor | None] = [None] * n
+        for name, t in registers.items():
+            tensors[self.registers[name]] = t.view(batch, -1)
+        at = 0
+        for i in made:
+            tensors[i] = pool[at:at + batch * width[i]].view(batch, width[i])
+            at += batch * width[i]
+        pointers = (_c_void_p * n)(*[t.data_ptr() for t in tensors])
+        s = _Step(batch=batch, reg=ctypes.cast(pointers, _c_void_p), threads=torch.get_num_threads(),
                   q8=int(kernels.activation_precision() == "int8" and kernels.VECTORISED),
                   vec=int(kernels.VECTORISED))
+        if self.bound is not None:
+            k_ptrs, v_ptrs, caps, s.cache_type = self.bound
+            s.k, s.v, s.cap = ctypes.cast(k_ptrs, _c_void_p), ctypes.cast(v_ptrs, _c_void_p), \
+                ctypes.cast(caps, _c_void_p)
         if self.profile is not None:
             if self.profile.dtype != torch.float64 or self.profile.numel() < len(PROFILE) \
                     or not self.profile.is_contiguous():
                 raise ValueError(f"profile must be torch.zeros({len(PROFILE)}, dtype=torch.float64)")
             s.prof = self.profile.data_ptr()
-        keep = [work]
+        keep = [pool]
         if ple is not None:
             ple = ple.to(torch.float32).contiguous()
             keep.append(ple)
             s.ple = ple.data_ptr()
-        cells = cache.write_cells()
-        for kind, allowed in step.masks.items():  # the attention types the layers have
-            i = _kind(kind)
-            cos, sin = self.text_model.rope[kind].tables(step.positions, x.dtype)
-            cos, sin = cos.reshape(b, -1).float().contiguous(), sin.reshape(b, -1).float().contiguous()
-            mask = allowed.reshape(b, -1).contiguous()
-            keep += [cos, sin, mask, cells[i]]
-            s.cos[i], s.sin[i], s.mask[i], s.tk[i] = cos.data_ptr(), sin.data_ptr(), mask.data_ptr(), mask.shape[1]
-            s.cell[i] = cells[i].data_ptr()
-        rc = kernels.native().g3n_decode_step(ctypes.byref(self.model), ctypes.byref(s))
+        if step is not None:
+            cells = cache.write_cells()
+            for kind, allowed in step.masks.items():  # the attention types the layers have
+                i = _kind(kind)
+                cos, sin = self.text_model.rope[kind].tables(step.positions, dtype or self.dtype)
+                cos, sin = cos.reshape(batch, -1).float().contiguous(), sin.reshape(batch, -1).float().contiguous()
+                mask = allowed.reshape(batch, -1).contiguous()
+                keep += [cos, sin, mask, cells[i]]
+                s.cos[i], s.sin[i], s.mask[i] = cos.data_ptr(), sin.data_ptr(), mask.data_ptr()
+                s.tk[i], s.cell[i] = mask.shape[1], cells[i].data_ptr()
+        rc = lib.g3n_run_plan(ctypes.byref(self.plan), ctypes.byref(s))
         if rc:
             raise RuntimeError(f"native decode step failed (code {rc})")
-        return work if work.dtype == x.dtype else work.to(x.dtype)
+        return {name: tensors[i] for name, i in self.registers.items()}
+
+
+# -- what each block kernel reads from its module: fills the op's slots (kernels/decode_blocks.c lists them) and
+# returns the width of its output register, in floats per row
+
+def _describe_rms_norm(dec: NativeDecoder, op: _Op, norm: nn.Module, block: Block) -> int:
+    op.vec[0], op.val[0] = dec._norm(norm), norm.eps
+    return dec.d
+
+
+def _describe_add(dec: NativeDecoder, op: _Op, module: nn.Module, block: Block) -> int:
+    op.val[0] = block.divisor or 0.0
+    return dec.d
+
+
+def _describe_first_stream(dec: NativeDecoder, op: _Op, module: nn.Module, block: Block) -> int:
+    return dec.d
+
+
+def _describe_laurel(dec: NativeDecoder, op: _Op, laurel: nn.Module, block: Block) -> int:
+    op.lin[0], op.lin[1] = dec._lin(laurel.linear_left), dec._lin(laurel.linear_right)
+    op.vec[0], op.val[0] = dec._norm(laurel.post_laurel_norm), laurel.post_laurel_norm.eps
+    return dec.d
+
+
+def _describe_attention(dec: NativeDecoder, op: _Op, attn: nn.Module, block: Block) -> int:
+    if attn.head_dim > _MAX_HEAD_DIM or attn.head_dim % 2:
+        raise Unsupported(f"head_dim {attn.head_dim}")
+    writes = not attn.shares_kv
+    op.lin[0], op.lin[3] = dec._lin(attn.q_proj), dec._lin(attn.o_proj)
+    op.vec[0] = dec._norm(attn.q_norm)
+    if writes:
+        op.lin[1], op.lin[2], op.vec[1] = dec._lin(attn.k_proj), dec._lin(attn.v_proj), dec._norm(attn.k_norm)
+    op.opt[:7] = [_kind(attn.kind), attn.kv_slot, int(writes), int(attn.normalises_values), attn.heads,
+                  attn.kv_heads, attn.head_dim]
+    op.val[0], op.val[1] = attn.scale, attn.q_norm.eps
+    return dec.d
+
+
+def _describe_mlp(dec: NativeDecoder, op: _Op, mlp: nn.Module, block: Block) -> int:
+    op.lin[0], op.lin[1], op.lin[2] = dec._lin(mlp.gate_proj), dec._lin(mlp.up_proj), dec._lin(mlp.down_proj)
+    sparse = mlp.sparsity > 0
+    if op.lin[2].kind == L_FLOAT_T and not (sparse and mlp.sparse_decode):
+        raise Unsupported("a transposed down projection outside a sparse MLP")
+    op.opt[0], op.opt[1] = int(sparse), mlp.SPARSE_MAX_TOKENS if sparse and mlp.sparse_decode else 0
+    op.val[0] = dec._model_dtype(mlp.z)
+    return dec.d
+
+
+def _describe_altup(dec: NativeDecoder, op: _Op, altup: nn.Module, block: Block) -> int:
+    coefs = altup.prediction_coefs if block.kernel == "altup_predict" else altup.correction_coefs
+    op.lin[0], op.lin[1] = dec._lin(altup.modality_router), dec._lin(coefs)
+    op.vec[0], op.val[0] = dec._norm(altup.router_norm), altup.router_norm.eps
+    op.val[1] = dec._model_dtype(altup.router_input_scale)
+    return altup.streams * dec.d
+
+
+def _describe_per_layer_input(dec: NativeDecoder, op: _Op, layer: nn.Module, block: Block) -> int:
+    op.lin[0], op.lin[1] = dec._lin(layer.per_layer_input_gate), dec._lin(layer.per_layer_projection)
+    op.vec[0] = dec._vector(layer.altup.correct_output_scale) if layer.correct_scale else None
+    op.vec[1], op.val[0] = dec._norm(layer.post_per_layer_input_norm), layer.post_per_layer_input_norm.eps
+    op.opt[0], op.opt[1] = layer.layer, dec.n_layers
+    return layer.altup.streams * dec.d
+
+
+_DESCRIBE = {"rms_norm": _describe_rms_norm, "add": _describe_add, "first_stream": _describe_first_stream,
+             "laurel": _describe_laurel, "attention": _describe_attention, "mlp": _describe_mlp,
+             "altup_predict": _describe_altup, "altup_correct": _describe_altup,
+             "per_layer_input": _describe_per_layer_input}
 
 
 def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
@@ -261,8 +358,3 @@ def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
 
 def _kind(kind: str) -> int:
     return 0 if kind == SLIDING else 1
-
-
-def _as_model_dtype(value: float, dtype: torch.dtype) -> float:
-    """A Python float constant as the eager code holds it: rounded to the compute dtype."""
-    return float(torch.tensor(value, dtype=dtype))

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from ..config import SLIDING, TextConfig
 from .cache import KVCache, Step, ephemeral_step
 from . import native_decode
+from .blocks import Block, LayerContext, run_eager
 from .causal_lm import TiedCausalLM
 from .layers import RMSNorm, RotaryEmbedding, additive_mask, const, gaussian_topk, gelu_tanh, normal_quantile, \
     rms_norm_no_scale, rotate, scalar_operand
@@ -139,11 +140,16 @@ class AltUp(nn.Module):
 class Attention(nn.Module):
     """GQA attention with q/k/v RMSNorms and scale 1; a shared layer has no K/V projections of its own."""
 
+    scale = 1.0
+    normalises_values = True  # a weightless RMSNorm on V (Gemma 3 has none)
+
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.heads, self.kv_heads, self.head_dim, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, hd, \
             cfg.rms_norm_eps
+        self.kind = cfg.layer_types[layer]
+        self.kv_slot = cfg.kv_producer[layer]  # the layer (cache slot) whose K/V this one attends to
         self.shares_kv = layer >= cfg.first_shared_layer
         self.q_proj = nn.Linear(d, self.heads * hd, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
@@ -165,12 +171,30 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
         q = rotate(q, cos, sin)
         k, v = kv
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class DecoderLayer(nn.Module):
     """One Gemma 3n layer: AltUp predict -> attention + LAuReL -> MLP -> AltUp correct -> per-layer input."""
+
+    # The order of operations, run by the eager forward and by the native decode plan (blocks.py).
+    BLOCKS = (
+        Block("altup_predict", ("streams",), "predictions", "altup"),
+        Block("first_stream", ("predictions",), "active"),
+        Block("rms_norm", ("active",), "normed", "input_layernorm"),
+        Block("laurel", ("normed",), "laurel", "laurel"),
+        Block("attention", ("normed",), "h", "self_attn"),
+        Block("rms_norm", ("h",), "h", "post_attention_layernorm"),
+        Block("add", ("active", "h", "laurel"), "x", divisor=math.sqrt(2)),
+        Block("rms_norm", ("x",), "h", "pre_feedforward_layernorm"),
+        Block("mlp", ("h",), "h", "mlp"),
+        Block("rms_norm", ("h",), "h", "post_feedforward_layernorm"),
+        Block("add", ("x", "h"), "x"),
+        Block("altup_correct", ("predictions", "x"), "streams", "altup"),
+        Block("per_layer_input", ("streams",), "streams"),
+    )
+    STATE = "streams"  # the register carried from layer to layer: the AltUp streams (S, B, T, D)
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -193,18 +217,16 @@ class DecoderLayer(nn.Module):
                 kv_source) -> Tensor:
         """streams (S, B, T, D), ple (B, T, P) -> streams. `rope` is the (cos, signed sin) pair of
         `RotaryEmbedding.tables`; `kv_source(normed)` returns this layer's (K, V)."""
-        predictions = self.altup.predict(streams)
-        active = predictions[0]
-        normed = self.input_layernorm(active)
-        laurel = self.laurel(normed)
-        attn = self.self_attn(normed, *rope, mask, kv_source(normed))
-        x = (active + self.post_attention_layernorm(attn) + laurel) / scalar_operand(math.sqrt(2), active.dtype)
-        out = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        corrected = self.altup.correct(predictions, out)
+        registers = run_eager(self, self.BLOCKS, LayerContext(rope, mask, kv_source, ple), {self.STATE: streams})
+        return registers[self.STATE]
+
+    def add_per_layer_input(self, corrected: Tensor, ple: Tensor) -> Tensor:
+        """corrected streams (S, B, T, D) -> the streams with norm(proj(gelu(gate(C_0 [* scale])) * ple)) added to
+        streams 1.."""
         gate = corrected[0]
         if self.correct_scale:
             gate = gate * self.altup.correct_output_scale
-            gate = gate if gate.dtype == out.dtype else gate.to(out.dtype)
+            gate = gate if gate.dtype == corrected.dtype else gate.to(corrected.dtype)
         gate = gelu_tanh(self.per_layer_input_gate(gate)) * ple
         injected = self.post_per_layer_input_norm(self.per_layer_projection(gate))
         # A cat, not an in-place add: `corrected` has the permuted layout of the predictions, and the next layer's

@@ -1,4 +1,4 @@
-"""The native decode step (model/native_decode.py, kernels/decode_step.c) against the eager layers it replaces.
+"""The native decode step (model/native_decode.py, kernels/decode_blocks.c) against the eager layers.
 
 Same model, same prompt, one cache per path: after a prefill (always eager), each decode step's logits from the
 native step must equal the eager step's to float32 rounding (relative to the largest logit) and give the same
