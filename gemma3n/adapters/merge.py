@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.safetensors import Checkpoint
 from ..checkpoint.weights import text_key_map
-from ..checkpoint.writer import write_checkpoint
+from ..checkpoint.writer import new_folder, write_checkpoint
 from ..config import ModelConfig
 from ..convert.quantized import copy_side_files, stored_plan
 from .peft_format import adapter_layers, is_unused_shared_kv
@@ -61,18 +60,10 @@ def merge_adapter(base: str | Path, adapter: str | Path, destination: str | Path
         return make
 
     entries = [(n, tuple(tensors.shape(n)), tensors[n].dtype, produce(n)) for n in sorted(tensors)]
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
+    with new_folder(destination) as work:
         write_checkpoint(work, entries)
         shutil.copy2(base / "config.json", work / "config.json")
         copy_side_files(base, work)
         (work / "merged_adapter.json").write_text(json.dumps({"base": str(base), "adapter": str(adapter),
                                                               "merged_layers": len(deltas)}, indent=2) + "\n")
-        if destination.exists():
-            destination.rmdir()
-        work.rename(destination)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return {"merged_layers": len(deltas), "tensors": len(entries), "destination": str(destination)}

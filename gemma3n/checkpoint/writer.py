@@ -3,9 +3,12 @@ holds more than one tensor in memory (a 5 B-parameter checkpoint can be written 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -77,3 +80,21 @@ def _count(shape) -> int:
     for dim in shape:
         n *= dim
     return n
+
+
+@contextmanager
+def new_folder(dst: Path) -> Iterator[Path]:
+    """A hidden sibling folder to write a checkpoint into, renamed to `dst` (absent or empty) when the block ends.
+
+    A failure inside the block (a bad tensor, a full disk, Ctrl-C) removes it, so no half-written checkpoint is
+    ever left at `dst` for a later load to take for a whole one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield work
+        if dst.exists():
+            dst.rmdir()
+        work.rename(dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

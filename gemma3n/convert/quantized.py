@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..checkpoint.safetensors import Checkpoint, CheckpointError
 from ..checkpoint.weights import TOWER_PREFIXES, text_key_map
-from ..checkpoint.writer import write_checkpoint
+from ..checkpoint.writer import new_folder, write_checkpoint
 from ..config import ModelConfig
 from ..model.families import text_model_class
 from ..quant.formats import int4_quantize, int8_quantize
@@ -53,19 +52,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme, shard_bytes: i
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty (or not a folder); choose a new folder")
     scheme = parse_scheme(scheme)
-    # Written into a sibling folder and renamed at the end: a failure (a bad tensor, a full disk, Ctrl-C) leaves
-    # no half-written checkpoint at `dst` that a later load could take for a whole one.
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        summary = _write_quantized(src, work, scheme, shard_bytes)
-        if dst.exists():
-            dst.rmdir()
-        work.rename(dst)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return summary
+    with new_folder(dst) as work:
+        return _write_quantized(src, work, scheme, shard_bytes)
 
 
 def _check_source(src: Path) -> None:

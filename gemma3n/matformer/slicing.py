@@ -8,8 +8,6 @@ spec, a corrupt source, a full disk, Ctrl-C) leaves no destination folder behind
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -19,7 +17,7 @@ import torch
 
 from ..checkpoint.hub import looks_like_hub_id, resolve_cached
 from ..checkpoint.safetensors import INDEX_NAME, SINGLE_NAME, Checkpoint, CheckpointError
-from ..checkpoint.writer import write_checkpoint
+from ..checkpoint.writer import new_folder, write_checkpoint
 from ..config import ModelConfig
 from .plan import MatformerError, SlicePlan, describe, load_config_dict, plan_slice, sliced_config_dict
 from .tensors import SlicedTensors
@@ -87,18 +85,10 @@ def slice_checkpoint(src: str | Path, dst: str | Path | None, spec, quantize=Non
     if dst.resolve() == src.resolve():
         raise ValueError("the destination must be a new folder, not the source")
     started = time.perf_counter()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
+    with new_folder(dst) as partial:
         files, written_tensors = _write(tensors, plan, config, data, partial, scheme, progress, shard_bytes)
         from ..convert.quantized import copy_side_files
         copy_side_files(src, partial)
-        if dst.exists():
-            dst.rmdir()  # empty (checked above)
-        partial.rename(dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     summary.update({"destination": str(dst), "tensors": written_tensors,
                     "bytes": sum((dst / f.name).stat().st_size for f in files),
                     "seconds": round(time.perf_counter() - started, 1)})
@@ -122,7 +112,6 @@ def _write(tensors: SlicedTensors, plan: SlicePlan, config: ModelConfig, data: d
     bar = Progress(sum(d.itemsize * _count(s) for _, s, d, _ in entries), "slicing" if scheme is None else
                    "slicing + quantising", enabled=progress)
     entries = [(n, s, d, (lambda p=p: bar.through(p()))) for n, s, d, p in entries]
-    folder.mkdir()
     files = write_checkpoint(folder, entries, shard_bytes)
     (folder / "config.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     bar.done()
