@@ -149,16 +149,9 @@ class BatchGeneration:
             produced = self.loop.step()
             if not produced:  # a prefill chunk that did not end its prompt
                 continue
-            # a sequence whose prompt just ended gets its first token and, in the same step, its second
-            tokens: list[int | None] = [None] * self.batch
-            seen: set[int] = set()
+            tokens: list[int | None] = [None] * self.batch  # a step gives each sequence at most one token
             for seq, token in produced:
-                row = row_of[id(seq)]
-                if row in seen:
-                    yield tokens
-                    tokens, seen = [None] * self.batch, set()
-                tokens[row] = token
-                seen.add(row)
+                tokens[row_of[id(seq)]] = token
             yield tokens
 
     # per-row records, as `Generation` reports them

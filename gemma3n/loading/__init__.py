@@ -55,12 +55,14 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     path = resolve_path(path_or_id)
     if path.is_dir():
         config, lm, multimodal = load_folder(path, dtype, device, quantize, matformer)
+        tokenizer = folder_tokenizer(path)
     elif matformer is not None:
         raise ValueError(f"{path}: MatFormer slicing at load time needs a Gemma 3n safetensors checkpoint folder "
                          f"(not a .gguf file)")
     elif path.suffix.lower() == ".gguf":
         gguf = open_gguf(path)  # parsed once: the config, the tensors and the tokenizer all read it
         config, lm, multimodal = load_gguf(gguf, dtype, quantize, device)
+        tokenizer = Tokenizer.from_gguf(gguf)
     else:
         raise CheckpointError(f"{path}: not a checkpoint folder or a .gguf file")
     if adapter is not None:  # before the device move and the sparse layout, which then see the merged weights
@@ -70,7 +72,6 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     if config.family == "gemma3n":
         from ..model.text import enable_sparse_decode
         enable_sparse_decode(lm)
-    tokenizer = Tokenizer.from_gguf(gguf) if not path.is_dir() else load_tokenizer(path)
     loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path)
     return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves a lot of freed heap resident
     if config.family == "gemma3n":
@@ -92,11 +93,9 @@ def prefetch_per_layer_table(lm: nn.Module) -> None:
         prefetch_table(weight)
 
 
-def load_tokenizer(path: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None for a folder that ships none (ids in, ids out still work)."""
-    if path.is_dir():
-        return Tokenizer.from_pretrained_dir(path) if (path / "tokenizer.json").exists() else None
-    return Tokenizer.from_gguf(path)
+def folder_tokenizer(folder: Path) -> Tokenizer | None:
+    """A checkpoint folder's tokenizer, or None for a folder that ships none (ids in, ids out still work)."""
+    return Tokenizer.from_pretrained_dir(folder) if (folder / "tokenizer.json").exists() else None
 
 
 def generation_defaults(path: Path) -> SamplingParams:
