@@ -80,16 +80,20 @@ TINY_SPECIAL_TOKENS = {
     TINY_MEDIA_TOKENS["eoa_token_id"]: "<end_of_audio>", TINY_MEDIA_TOKENS["audio_token_id"]: "<audio_soft_token>"}
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A 512-entry word-level vocabulary ("w17" is id 17) whose control and media tokens sit at the tiny
-    multimodal model's ids, with the Gemma 3n chat template."""
+def write_tiny_tokenizer(folder: Path, vocab_size: int = 512, special: dict | None = None,
+                         words: dict | None = None) -> None:
+    """A word-level vocabulary ("w17" is id 17) whose control and media tokens (`special`, default: the tiny
+    multimodal model's) sit at their ids, with the Gemma 3n chat template; `words` names other ids as plain
+    words."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
     from gemma3n.processor.chat import GEMMA3N_CHAT_TEMPLATE
-    vocab = {TINY_SPECIAL_TOKENS.get(i, f"w{i}"): i for i in range(512)}
+    special = special or TINY_SPECIAL_TOKENS
+    names = {**(words or {}), **special}
+    vocab = {names.get(i, f"w{i}"): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(TINY_SPECIAL_TOKENS[i], special=True) for i in sorted(TINY_SPECIAL_TOKENS)])
+    tok.add_special_tokens([AddedToken(special[i], special=True) for i in sorted(special)])
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "chat_template": GEMMA3N_CHAT_TEMPLATE}))
