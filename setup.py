@@ -7,7 +7,8 @@ runs its PyTorch code instead (or builds the library on first use, see gemma3n/k
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "gemma3n.kernels._native", ["gemma3n/kernels/native.c"], depends=["gemma3n/kernels/gemv_f32.c", "gemma3n/kernels/decode_blocks.c"],
+    "gemma3n.kernels._native", ["gemma3n/kernels/native.c"],
+    depends=[f"gemma3n/kernels/{name}" for name in ("gemv_f32.c", "decode_blocks.c", "channel_norm.c")],
     extra_compile_args=["-O3", "-fopenmp", "-fvisibility=hidden", "-std=c11"],
     extra_link_args=["-fopenmp"],
     optional=True,

@@ -27,7 +27,7 @@ def build_towers(dtype: torch.dtype):
     with torch.device("meta"):
         ours = build_vision_tower(config.to_dict())
     ours.load_state_dict(reference.timm_model.state_dict(), strict=True, assign=True)
-    return ours.eval(), reference
+    return ours.eval().to(memory_format=torch.channels_last), reference  # as gemma3n's tower loader lays it out
 
 
 def timed(fn) -> tuple[float, float]:

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 _SOURCE = Path(__file__).with_name("native.c")
 # native.c includes the others
-_SOURCES = (_SOURCE, _SOURCE.with_name("gemv_f32.c"), _SOURCE.with_name("decode_blocks.c"))
+_SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in ("gemv_f32.c", "decode_blocks.c", "channel_norm.c")))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -141,6 +141,8 @@ def _declare(lib) -> None:
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
     lib.g3n_int4_matmul_q8.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i32]
     lib.g3n_run_plan.argtypes, lib.g3n_run_plan.restype = [p, p], i32  # model/native_decode.py
+    lib.g3n_channel_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32, i32, i32]
+    lib.g3n_channel_rms_norm.restype = i32
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
               lib.g3n_int4_matmul_q8):
@@ -284,4 +286,31 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
                                         SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, start // 64,
                                         (stop - start) // 64, out.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc if start % 64 == 0 and (stop - start) % 64 == 0 else -1, "int4 dequantize")
+    return out
+
+
+def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:
+    """Whether `channel_rms_norm` takes the map x, its residual and its per-channel params: float32 on the CPU,
+    maps channels-last, outside autograd, with the library loaded."""
+    maps = [t for t in (x, residual) if t is not None]
+    tensors = maps + [t for t in params if t is not None]
+    return (native() is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in maps))
+
+
+def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, act: bool = False, gamma: Tensor | None = None,
+                     residual: Tensor | None = None) -> Tensor:
+    """RMS norm over the channels of each pixel of x (N, C, H, W) channels-last, times `weight`, then GELU-tanh
+    (act), times the per-channel `gamma`, plus `residual` (same shape and layout as x): one pass over the map.
+    Check `channel_norm_applies` first."""
+    c = x.shape[1]
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for a map of shape {tuple(x.shape)}")
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    params = [p.detach().to(torch.float32).contiguous() for p in (weight, gamma) if p is not None]
+    rc = native().g3n_channel_rms_norm(x.data_ptr(), params[0].data_ptr(), _ptr(params[1] if gamma is not None
+                                       else None), _ptr(residual), out.data_ptr(), x.numel() // c, c, eps, int(act),
+                                       torch.get_num_threads(), VECTORISED)
+    _check(rc, "channel RMS norm")
     return out

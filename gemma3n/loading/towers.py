@@ -2,6 +2,7 @@
 it (a text-only conversation never pays for the towers)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..checkpoint.weights import KeyMap, assemble, prefixed_key_map
@@ -45,5 +46,6 @@ def tower_loader(kind: str, config: ModelConfig, tensors, prefix: str, dtype, de
         if scheme is not None:  # the quantisation scheme in force names a format per tower ("vision": "int8")
             from ..quant import quantize_module
             tower = quantize_module(tower, getattr(scheme, kind), scheme.group_size)
-        return tower.to(device)
+        # 4-D conv weights channels-last, as the vision tower's maps are: oneDNN then never reorders them per call.
+        return tower.to(device, memory_format=torch.channels_last) if kind == "vision" else tower.to(device)
     return load

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from .vision_blocks import (ConvNorm, EdgeResidual, MobileAttention, MultiScaleFusionAdapter,
@@ -115,7 +116,10 @@ class MobileNetV5Encoder(nn.Module):
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (N, 3, H, W) RGB images in [0, 1], got shape "
                              f"{tuple(pixel_values.shape)}; use gemma3n.processor.image.ImageProcessor to make them")
-        x = self.conv_stem(pixel_values.to(self.conv_stem.conv.weight.dtype))
+        # Channels last: oneDNN convolves NHWC maps without reordering them around every conv, and each pixel's
+        # channels are one row for the fused norms (vision_blocks.RMSNorm2d).
+        x = self.conv_stem(pixel_values.to(self.conv_stem.conv.weight.dtype).contiguous(
+            memory_format=torch.channels_last))
         features = []
         for stage in self.blocks:
             x = stage(x)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import kernels
+
 
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
@@ -23,7 +25,9 @@ def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> 
 
 
 class RMSNorm2d(nn.Module):
-    """Per-pixel RMS norm over the channel axis of (N, C, H, W), then optional GELU-tanh.
+    """Per-pixel RMS norm over the channel axis of (N, C, H, W), then optional GELU-tanh; what a block does next
+    (a layer scale `gamma`, a `residual`) may be passed in, so that a float32 channels-last map takes one fused
+    native pass (kernels.channel_rms_norm) instead of one per operation.
 
     Computed in the input dtype without a float32 upcast: timm's RmsNorm2d does the same (fast-norm off)."""
 
@@ -32,9 +36,15 @@ class RMSNorm2d(nn.Module):
         self.eps, self.act = eps, act
         self.weight = nn.Parameter(torch.ones(channels))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        if kernels.channel_norm_applies(x, residual, self.weight, gamma):
+            return kernels.channel_rms_norm(x, self.weight, self.eps, self.act, gamma, residual)
         x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight.view(1, -1, 1, 1)
-        return gelu_tanh(x) if self.act else x
+        if self.act:
+            x = gelu_tanh(x)
+        if gamma is not None:
+            x = x * gamma.view(1, -1, 1, 1)
+        return x if residual is None else x + residual
 
 
 class LayerScale2d(nn.Module):
@@ -70,7 +80,7 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 
 
 
 class ConvNorm(nn.Module):
-    """conv -> RMSNorm2d (-> GELU-tanh when act)."""
+    """conv -> RMSNorm2d (-> GELU-tanh when act) (-> times gamma) (-> plus residual)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True,
                  bias: bool = False, same_padding: bool = True):
@@ -78,8 +88,8 @@ class ConvNorm(nn.Module):
         self.conv = conv2d(in_ch, out_ch, kernel, stride, groups, bias, same_padding)
         self.bn = RMSNorm2d(out_ch, act=act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x))
+    def forward(self, x: Tensor, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        return self.bn(self.conv(x), gamma, residual)
 
 
 class EdgeResidual(nn.Module):
@@ -96,8 +106,7 @@ class EdgeResidual(nn.Module):
         self.bn2 = RMSNorm2d(out_ch)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.bn2(self.conv_pwl(self.bn1(self.conv_exp(x))))
-        return y + x if self.has_skip else y
+        return self.bn2(self.conv_pwl(self.bn1(self.conv_exp(x))), residual=x if self.has_skip else None)
 
 
 class UniversalInvertedResidual(nn.Module):
@@ -125,10 +134,8 @@ class UniversalInvertedResidual(nn.Module):
         y = self.pw_exp(y)
         if self.dw_mid is not None:
             y = self.dw_mid(y)
-        y = self.pw_proj(y)
-        if self.layer_scale is not None:
-            y = self.layer_scale(y)
-        return y + x if self.has_skip else y
+        gamma = self.layer_scale.gamma if self.layer_scale is not None else None
+        return self.pw_proj(y, gamma, x if self.has_skip else None)
 
 
 class Pointwise(nn.Module):
@@ -195,6 +202,8 @@ class MobileAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.attn(self.norm(x))
+        if self.layer_scale is not None and self.has_skip:  # x + y * gamma in one pass
+            return torch.addcmul(x, y, self.layer_scale.gamma.view(1, -1, 1, 1))
         if self.layer_scale is not None:
             y = self.layer_scale(y)
         return y + x if self.has_skip else y

@@ -27,15 +27,19 @@ TIMM_BLOCK = dict(act_layer=GELU, norm_layer=RmsNorm2d)
 
 
 def assert_matches(ref: nn.Module, mine: nn.Module, *inputs, seed: int = 0):
-    """Randomise the reference, copy its weights into ours (strict), compare outputs."""
+    """Randomise the reference, copy its weights into ours (strict), compare outputs: ours on the reference's
+    NCHW maps (PyTorch ops) and on channels-last maps, as the tower runs them (the fused native norms)."""
     randomize(ref, seed, scale=0.2)
     mine.load_state_dict(ref.state_dict(), strict=True)
     mine.eval()
     with torch.no_grad():
-        expected, got = ref(*inputs), mine(*inputs)
-    assert got.shape == expected.shape
-    err = ((got - expected).abs().max() / expected.abs().max()).item()
-    assert err <= RTOL, err
+        expected = ref(*inputs)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            mine = mine.to(memory_format=layout)
+            got = mine(*(x.contiguous(memory_format=layout) for x in inputs))
+            assert got.shape == expected.shape
+            err = ((got - expected).abs().max() / expected.abs().max()).item()
+            assert err <= RTOL, (layout, err)
 
 
 def image(c: int, size: int, seed: int = 1) -> torch.Tensor:
