@@ -242,12 +242,12 @@ def row_entry(namespace: Hashable, tokens: Tensor, batch_cache, row: int, prompt
     if SLIDING in types:
         start = length - kv[types.index(SLIDING)][0].shape[2]
         tail = Segment(start, length, {i: kv[i] for i, kind in enumerate(types) if kind == SLIDING})
-        head = next((s for s in prompt.segments if s.start == 0), None) if prompt is not None else None
-        if head is not None and head.end >= start:  # the prompt's positions and the ring's meet: one segment
-            kv_head = head.slice(0, start)
-            tail = Segment(0, length, {i: (torch.cat((kv_head[i][0], k), 2), torch.cat((kv_head[i][1], v), 2))
-                                       for i, (k, v) in tail.kv.items()})
-        elif head is not None:
-            segments.append(head)
+        held = prompt.segments if prompt is not None else []
+        joint = min((s for s in held if s.start <= start <= s.end), key=lambda s: s.start, default=None)
+        if joint is not None:  # the prompt's positions and the ring's meet: one segment
+            before = joint.slice(joint.start, start)
+            tail = Segment(joint.start, length, {i: (torch.cat((before[i][0], k), 2), torch.cat((before[i][1], v), 2))
+                                                 for i, (k, v) in tail.kv.items()})
+        segments += [s for s in held if s.start < tail.start and s.end < start]  # earlier positions, apart
         segments.append(tail)
     return Entry(namespace, tokens.reshape(-1)[:length].cpu().clone(), full, segments, types)

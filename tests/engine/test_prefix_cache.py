@@ -69,17 +69,23 @@ def lm(request, model, gemma3):
 @pytest.mark.parametrize("answer", [5, 24])  # shorter and longer than the window: the decode ring wraps
 def test_second_chat_turn_prefills_only_new_tokens(lm, prompt, chunk, answer):
     cache = PrefixCache(BIG)
-    first = prompt(21, seed=1)  # longer than both windows: the prompt's own ring wraps while it is prefilled
+    first = prompt(13, seed=1)  # longer than both windows: the prompt's own ring wraps while it is prefilled
     said, _, seq = _run(ContinuousBatch(lm, chunk, cache), first, _greedy(answer))
     assert seq.cached_tokens == 0 and len(said) == answer
     turn = torch.cat([first, torch.tensor([said]), prompt(6, seed=2)], 1)
-    cached = _run(ContinuousBatch(lm, chunk, cache), turn, _greedy(20))
-    cold = _run(ContinuousBatch(lm, chunk), turn, _greedy(20))
+    cached = _run(ContinuousBatch(lm, chunk, cache), turn, _greedy(8))
+    cold = _run(ContinuousBatch(lm, chunk), turn, _greedy(8))
     # the answer's last token was sampled but never fed, so its K/V do not exist yet
-    assert cached[2].cached_tokens == 21 + answer - 1
+    assert cached[2].cached_tokens == 13 + answer - 1
     _assert_same(cached, cold)
     stats = cache.stats()
-    assert stats.hits == 1 and stats.hit_tokens == 21 + answer - 1 and stats.query_tokens == 21 + turn.shape[1]
+    assert stats.hits == 1 and stats.hit_tokens == 13 + answer - 1 and stats.query_tokens == 13 + turn.shape[1]
+    # a third turn resumes from the second, itself resumed: its entry joined the positions it was given to its own
+    third = torch.cat([turn, torch.tensor([cached[0]]), prompt(4, seed=3)], 1)
+    again, cold = _run(ContinuousBatch(lm, chunk, cache), third, _greedy(8)), _run(ContinuousBatch(lm, chunk), third,
+                                                                                    _greedy(8))
+    assert again[2].cached_tokens == turn.shape[1] + 8 - 1
+    _assert_same(again, cold)
 
 
 def test_shared_system_prompt_and_a_longer_match_cut_to_what_the_ring_holds(model, prompt):
