@@ -127,6 +127,14 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's name)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off by default)")
     _add_limit_args(p)
+    from .server.settings import ServerSettings
+    d = ServerSettings()
+    p.add_argument("--prefix-cache-mb", type=_ranged(int, "--prefix-cache-mb", 0), default=d.prefix_cache_mb,
+                   help="MiB of K/V kept from earlier prompts and answers, so a request that begins the same way "
+                        f"(the next chat turn) prefills only its new tokens; 0 turns it off (default {d.prefix_cache_mb})")
+    p.add_argument("--drain-seconds", type=_ranged(float, "--drain-seconds", 0.0), default=d.drain_seconds,
+                   help="on SIGTERM / Ctrl-C: stop accepting and let running requests finish for at most this long "
+                        f"(default {d.drain_seconds:g})")
     _add_ray_serve_args(p)
 
 
@@ -525,7 +533,8 @@ def cmd_serve(args) -> int:
         raise ValueError(f"the server needs the 'serve' extra ({e.name} is missing): pip install 'gemma3n[serve]'")
     api_key = args.api_key or os.environ.get("GEMMA3N_API_KEY") or None
     model_path = Path(args.model or default_model_path())
-    settings = _server_settings(args, model_path, api_key=api_key, allow_remote_media=args.allow_remote_media)
+    settings = _server_settings(args, model_path, api_key=api_key, allow_remote_media=args.allow_remote_media,
+                                prefix_cache_mb=args.prefix_cache_mb, drain_seconds=args.drain_seconds)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
@@ -598,6 +607,8 @@ def _engine_spec(args, model_path: Path, threads: int | None, **settings):
                 adapter=adapter)
     # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
     model = str(model_path.resolve()) if model_path.exists() else str(model_path)
+    if getattr(args, "prefix_cache_mb", None) is not None:  # serve's flags reach the replicas' servers too
+        settings.update(prefix_cache_mb=args.prefix_cache_mb, drain_seconds=args.drain_seconds)
     return EngineSpec(model=model, load=load, settings=_server_settings(args, model_path, **settings),
                       threads=threads)
 

@@ -15,6 +15,11 @@ Every generation runs here: a single prompt is a batch of one, `generate_batch` 
 
 Greedy rows therefore give the same tokens whatever else runs beside them (the masked-out keys of shorter rows
 contribute exact zeros), and seeded sampling draws from the sequence's own generator.
+
+With a `PrefixCache` (engine/prefix_cache.py), a prompt that begins like an earlier one starts from that K/V and
+prefills only the rest; every prompt and every finished sequence leaves an entry for later ones. Siblings (`n`
+choices of one request) share one prefill: each samples its first token from the same logits and decodes in a row
+of its own, with its own sampler.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import Tensor
 from .. import kernels
 from ..model.batch_cache import BatchCache
 from ..model.cache import KVCache
+from .prefix_cache import PrefixCache, Recorder, prompt_entry, row_entry
 from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device_of, token_budget
 from .sampling import Sampler, SamplingParams
 
@@ -85,6 +91,12 @@ class Sequence:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     pending: int | None = None  # sampled but not yet fed to the model
+    namespace: tuple | None = None  # what besides the ids sets its K/V (prefix cache key); None: not cached
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix cache instead of prefilled
+    siblings: list["Sequence"] = field(default_factory=list)  # more choices of the same prompt, waiting for it
+    looked_up: bool = False  # the prefix cache was consulted (at the first prefill chunk)
+    recorder: Recorder | None = None  # the sliding K/V of its prompt, for the prefix cache
+    prefix_entry: object = None  # its prompt's prefix cache entry
     _started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -101,17 +113,18 @@ class ContinuousBatch:
     leave the batch at once; `finish(seq, reason)` ends one from outside (stop string, client gone).
     """
 
-    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK, prefix_cache: PrefixCache | None = None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.budget else None
         self.device = device_of(model)
         self.prefilling: list[Sequence] = []
         self.groups: list[DecodeGroup] = []  # the decoding sequences, at most `group_rows` per forward
         self.group_rows = kernels.MAX_ROWS
 
     def __len__(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
+        return sum(1 + len(s.siblings) for s in self.prefilling) + len(self.decoding)
 
     @property
     def decoding(self) -> list[Sequence]:
@@ -123,25 +136,35 @@ class ContinuousBatch:
         """Rows held in decode caches (0 once every sequence has left: their memory is released)."""
         return sum(group.cache.batch for group in self.groups)
 
-    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None
-            ) -> Sequence:
+    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None,
+            cache_key=None, siblings=()) -> Sequence:
         """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
-        raises ContextLengthError / ValueError at once for a bad one."""
+        raises ContextLengthError / ValueError at once for a bad one.
+
+        `cache_key`: whatever else decides the prompt's K/V (a LoRA adapter; for a prompt with media, the media's
+        identity: without a key such a prompt is not prefix-cached). `siblings`: the SamplingParams of more choices
+        of this prompt, prefilled once with it; they are `seq.siblings`."""
         ids, _ = check_inputs(input_ids, None, self.device)
         embeds = check_embeds(inputs_embeds, ids)
         if ids.shape[0] != 1:
             raise ValueError(f"ContinuousBatch.add takes one prompt, got {ids.shape[0]} rows")
         length = ids.shape[1]
-        budget = token_budget(self.model, length, params.max_new_tokens)
-        history = torch.full((1, length + budget), -1, dtype=torch.long, device=self.device)
-        history[:, :length] = ids
+        budgets = [token_budget(self.model, length, p.max_new_tokens) for p in (params, *siblings)]
         with torch.inference_mode():
-            cache = self.model.new_cache(1, length + budget)
-        seq = Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
-                       prompt=ids, prompt_embeds=embeds, cache=cache,
-                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+            cache = self.model.new_cache(1, length + max(budgets))
+        namespace = None if embeds is not None and cache_key is None else (cache_key, embeds is not None)
+        seq, *others = [self._sequence(ids, p, b, stop_ids, namespace) for p, b in zip((params, *siblings), budgets)]
+        seq.prompt, seq.prompt_embeds, seq.cache, seq.siblings = ids, embeds, cache, others
         self.prefilling.append(seq)
         return seq
+
+    def _sequence(self, ids: Tensor, params: SamplingParams, budget: int, stop_ids, namespace) -> Sequence:
+        length = ids.shape[1]
+        history = torch.full((1, length + budget), -1, dtype=torch.long, device=self.device)
+        history[:, :length] = ids
+        return Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
+                        prompt=ids[:, :0], prompt_embeds=None, cache=None, namespace=namespace,
+                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
 
     def finish(self, seq: Sequence, reason: str = "stop", override: bool = False) -> None:
         """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step. `override`: the
@@ -167,6 +190,8 @@ class ContinuousBatch:
         if not self.prefilling:
             return []
         seq = self.prefilling[0]
+        if not seq.looked_up:
+            self._resume(seq)
         every = seq.params.prompt_logprobs  # keep every column's logits: smaller chunks bound their memory
         chunk_size = min(self.chunk_size, PROMPT_LOGPROB_CHUNK) if every else self.chunk_size
         size = chunk_end(self.model, seq.prompt, 0, chunk_size)  # never splits an image block (Gemma 3)
@@ -176,6 +201,8 @@ class ContinuousBatch:
             extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
             seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
         logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
+        if seq.recorder is not None:
+            seq.recorder.after_chunk()
         if every:  # column i predicts prompt token i + 1: this chunk's next tokens, and the next chunk's first
             following = torch.cat((chunk[0, 1:], seq.prompt[0, :1])).to(logits.device)
             seq.prompt_logprobs += token_logprobs(logits[0, :following.shape[0]], following, seq.params.logprobs or 0)
@@ -183,18 +210,47 @@ class ContinuousBatch:
         if seq.prompt.shape[1]:
             return []
         self.prefilling.pop(0)
-        token = self._sample(seq, logits)
-        seq.prefill_seconds = time.perf_counter() - seq._started
-        seq._started = time.perf_counter()
-        if not seq.done:
-            group = next((g for g in self.groups if len(g.rows) < self.group_rows), None)
-            if group is None:
-                group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)))
-                self.groups.append(group)
-            group.cache.add(seq.cache)
-            group.rows.append(seq)
-        seq.cache = None  # the batch holds a copy; release the prefill buffers now
-        return [(seq, token)]
+        if seq.recorder is not None:
+            seq.prefix_entry = prompt_entry(seq.namespace, seq.history[0, :seq.prompt_tokens], seq.cache, seq.recorder)
+            self.prefix_cache.store(seq.prefix_entry)
+            seq.recorder = None
+        produced, started, now = [], seq._started, time.perf_counter()
+        for member in [seq] + seq.siblings:
+            if member.done:  # a choice cancelled while the prompt was prefilled
+                continue
+            token = self._sample(member, logits)
+            member.prefill_seconds, member._started = now - started, now
+            member.cached_tokens, member.prefix_entry = seq.cached_tokens, seq.prefix_entry
+            if not member.done:
+                group = next((g for g in self.groups if len(g.rows) < self.group_rows), None)
+                if group is None:
+                    group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)))
+                    self.groups.append(group)
+                group.cache.add(seq.cache)
+                group.rows.append(member)
+            produced.append((member, token))
+        seq.cache, seq.siblings = None, []  # the batch holds copies; release the prefill buffers now
+        return produced
+
+    def _resume(self, seq: Sequence) -> None:
+        """At the first prefill chunk: start from the longest cached prefix of the prompt, and record the sliding K/V
+        of the rest for the prompt's own entry."""
+        seq.looked_up = True
+        if self.prefix_cache is None or seq.namespace is None:
+            return
+        ring, start, first = seq.cache.ring, 0, None
+        # with "echo" every prompt token's logits are wanted, so nothing can be skipped (the entry is still stored)
+        found = None if seq.params.prompt_logprobs else self.prefix_cache.lookup(seq.namespace, seq.prompt, ring)
+        if found is not None:
+            entry, length, segment = found
+            seq.cache.load_prefix(length, entry.kv_for(length, ring, segment))
+            seq.prompt = seq.prompt[:, length:]
+            if seq.prompt_embeds is not None:
+                seq.prompt_embeds = seq.prompt_embeds[:, length:]
+            seq.cached_tokens = length
+            if segment is not None:
+                start, first = segment.start, segment.slice(segment.start, length)
+        seq.recorder = Recorder(seq.cache, start, first)
 
     def _decode(self) -> list[tuple[Sequence, int | None]]:
         produced = []
@@ -223,13 +279,23 @@ class ContinuousBatch:
         return token
 
     def _drop_finished(self) -> None:
-        self.prefilling = [s for s in self.prefilling if not s.done or _release(s)]
+        self.prefilling = [s for s in map(_heir, self.prefilling) if s is not None]
         for group in self.groups:
             if any(s.done for s in group.rows):
+                if self.prefix_cache is not None:
+                    self._store_finished(group)
                 keep = [row for row, s in enumerate(group.rows) if not s.done]
                 group.cache.keep(keep)
                 group.rows = [group.rows[row] for row in keep]
         self.groups = [group for group in self.groups if group.rows]  # an empty group's cache is freed
+
+    def _store_finished(self, group: DecodeGroup) -> None:
+        """Finished rows leave their prompt and answer in the prefix cache (the next turn of a chat starts there)."""
+        for row, seq in enumerate(group.rows):
+            if seq.done and seq.namespace is not None:
+                prompt = seq.prefix_entry if self.prefix_cache.holds(seq.prefix_entry) else None
+                self.prefix_cache.store(row_entry(seq.namespace, seq.history[0], group.cache, row, prompt))
+            seq.prefix_entry = None if seq.done else seq.prefix_entry
 
     @staticmethod
     def _clock(seq: Sequence) -> None:
@@ -237,9 +303,24 @@ class ContinuousBatch:
             seq.decode_seconds = time.perf_counter() - seq._started
 
 
-def _release(seq: Sequence) -> bool:
-    seq.cache = seq.prompt_embeds = None
-    return False
+def _heir(seq: Sequence) -> Sequence | None:
+    """`seq` while it prefills; when it was ended, the first of its siblings still wanted takes its prompt, cache and
+    place; None when none is (its memory is released)."""
+    if not seq.done:
+        return seq
+    live = [s for s in seq.siblings if not s.done]
+    if seq.cache is not None:
+        seq.cache.on_write = None
+    heir = None
+    if live:
+        heir, heir.siblings = live[0], live[1:]
+        for name in ("prompt", "prompt_embeds", "cache", "recorder", "looked_up", "cached_tokens", "_started"):
+            setattr(heir, name, getattr(seq, name))
+        if heir.recorder is not None:
+            heir.cache.on_write = heir.recorder
+    seq.cache = seq.prompt_embeds = seq.recorder = None
+    seq.siblings = []
+    return heir
 
 
 def _ring_of(cache: KVCache, model) -> int | None:

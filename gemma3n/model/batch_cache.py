@@ -65,6 +65,20 @@ class BatchCache:
             self.values[i] = self.values[i][:, :, :cols].index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
 
+    def row_kv(self, row: int) -> tuple[int, list[tuple[Tensor, Tensor]]]:
+        """(length, per slot (1, H, n, D) keys and values of `row` in sequence order): global slots all `length`
+        positions, sliding slots the last min(length, ring) (what the ring still holds). Copies."""
+        length = int(self.lengths[row])
+        out = []
+        for i, kind in enumerate(self.slot_types):
+            k, v = self.keys[i][row:row + 1], self.values[i][row:row + 1]
+            if kind == SLIDING:
+                cells = torch.arange(max(0, length - self.ring), length, device=k.device) % self.ring
+                out.append((k[:, :, cells], v[:, :, cells]))  # advanced indexing copies
+            else:
+                out.append((k[:, :, :length].clone(), v[:, :, :length].clone()))
+        return length, out
+
     def _as_row(self, slot: int, src: Tensor, length: int, width: int) -> Tensor:
         """One prefilled slot (1, H, C, D) -> this cache's layout for that slot."""
         if self.slot_types[slot] != SLIDING:

@@ -50,6 +50,40 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.ring_index = torch.full((ring,), -1, dtype=torch.long, device=device)  # seq index held by each ring cell
         self._step_ring_index: Tensor | None = None
+        # Called as on_write(slot, start, k, v) with every sliding slot's new K/V (B, H, T, D) from `start`: a prefix
+        # cache (engine/prefix_cache.py) keeps positions that the ring overwrites, even within one prefill chunk.
+        self.on_write = None
+
+    @property
+    def ring(self) -> int:
+        """Cells of each sliding slot (the window, or max_len when that is shorter)."""
+        return self.ring_index.numel()
+
+    def load_prefix(self, length: int, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Start this (empty, one-row) cache after `length` tokens whose K/V are given: per slot (1, H, n, D) keys and
+        values in sequence order, n = `length` for global slots and for sliding slots the last min(length, ring)
+        positions at least. Every buffer then holds what prefilling those tokens would have left in it."""
+        if self.length or self.batch != 1:
+            raise ValueError("load_prefix needs an empty one-row cache")
+        if length >= self.max_len:
+            raise ValueError(f"a prefix of {length} tokens leaves no room in a cache of {self.max_len}")
+        ring = self.ring
+        kept = torch.arange(max(0, length - ring), length, device=self.valid.device)
+        for slot, kind, (k, v) in zip(self.slots, self.slot_types, kv):
+            if kind == SLIDING:
+                n = k.shape[2]
+                if n < kept.numel():
+                    raise ValueError(f"a sliding slot needs the last {kept.numel()} positions, got {n}")
+                slot.k[:, :, kept % ring] = k[:, :, n - kept.numel():]
+                slot.v[:, :, kept % ring] = v[:, :, n - kept.numel():]
+            else:
+                slot.k[:, :, :length] = k[:, :, :length]
+                slot.v[:, :, :length] = v[:, :, :length]
+        self.ring_index[kept % ring] = kept
+        self.valid[:, :length] = True
+        self.next_position[:] = length
+        self.length = length
+        self._step_ring_index = None
 
     # -- what native code reads ------------------------------------------------------------------------------------
 
@@ -96,6 +130,8 @@ class KVCache:
             s.v[:, :, start:self.length] = v
             return s.k[:, :, :self.length], s.v[:, :, :self.length]
         ring = s.k.shape[2]
+        if self.on_write is not None:
+            self.on_write(slot, start, k, v)
         # Until the ring is full only its first cells hold keys, and only those are attended to: the ring's size
         # (the window, or less for a short generation) must not change the arithmetic, or a greedy answer would
         # depend on max_new_tokens (summing over more masked cells rounds differently).

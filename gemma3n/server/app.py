@@ -1,12 +1,16 @@
 """The FastAPI application: routes, authentication, body limits and error handling.
 
 Every refusal is an OpenAI-style error JSON (400, 401, 404, 413, 429); an unexpected failure is logged and
-answered with a 500 JSON, never a hung connection.
+answered with a 500 JSON, never a hung connection. Every request has an id (the client's `X-Request-Id`, or a new
+one), echoed in the response's `X-Request-Id` header and named in the server's log lines about it.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import re
+import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
@@ -15,7 +19,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import APIError, error_response
-from .generation import Generator
+from .generation import Generator, request_id_of
 from .scheduler import Scheduler
 from .settings import ServerSettings
 
@@ -25,7 +29,8 @@ log = logging.getLogger("gemma3n.server")
 def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `model` (a loaded `gemma3n.Model`); its scheduler thread runs while the app runs."""
     settings = settings or ServerSettings()
-    scheduler = Scheduler(model, max_batch=settings.max_batch, max_queue=settings.max_queue)
+    scheduler = Scheduler(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                          prefix_cache_mb=settings.prefix_cache_mb)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -37,6 +42,7 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="gemma3n", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.settings = scheduler, settings
+    app.add_middleware(RequestIds)
     generator = Generator(model, settings, scheduler)
     _add_error_handlers(app)
     authorized = [Depends(_authorizer(settings))]
@@ -79,7 +85,8 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/metrics", dependencies=authorized)
     async def metrics():
         text = scheduler.metrics.render(settings.model_name, scheduler.active, scheduler.waiting, scheduler.steps,
-                                        scheduler.peak_batch)
+                                        scheduler.peak_batch,
+                                        scheduler.prefix_cache.stats() if scheduler.prefix_cache.budget else None)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/audio/transcriptions", dependencies=authorized)
@@ -91,6 +98,39 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         return await generator.audio(request, translate=True)
 
     return app
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+class RequestIds:
+    """ASGI middleware: the request's id (a client's `X-Request-Id` when it is a short token, else a new one) in
+    `request.state.request_id`, in the response's `X-Request-Id` header, and in one log line when the response
+    ends (streamed ones included). Pure ASGI, so a handler still sees the client's disconnect at once."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"x-request-id", b"").decode("latin-1").strip()
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status, started = [None], time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            log.info("request %s: %s %s %s from %s, %.3f s", request_id, scope.get("method"), scope.get("path"),
+                     status[0] or "no response", client[0], time.perf_counter() - started)
 
 
 def _model_card(settings: ServerSettings) -> dict:
@@ -134,5 +174,6 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("request %s: unexpected error on %s %s", request_id_of(request), request.method,
+                      request.url.path)
         return error_response(500, "internal server error; see the server log")

@@ -48,15 +48,12 @@ class Generator:
         self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
-        if req.logprobs and req.stream:
-            raise bad_request("logprobs are not available with \"stream\": true yet; ask without streaming",
-                              param="logprobs")
         params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens,
                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        job = Job(params, ids, media)
+        job = Job(params, ids, media, request_id=request_id_of(request))
         render = None
         if req.logprobs:
             render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
@@ -66,9 +63,8 @@ class Generator:
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
         self._check_model(req.model)
-        if req.stream and (req.echo or req.logprobs is not None):
-            raise bad_request("echo and logprobs are not available with \"stream\": true yet; ask without "
-                              "streaming", param="logprobs" if req.logprobs is not None else "echo")
+        if req.stream and req.echo:
+            raise bad_request("echo is not available with \"stream\": true; ask without streaming", param="echo")
         params = self._params(req, req.max_tokens, 16,  # OpenAI's default for text completions
                               logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))
         if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
@@ -77,8 +73,9 @@ class Generator:
         render = None
         if req.echo or req.logprobs is not None:
             render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
-        return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
-                                   req.stream, req.include_usage, render, req.n or 1)
+        return await self._respond(request, Job(params, ids, request_id=request_id_of(request)),
+                                   Reply(self.settings.model_name, chat=False), req.stream, req.include_usage, render,
+                                   req.n or 1)
 
     def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
         """`echo` (the prompt's text before the answer) and `logprobs` (the prompt's tokens first, with echo)."""
@@ -118,7 +115,8 @@ class Generator:
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
         converted = Converted(messages=messages, media=["audio"])
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        result = await self._collect(request, self._submit(Job(params, ids, media)))
+        result = await self._collect(request, self._submit(Job(params, ids, media,
+                                                               request_id=request_id_of(request))))
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
@@ -262,14 +260,12 @@ class Generator:
     async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool,
                        render=None, n: int = 1):
         """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`. `n` choices are `n`
-        sequences of the batch (the n-th seeded seed + n - 1 when a seed is given, so each is reproducible)."""
-        if n > 1:
-            if stream:
-                raise bad_request("n > 1 is not available with \"stream\": true yet", param="n")
-            jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
-                                job.ids, job.media) for i in range(1, n)]
-            for each in jobs:
-                self._submit(each)
+        sequences of the batch, prefilled once (the i-th seeded seed + i when a seed is given, so each is
+        reproducible)."""
+        jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
+                            job.ids, job.media, job.cache_key, job.request_id) for i in range(1, n)]
+        self.scheduler.submit(*jobs)
+        if not stream:
             results = await asyncio.gather(*(self._collect(request, each) for each in jobs))
             failed = next((r for r in results if isinstance(r, Response)), None)
             if failed is not None:
@@ -277,19 +273,19 @@ class Generator:
                     self.scheduler.cancel(each)
                 return failed
             return JSONResponse(reply.choices([(r, render(r) if render else {}) for r in results]))
-        self._submit(job)
-        if not stream:
-            result = await self._collect(request, job)
-            if isinstance(result, Response):
-                return result
-            return JSONResponse(reply.whole(result, **(render(result) if render else {})))
         try:
-            first = await self._next(request, job)
+            for each in jobs:  # the choices start together (one prefill); an error refuses the whole request
+                first = await self._next(request, each)
+                if first[0] == "error":
+                    for other in jobs:
+                        self.scheduler.cancel(other)
+                    return first[1].response()
         except ClientGone:
+            for each in jobs:
+                self.scheduler.cancel(each)
             return Response(status_code=499)
-        if first[0] == "error":
-            return first[1].response()
-        return StreamingResponse(self._events(job, reply, include_usage), media_type="text/event-stream",
+        return StreamingResponse(self._events(jobs, reply, include_usage, job.params.logprobs is not None),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _collect(self, request: Request, job: Job):
@@ -322,33 +318,73 @@ class Generator:
         self.scheduler.cancel(job)
         raise ClientGone
 
-    async def _events(self, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
-        """SSE chunks after "started"; if the client disconnects, Starlette cancels this and the job is dropped."""
+    async def _events(self, jobs: list[Job], reply: Reply, include_usage: bool, logprobs: bool
+                      ) -> AsyncIterator[str]:
+        """SSE chunks after "started", each choice's chunks carrying its `index` (and the logprobs of the tokens of
+        its text); if the client disconnects, Starlette cancels this and the jobs are dropped."""
         finished = False
+        waiting: dict[int, asyncio.Future] = {}
+        pending_logprobs: dict[int, list] = {i: [] for i in range(len(jobs))}
+        offsets = [0] * len(jobs)  # completions' text_offset of each choice's next token
+        results: dict[int, object] = {}
+
+        def chunk_logprobs(index: int) -> dict | None:
+            entries, pending_logprobs[index] = pending_logprobs[index], []
+            if not logprobs:
+                return None
+            if reply.chat:
+                return chat_logprobs(self.model.tokenizer, entries)
+            out = completion_logprobs(self.model.tokenizer, entries, start=offsets[index])
+            if entries:
+                offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+            return out
+
         try:
             if reply.chat:
-                yield sse(reply.chunk(role=True))
-            while True:
-                try:
-                    kind, value = await self._next(None, job)
-                except ClientGone:
+                for index in range(len(jobs)):
+                    yield sse(reply.chunk(role=True, index=index))
+            waiting = {i: asyncio.ensure_future(job.events.get()) for i, job in enumerate(jobs)}
+            failed = False
+            watchers = [job.watcher for job in jobs if job.watcher is not None]
+            while waiting and not failed:
+                await asyncio.wait([*waiting.values(), *watchers], return_when=asyncio.FIRST_COMPLETED)
+                if any(w.done() for w in watchers):  # the client is gone
                     return
-                if kind == "text":
-                    yield sse(reply.chunk(value))
-                elif kind == "error":
-                    yield sse({"error": {"message": value.message, "type": "server_error", "code": value.code}})
-                    break
-                elif kind == "done":
-                    yield sse(reply.chunk(finish_reason=value.finish_reason))
-                    if include_usage:
-                        yield sse(reply.usage_chunk(value))
-                    break
+                for index, event in sorted(waiting.items()):
+                    if not event.done():
+                        continue
+                    kind, value = event.result()
+                    del waiting[index]
+                    if kind == "logprobs":
+                        pending_logprobs[index] += value
+                    elif kind == "text":
+                        yield sse(reply.chunk(value, index=index, logprobs=chunk_logprobs(index)))
+                    elif kind == "error":
+                        yield sse({"error": {"message": value.message, "type": "server_error", "code": value.code}})
+                        failed = True
+                        break
+                    elif kind == "done":
+                        results[index] = value
+                        yield sse(reply.chunk(finish_reason=value.finish_reason, index=index,
+                                              logprobs=chunk_logprobs(index) if pending_logprobs[index] else None))
+                        continue
+                    waiting[index] = asyncio.ensure_future(jobs[index].events.get())
+            if include_usage and len(results) == len(jobs):
+                yield sse(reply.usage_chunk([results[i] for i in range(len(jobs))]))
             finished = True
             yield sse("[DONE]")
         finally:
-            job.watcher.cancel()
-            if not finished:
-                self.scheduler.cancel(job)
+            for event in waiting.values():
+                event.cancel()
+            for job in jobs:
+                job.watcher.cancel()
+                if not finished:
+                    self.scheduler.cancel(job)
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id the RequestIds middleware (app.py) gave this request."""
+    return getattr(request.state, "request_id", None)
 
 
 async def _disconnected(request: Request) -> None:

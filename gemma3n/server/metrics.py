@@ -40,7 +40,9 @@ class Metrics:
         with self.lock:
             self.requests["error"] = self.requests.get("error", 0) + 1
 
-    def render(self, model: str, running: int, waiting: int, batch_steps: int, peak_batch: int) -> str:
+    def render(self, model: str, running: int, waiting: int, batch_steps: int, peak_batch: int,
+               prefix=None) -> str:
+        """`prefix`: the prefix cache's `PrefixStats`, when there is one."""
         label = f'model="{_escape(model)}"'
         lines: list[str] = []
 
@@ -66,6 +68,20 @@ class Metrics:
         metric("requests_waiting", "gauge", "Requests queued for a place in the batch.", [(f"{{{label}}}", waiting)])
         metric("batch_steps_total", "counter", "Steps of the continuous batch.", [(f"{{{label}}}", batch_steps)])
         metric("batch_size_peak", "gauge", "Most sequences decoded in one step.", [(f"{{{label}}}", peak_batch)])
+        if prefix is not None:
+            one = f"{{{label}}}"
+            metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.",
+                   [(one, prefix.query_tokens)])
+            metric("prefix_cache_hits_total", "counter",
+                   "Prompt tokens resumed from the prefix cache instead of prefilled (hit rate: hits / queries).",
+                   [(one, prefix.hit_tokens)])
+            metric("prefix_cache_requests_total", "counter", "Prompts looked up in the prefix cache, by result.",
+                   [(f'{{{label},result="hit"}}', prefix.hits),
+                    (f'{{{label},result="miss"}}', prefix.lookups - prefix.hits)])
+            metric("prefix_cache_evictions_total", "counter", "Prefix cache entries evicted for room.",
+                   [(one, prefix.evictions)])
+            metric("prefix_cache_entries", "gauge", "Prefix cache entries held.", [(one, prefix.entries)])
+            metric("prefix_cache_bytes", "gauge", "Bytes of K/V the prefix cache holds.", [(one, prefix.bytes)])
         return "\n".join(lines) + "\n"
 
 

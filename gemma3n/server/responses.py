@@ -36,22 +36,22 @@ class Reply:
             else:
                 choices.append({"index": index, "text": extras.get("echo", "") + result.text,
                                 "finish_reason": result.finish_reason, "logprobs": logprobs})
-        prompt = answers[0][0].prompt_tokens or 0
-        completion = sum(result.completion_tokens for result, _ in answers)
-        total = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=total)
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices,
+                              usage=usage([result for result, _ in answers]))
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False, index: int = 0,
+              logprobs: dict | None = None) -> dict:
+        """One stream chunk of choice `index`; `logprobs` those of the tokens whose text it carries."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
         return self._envelope("text_completion", [choice])
 
-    def usage_chunk(self, result: Result) -> dict:
+    def usage_chunk(self, results: Result | list[Result]) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(kind, [], usage=usage(result))
+        return self._envelope(kind, [], usage=usage(results))
 
 
 def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
@@ -104,10 +104,14 @@ def completion_logprobs(tokenizer, entries: list, prompt: list | None = None, fi
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def usage(result: Result) -> dict:
-    prompt = result.prompt_tokens or 0
-    return {"prompt_tokens": prompt, "completion_tokens": result.completion_tokens,
-            "total_tokens": prompt + result.completion_tokens}
+def usage(results: Result | list[Result]) -> dict:
+    """OpenAI's usage of the choices of one prompt (counted once): `prompt_tokens_details.cached_tokens` are the
+    prompt tokens resumed from the prefix cache rather than prefilled."""
+    results = results if isinstance(results, list) else [results]
+    prompt = results[0].prompt_tokens or 0
+    completion = sum(result.completion_tokens for result in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
 
 
 def sse(payload: dict | str) -> str:

@@ -27,6 +27,10 @@ class ServerSettings:
     max_batch: int = 32  # sequences decoded together; more requests wait in a first-come queue
     max_queue: int = 256  # requests waiting beyond max_batch; more get 429
     remote_timeout_seconds: float = 10.0  # fetching one remote media URL
+    # K/V of earlier prompts and answers kept for requests that begin the same way (MiB; 0 turns it off)
+    prefix_cache_mb: int = 1024
+    # on SIGTERM / SIGINT: stop accepting, let running requests finish for at most this long, then exit
+    drain_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompt_tokens", "max_tokens", "default_max_tokens", "max_media_bytes",
@@ -38,6 +42,12 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("prefix_cache_mb",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not self.drain_seconds >= 0:
+            raise ValueError(f"drain_seconds must be >= 0, got {self.drain_seconds!r}")
         if not self.max_audio_seconds > 0 or not self.remote_timeout_seconds > 0:
             raise ValueError("max_audio_seconds and remote_timeout_seconds must be > 0")
         if self.default_max_tokens > self.max_tokens:

@@ -64,9 +64,8 @@ def test_chat_logprobs_through_the_openai_client(client, model, reference):
 
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/chat/completions", {"top_logprobs": 2}, "needs \"logprobs\": true"),
-    ("/v1/chat/completions", {"logprobs": True, "stream": True}, "not available with"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("/v1/completions", {"logprobs": 1, "stream": True}, "not available with"),
+    ("/v1/completions", {"logprobs": 1, "echo": True, "stream": True}, "not available with"),
     ("/v1/completions", {"logprobs": -1}, "logprobs"),
 ])
 def test_logprob_requests_refused_clearly(server, path, body, message):
@@ -89,7 +88,41 @@ def test_n_choices_are_each_a_reproducible_sequence(client):
     assert greedy.choices[0].text == greedy.choices[1].text
 
 
-def test_n_with_stream_is_refused_clearly(server):
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "n": 2, "stream": True}
-    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
-    assert response.status_code == 400 and "n > 1" in response.json()["error"]["message"]
+def test_n_and_logprobs_stream_as_openai_does(client):
+    """Streamed choices carry their `index` and the logprobs of the tokens of each chunk; put together they are the
+    answer the same request gets without streaming."""
+    messages = [{"role": "user", "content": "tell me a story"}]
+    sampling = dict(model="tiny", max_tokens=8, temperature=1.0, seed=11, n=3)
+    whole = client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, **sampling)
+    texts, entries, finish = {}, {}, {}
+    usage = None
+    for chunk in client.chat.completions.create(messages=messages, logprobs=True, top_logprobs=2, stream=True,
+                                                stream_options={"include_usage": True}, **sampling):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            entries.setdefault(choice.index, []).extend(choice.logprobs.content if choice.logprobs else [])
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert sorted(texts) == [0, 1, 2]
+    for choice in whole.choices:
+        assert texts[choice.index] == choice.message.content and finish[choice.index] == choice.finish_reason
+        assert [e.token for e in entries[choice.index]] == [e.token for e in choice.logprobs.content]
+        assert [e.logprob for e in entries[choice.index]] == pytest.approx(
+            [e.logprob for e in choice.logprobs.content], abs=1e-4)
+        assert len(entries[choice.index][0].top_logprobs) == 2
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+    sampling = dict(model="tiny", prompt="one two three", max_tokens=6, temperature=0.8, seed=3, n=2, logprobs=2)
+    whole = client.completions.create(**sampling)
+    texts, tokens, offsets = {}, {}, {}
+    for chunk in client.completions.create(stream=True, **sampling):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.logprobs is not None:
+                tokens.setdefault(choice.index, []).extend(choice.logprobs.tokens)
+                offsets.setdefault(choice.index, []).extend(choice.logprobs.text_offset)
+    for choice in whole.choices:
+        assert texts[choice.index] == choice.text
+        assert tokens[choice.index] == choice.logprobs.tokens and offsets[choice.index] == choice.logprobs.text_offset

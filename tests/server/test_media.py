@@ -182,3 +182,16 @@ def test_transcription_of_too_long_or_unreadable_audio_is_refused(mm_server):
     junk = httpx.post(url, data={"model": "tiny-mm"}, files={"file": ("a.png", png(5), "image/png")})
     assert junk.status_code == 400 and "not readable audio" in junk.json()["error"]["message"]
     assert "object at 0x" not in junk.json()["error"]["message"]
+
+
+def test_prefix_cache_keys_media_by_their_content(mm_client, direct):
+    """The ids of two images are the same placeholders: a prompt resumes only from one with the same media."""
+    first = ask(mm_client, image_part(png(6)), audio_part(sound(1.0)))
+    again = ask(mm_client, image_part(png(6)), audio_part(sound(1.0)))
+    other = ask(mm_client, image_part(png(7)), audio_part(sound(1.0)))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert other.choices[0].message.content == expected(direct, {"type": "image", "image": png(7)},
+                                                        {"type": "audio", "audio": sound(1.0)})
