@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ from .. import kernels
 from ..model.batch_cache import BatchCache
 from ..model.cache import KVCache
 from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device_of, token_budget
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, restrict
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class Sequence:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     pending: int | None = None  # sampled but not yet fed to the model
+    constraint: Any = None  # this sequence's grammar state (params.constraint.start()), or None: unconstrained
     _started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -139,7 +141,8 @@ class ContinuousBatch:
             cache = self.model.new_cache(1, length + budget)
         seq = Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
                        prompt=ids, prompt_embeds=embeds, cache=cache,
-                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids),
+                       constraint=None if params.constraint is None else params.constraint.start())
         self.prefilling.append(seq)
         return seq
 
@@ -207,8 +210,9 @@ class ContinuousBatch:
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
         """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
-        token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
-        if seq.params.logprobs is not None and token not in seq.stop_ids:
+        scores = logits if seq.constraint is None else restrict(logits, seq.constraint.allowed(seq.stop_ids))
+        token = int(seq.sampler.sample(scores, seq.history[:, :position])[0])
+        if seq.params.logprobs is not None and token not in seq.stop_ids:  # the model's own, before the grammar
             seq.logprobs += token_logprobs(logits, torch.tensor([token]), seq.params.logprobs)
         seq.history[0, position] = token
         seq.sampled += 1
@@ -218,7 +222,9 @@ class ContinuousBatch:
             self.finish(seq, "stop")
             return None
         seq.new_ids.append(token)
-        if seq.sampled >= seq.budget:
+        if seq.constraint is not None and seq.constraint.advance(token):
+            self.finish(seq, "stop")  # the grammar is complete: nothing may follow, not even another forward
+        elif seq.sampled >= seq.budget:
             self.finish(seq, "length")
         return token
 

@@ -15,6 +15,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from ..structured import GrammarError
+from ..structured.tools import CallStream, ToolChoice, parse_calls, read_tool_choice, read_tools, render_messages, \
+    tool_grammar
 from .errors import APIError, bad_request
 from .media import Converted, check_audio, convert_messages
 from .responses import Reply, chat_logprobs, completion_logprobs, sse
@@ -51,17 +54,59 @@ class Generator:
         if req.logprobs and req.stream:
             raise bad_request("logprobs are not available with \"stream\": true yet; ask without streaming",
                               param="logprobs")
+        try:
+            functions = read_tools(req.tools)
+            choice = read_tool_choice(req.tool_choice, functions)
+        except GrammarError as e:
+            raise bad_request(str(e), param=e.param) from None
+        parallel = req.parallel_tool_calls is not False
+        constraint = await asyncio.to_thread(self._constraint, req, functions, choice, parallel)
         params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens,
-                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraint=constraint)
         self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
+        if functions or any(m.role == "tool" or m.tool_calls for m in req.messages):
+            try:
+                converted.messages = render_messages(converted.messages, functions, choice, parallel)
+            except GrammarError as e:
+                raise bad_request(str(e), param=e.param) from None
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
         job = Job(params, ids, media)
-        render = None
-        if req.logprobs:
-            render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
+        calls = choice.mode != "none"
+        tokenizer = self.model.tokenizer
+
+        def render(result) -> dict:
+            extras = {}
+            if req.logprobs:
+                extras["logprobs"] = chat_logprobs(tokenizer, result.logprobs)
+            if calls:
+                extras["content"], extras["tool_calls"] = parse_calls(result.text)
+            return extras
+
         return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
-                                   req.include_usage, render, req.n or 1)
+                                   req.include_usage, render, req.n or 1, calls)
+
+    def _constraint(self, req, functions: list, choice: ToolChoice, parallel: bool):
+        """The request's grammar, compiled (or found in the cache) in a worker thread: the first one also reads the
+        vocabulary into the grammar engine (seconds). Errors are 400s that name the field and the construct."""
+        asked = {"response_format": req.response_format, "json_schema": req.guided_json,
+                 "regex": req.guided_regex, "grammar": req.guided_grammar}
+        fields = [k for k, v in asked.items() if v is not None and not (k == "response_format" and v == {"type": "text"})]
+        param = {"json_schema": "guided_json", "regex": "guided_regex", "grammar": "guided_grammar"}.get(
+            fields[0], fields[0]) if fields else "tools"
+        if choice.mode != "none" and fields:
+            raise bad_request(f"tools and {param} cannot be combined: a tool call's arguments already follow the "
+                              "function's schema; use tool_choice \"none\" for a structured text answer", param=param)
+        if self.model.tokenizer is None and (fields or choice.mode != "none"):
+            raise bad_request("structured output needs the model's tokenizer", param=param)
+        try:
+            if choice.mode != "none":
+                return tool_grammar(self.model.grammars, functions, choice, parallel)
+            return self.model.constraint(**asked) if fields else None
+        except GrammarError as e:
+            raise bad_request(str(e), param=getattr(e, "param", param)) from None
+        except ImportError as e:
+            raise bad_request(str(e), param=param, code="structured_output_unavailable") from None
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
@@ -69,8 +114,10 @@ class Generator:
         if req.stream and (req.echo or req.logprobs is not None):
             raise bad_request("echo and logprobs are not available with \"stream\": true yet; ask without "
                               "streaming", param="logprobs" if req.logprobs is not None else "echo")
+        constraint = await asyncio.to_thread(self._constraint, req, [], ToolChoice("none"), False)
         params = self._params(req, req.max_tokens, 16,  # OpenAI's default for text completions
-                              logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))
+                              logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None),
+                              constraint=constraint)
         if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
             self._check_text_size(len(req.prompt if isinstance(req.prompt, str) else req.prompt[0]), "prompt")
         ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
@@ -260,7 +307,7 @@ class Generator:
         return job
 
     async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool,
-                       render=None, n: int = 1):
+                       render=None, n: int = 1, calls: bool = False):
         """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`. `n` choices are `n`
         sequences of the batch (the n-th seeded seed + n - 1 when a seed is given, so each is reproducible)."""
         if n > 1:
@@ -289,7 +336,7 @@ class Generator:
             return Response(status_code=499)
         if first[0] == "error":
             return first[1].response()
-        return StreamingResponse(self._events(job, reply, include_usage), media_type="text/event-stream",
+        return StreamingResponse(self._events(job, reply, include_usage, calls), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _collect(self, request: Request, job: Job):
@@ -322,9 +369,26 @@ class Generator:
         self.scheduler.cancel(job)
         raise ClientGone
 
-    async def _events(self, job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
-        """SSE chunks after "started"; if the client disconnects, Starlette cancels this and the job is dropped."""
+    async def _events(self, job: Job, reply: Reply, include_usage: bool, calls: bool = False
+                      ) -> AsyncIterator[str]:
+        """SSE chunks after "started"; if the client disconnects, Starlette cancels this and the job is dropped.
+        With `calls` (a chat with tools) the text is parsed as it comes: call blocks leave as tool_calls deltas,
+        the rest as content (held back only while it could still begin a call)."""
         finished = False
+        parser = CallStream() if calls else None
+        sent_calls = 0
+
+        def chunks(events) -> list[str]:
+            nonlocal sent_calls
+            out = []
+            for what, value in events:
+                if what == "text":
+                    out.append(sse(reply.chunk(value)))
+                else:
+                    out.append(sse(reply.chunk(tool_call=(sent_calls, value))))
+                    sent_calls += 1
+            return out
+
         try:
             if reply.chat:
                 yield sse(reply.chunk(role=True))
@@ -334,12 +398,19 @@ class Generator:
                 except ClientGone:
                     return
                 if kind == "text":
-                    yield sse(reply.chunk(value))
+                    for chunk in (chunks(parser.push(value)) if parser else [sse(reply.chunk(value))]):
+                        yield chunk
                 elif kind == "error":
                     yield sse({"error": {"message": value.message, "type": "server_error", "code": value.code}})
                     break
                 elif kind == "done":
-                    yield sse(reply.chunk(finish_reason=value.finish_reason))
+                    finish = value.finish_reason
+                    if parser is not None:
+                        for chunk in chunks(parser.finish()):
+                            yield chunk
+                        if parser.calls and finish == "stop":
+                            finish = "tool_calls"
+                    yield sse(reply.chunk(finish_reason=finish))
                     if include_usage:
                         yield sse(reply.usage_chunk(value))
                     break
