@@ -188,6 +188,11 @@ class Generator:
             if converted.has_media:
                 raise bad_request("/tokenize takes text only; media expand to their placeholder tokens when "
                                   "generating", param="messages")
+            if any(m.role == "tool" or m.tool_calls for m in req.messages):  # as the chat endpoint renders them
+                try:
+                    converted.messages = render_messages(converted.messages, [], ToolChoice("none"))
+                except GrammarError as e:
+                    raise bad_request(str(e), param=e.param) from None
             try:
                 ids = (await asyncio.to_thread(self.model.encode_prompt, converted.messages))[0].tolist()
             except REQUEST_ERRORS as e:

@@ -226,3 +226,5 @@ def test_history_with_tool_calls_and_results_is_rendered(roomy):
         {"role": "user", "content": '<tool_response>\n{"name": "get_weather", "content": "-3 and snowing"}\n'
                                     '</tool_response>'}]}, timeout=30).json()
     assert reply.json()["usage"]["prompt_tokens"] == tokens["count"]  # tool_choice none: no tool descriptions
+    same = httpx.post(server.url + "/tokenize", json={"messages": history}, timeout=30).json()
+    assert same["tokens"] == tokens["tokens"]  # /tokenize renders tool calls and results as the chat endpoint does

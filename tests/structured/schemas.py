@@ -28,8 +28,9 @@ CASES = [
     ("The primary colours.", {"type": "array", "items": {"enum": ["red", "yellow", "blue", "green"]},
                               "minItems": 1, "maxItems": 4}),
     ("A point in 3D space.", {"type": "object", "properties": {
-        "x": {"type": "number", "multipleOf": 0.1}, "y": {"type": "number", "multipleOf": 0.1},
-        "z": {"type": "number", "multipleOf": 0.1}},
+        "x": {"type": "number", "minimum": -1000, "maximum": 1000, "multipleOf": 0.1},
+        "y": {"type": "number", "minimum": -1000, "maximum": 1000, "multipleOf": 0.1},
+        "z": {"type": "number", "minimum": -1000, "maximum": 1000, "multipleOf": 0.1}},
         "required": ["x", "y", "z"], "additionalProperties": False}),
     ("A shopping list with quantities.", {"type": "object", "properties": {"items": {
         "type": "array", "maxItems": 4, "items": {"type": "object", "properties": {

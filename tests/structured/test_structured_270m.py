@@ -4,8 +4,13 @@ the same batch give their solo answers; the official openai client gets well-for
 two tools, and a full round trip (call -> tool message -> answer) works; bad schemas are 400s."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +46,7 @@ PLAIN = ["Write one sentence about the sea.", "What is the capital of France?", 
 @pytest.fixture(scope="module")
 def served():
     from gemma3n.cli import default_model_path
-    running = ServeProcess("--model", str(default_model_path()), "--served-model-name", "gemma-270m",
+    running = ServeProcess("--model", str(default_model_path()), "--served-model-name", "gemma",
                            "--max-batch", "64", "--max-prompt-tokens", "1500")
     yield running
     running.close()
@@ -58,7 +63,7 @@ def _messages(question: str) -> list[dict]:
 
 def _ask(client, question: str, schema: dict, stream: bool) -> tuple[str, str]:
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-    kwargs = dict(model="gemma-270m", messages=_messages(question), max_tokens=200, temperature=0,
+    kwargs = dict(model="gemma", messages=_messages(question), max_tokens=200, temperature=0,
                   response_format=fmt)
     if not stream:
         choice = client.chat.completions.create(**kwargs).choices[0]
@@ -72,7 +77,7 @@ def _ask(client, question: str, schema: dict, stream: bool) -> tuple[str, str]:
 
 
 def test_twenty_schemas_validate_streaming_and_not_beside_unconstrained_requests(client):
-    solo = [client.chat.completions.create(model="gemma-270m", messages=[{"role": "user", "content": q}],
+    solo = [client.chat.completions.create(model="gemma", messages=[{"role": "user", "content": q}],
                                            max_tokens=24, temperature=0).choices[0].message.content
             for q in PLAIN]
     answers: dict = {}
@@ -83,7 +88,7 @@ def test_twenty_schemas_validate_streaming_and_not_beside_unconstrained_requests
     jobs = [((i, stream), lambda q=q, s=s, st=stream: _ask(client, q, s, st))
             for i, (q, s) in enumerate(CASES) for stream in (False, True)]
     jobs += [(("plain", i), lambda q=q: client.chat.completions.create(
-        model="gemma-270m", messages=[{"role": "user", "content": q}], max_tokens=24,
+        model="gemma", messages=[{"role": "user", "content": q}], max_tokens=24,
         temperature=0).choices[0].message.content) for i, q in enumerate(PLAIN)]
     threads = [threading.Thread(target=run, args=job) for job in jobs]
     for t in threads:
@@ -117,7 +122,7 @@ def _check_calls(calls, names=None):
 
 def test_two_tools_and_a_round_trip_with_the_openai_client(client):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    reply = client.chat.completions.create(model="gemma-270m", messages=messages, tools=TOOLS,
+    reply = client.chat.completions.create(model="gemma", messages=messages, tools=TOOLS,
                                            tool_choice="required", max_tokens=120, temperature=0)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
@@ -126,7 +131,7 @@ def test_two_tools_and_a_round_trip_with_the_openai_client(client):
     assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
     # streamed: the same calls arrive as tool_calls deltas
     streamed: dict = {}
-    for chunk in client.chat.completions.create(model="gemma-270m", messages=messages, tools=TOOLS,
+    for chunk in client.chat.completions.create(model="gemma", messages=messages, tools=TOOLS,
                                                 tool_choice="required", max_tokens=120, temperature=0,
                                                 stream=True):
         for delta in chunk.choices[0].delta.tool_calls or []:
@@ -137,18 +142,18 @@ def test_two_tools_and_a_round_trip_with_the_openai_client(client):
         [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
     # a named function
     named = client.chat.completions.create(
-        model="gemma-270m", messages=[{"role": "user", "content": "Convert 100 dollars to euros."}], tools=TOOLS,
+        model="gemma", messages=[{"role": "user", "content": "Convert 100 dollars to euros."}], tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "convert_currency"}}, max_tokens=120,
         temperature=0)
     _check_calls(named.choices[0].message.tool_calls, {"convert_currency"})
     # the round trip: the call and its result go back in the history, the model answers in text
     history = messages + [choice.message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": "18 degrees celsius and sunny"}]
-    answer = client.chat.completions.create(model="gemma-270m", messages=history, tools=TOOLS, tool_choice="none",
+    answer = client.chat.completions.create(model="gemma", messages=history, tools=TOOLS, tool_choice="none",
                                             max_tokens=40, temperature=0)
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
-    auto = client.chat.completions.create(model="gemma-270m", messages=history, tools=TOOLS, max_tokens=40,
+    auto = client.chat.completions.create(model="gemma", messages=history, tools=TOOLS, max_tokens=40,
                                           temperature=0)
     assert auto.choices[0].message.content or auto.choices[0].message.tool_calls
 
@@ -157,7 +162,51 @@ def test_bad_schemas_are_400s(client):
     for schema, construct in (({"type": "object", "patternProperties": {}, "if": {}}, "if"),
                               ({"type": "string", "format": "colour"}, "colour")):
         with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="gemma-270m", messages=_messages("x"), max_tokens=8,
+            client.chat.completions.create(model="gemma", messages=_messages("x"), max_tokens=8,
                                            response_format={"type": "json_schema", "json_schema": {
                                                "name": "x", "schema": schema}})
         assert construct in str(e.value)
+
+
+def _readme_blocks(kind: str) -> list[str]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Structured output and tool calls", 1)[1].split("\n## ", 1)[0]
+    return [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", section, re.S) if lang == kind]
+
+
+def test_the_readme_curl_commands(served):
+    """The README's `gemma3n serve --served-model-name gemma` (this module's server) and its curl commands."""
+    block = next(b for b in _readme_blocks("bash") if "curl" in b)
+    assert "gemma3n serve --served-model-name gemma" in block
+    commands = ["curl" + c for c in block.split("\ncurl")[1:]]
+    assert len(commands) == 3
+    replies = []
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command.replace("http://127.0.0.1:8000", served.url)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        replies.append(json.loads(done.stdout))
+    place = json.loads(replies[0]["choices"][0]["message"]["content"])
+    assert set(place) == {"city", "country"} and re.fullmatch("[A-Z]{2}", place["country"])
+    assert re.fullmatch(" [a-h][1-8]-[a-h][1-8]", replies[1]["choices"][0]["text"])
+    assert re.fullmatch("(yes|no), because [a-z ]{1,40}\\.", replies[2]["choices"][0]["message"]["content"])
+
+
+def test_the_readme_tool_call_example(served):
+    code = next(b for b in _readme_blocks("python") if "tool_choice" in b)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code.replace("http://127.0.0.1:8000", served.url), {})
+    first, answer = out.getvalue().split("\n", 1)
+    assert first.startswith("tool_calls get_weather {'city': 'Paris'") and answer.strip()
+
+
+def test_the_readme_python_example():
+    code = next(b for b in _readme_blocks("python") if "json_schema=schema" in b)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(code, {})
+    person, yes_no, colour = out.getvalue().splitlines()[:3]
+    assert set(json.loads(person)) == {"name", "age"} and yes_no in ("yes", "no")
+    text, finish = colour.rsplit(" ", 1)
+    assert finish == "stop" and isinstance(json.loads(text), dict)
