@@ -16,7 +16,7 @@ The convention (chosen by measurement on the real Gemma 3 270M, bench/tool_conve
 
 The grammar (llguidance Lark) constrains the call's arguments to the function's JSON schema: with `tool_choice`
 "required" or a named function the answer must be call blocks; with "auto" it is either call blocks or plain text
-that does not begin with `<tool_call>` (the model chooses at its first tokens); "none" leaves the tools out of the
+that never contains `<tool_call>` (the model chooses at its first tokens); "none" leaves the tools out of the
 prompt and the output unconstrained.
 """
 from __future__ import annotations
@@ -203,8 +203,9 @@ def tool_grammar(compiler: GrammarCompiler, functions: list[Function], choice: T
              f'call: "{OPEN}\\n" body "\\n{CLOSE}"',
              f"body: %json {json.dumps(call_schema(allowed))}"]
     if choice.mode == "auto":
-        # plain text that does not start with the call tag: the model decides at its first tokens
-        rules = ["start: calls | TEXT", *rules, f"TEXT: /(?s:.+)/ & ~/(?s:{re.escape(OPEN)}.*)/"]
+        # plain text that never holds the call tag: the model decides at its first tokens, and every call in an
+        # answer is one the grammar checked
+        rules = ["start: calls | TEXT", *rules, f"TEXT: /(?s:.+)/ & ~/(?s:.*{re.escape(OPEN)}.*)/"]
     else:
         rules = ["start: calls", *rules]
     try:
