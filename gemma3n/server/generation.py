@@ -91,7 +91,8 @@ class Generator:
         vocabulary into the grammar engine (seconds). Errors are 400s that name the field and the construct."""
         asked = {"response_format": req.response_format, "json_schema": req.guided_json,
                  "regex": req.guided_regex, "grammar": req.guided_grammar}
-        fields = [k for k, v in asked.items() if v is not None and not (k == "response_format" and v == {"type": "text"})]
+        fields = [k for k, v in asked.items()
+                  if v is not None and not (k == "response_format" and v == {"type": "text"})]
         param = {"json_schema": "guided_json", "regex": "guided_regex", "grammar": "guided_grammar"}.get(
             fields[0], fields[0]) if fields else "tools"
         if choice.mode != "none" and fields:
