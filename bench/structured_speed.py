@@ -38,10 +38,10 @@ class Timed:
         outer, state = self, self.grammar.start()
 
         class Row:
-            def allowed(self, stop_ids):
+            def logit_bias(self, stop_ids):
                 t = time.perf_counter()
                 try:
-                    return state.allowed(stop_ids)
+                    return state.logit_bias(stop_ids)
                 finally:
                     outer.seconds += time.perf_counter() - t
 

@@ -210,7 +210,7 @@ class ContinuousBatch:
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
         """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
-        scores = logits if seq.constraint is None else restrict(logits, seq.constraint.allowed(seq.stop_ids))
+        scores = logits if seq.constraint is None else restrict(logits, seq.constraint.logit_bias(seq.stop_ids))
         token = int(seq.sampler.sample(scores, seq.history[:, :position])[0])
         if seq.params.logprobs is not None and token not in seq.stop_ids:  # the model's own, before the grammar
             seq.logprobs += token_logprobs(logits, torch.tensor([token]), seq.params.logprobs)

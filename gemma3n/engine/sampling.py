@@ -37,7 +37,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: bool = False  # also every prompt token's (after the first), given the tokens before it
     # constrained decoding: a grammar (gemma3n.structured.Grammar) whose start() gives each sequence its own state,
-    # with allowed(stop_ids) -> bool (V,) mask of the next tokens and advance(token) -> True once it is complete
+    # with logit_bias(stop_ids) -> float (V,): 0 for the tokens it allows next, -inf for the others, and
+    # advance(token) -> True once it is complete
     constraint: Any = None
 
     def __post_init__(self) -> None:
@@ -231,14 +232,15 @@ def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     return torch.searchsorted(cdf, u, right=True)
 
 
-def restrict(logits: Tensor, allowed: Tensor) -> Tensor:
-    """logits (1, V) with every token outside `allowed` (a bool mask, as wide as the vocabulary or wider) at -inf:
-    the grammar's step, applied before every other processor so that top-k / top-p choose among allowed tokens."""
+def restrict(logits: Tensor, bias: Tensor) -> Tensor:
+    """logits (1, V) plus a grammar's bias (0 where a token is allowed, -inf where it is forbidden; as wide as the
+    vocabulary or wider): the grammar's step, before every other processor so that top-k / top-p choose among
+    allowed tokens. Adding 0 leaves an allowed logit bit-identical."""
     width = logits.shape[-1]
-    allowed = allowed[:width].to(logits.device)
-    if allowed.shape[0] < width:
-        allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[0]))
-    return logits.masked_fill(~allowed, NEG_INF)
+    bias = bias[:width].to(logits.device)
+    if bias.shape[0] < width:  # columns past the tokenizer's vocabulary (a padded head): never allowed
+        bias = torch.nn.functional.pad(bias, (0, width - bias.shape[0]), value=NEG_INF)
+    return logits + bias
 
 
 def _all_ids(scores: Tensor) -> Tensor:
