@@ -1,7 +1,9 @@
 """Public entry points: `load()` and `Model`."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -45,6 +47,8 @@ class Model:
         self.allow_network = False  # whether media given as http(s) URLs may be fetched
         self.pan_and_scan = None  # Gemma 3: True (or a dict of settings) also gives elongated images as crops
         self._processor = None
+        self._grammars = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "Model":
@@ -95,17 +99,23 @@ class Model:
     def generate(self, inputs, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
-                 stream: bool = False, attention_mask=None):
+                 stream: bool = False, attention_mask=None, *, json_schema=None, regex: str | None = None,
+                 grammar: str | None = None, response_format=None):
         """Continue a prompt.
 
         - token ids ([B, T] LongTensor) -> the new ids [B, N] (rows that stop early are padded with the pad id
           after their stop id, as transformers does); greedy when temperature is 0;
         - a string or chat messages -> the answer text, or with stream=True an iterator of text pieces.
         Unset sampling arguments come from the checkpoint's generation_config.json (greedy if it has none).
+        Structured output (at most one): `json_schema` (a dict), `regex`, `grammar` (llguidance's Lark dialect) or
+        OpenAI's `response_format`; every token is then chosen among those the grammar allows, and generation ends
+        when the grammar is complete (see `constraint`).
         """
         params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                      stop=stop)
+                                      stop=stop, constraint=self.constraint(json_schema=json_schema, regex=regex,
+                                                                            grammar=grammar,
+                                                                            response_format=response_format))
         if isinstance(inputs, (str, list)) and not _is_id_list(inputs):
             ids, embeds = self.prepare(inputs)
             if stream:
@@ -121,14 +131,15 @@ class Model:
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
     def complete(self, prompt, **sampling) -> "engine.Generation":
-        """Like generate() for text, but returns the full record: text, token counts, finish reason, timings."""
-        params = self.sampling_params(**sampling)
+        """Like generate() for text, but returns the full record: text, token counts, finish reason, timings.
+        Takes generate()'s structured-output arguments too."""
+        params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
         return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
     def stream(self, prompt, **sampling) -> "engine.TextIterator":
         """Text pieces as they are generated; afterwards `.generation` holds the full record."""
-        params = self.sampling_params(**sampling)
+        params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
         return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
@@ -138,6 +149,33 @@ class Model:
         chosen = {k: (tuple([v] if isinstance(v, str) else v) if k == "stop" else v)
                   for k, v in overrides.items() if v is not None}
         return replace(self.defaults, **chosen)
+
+    @property
+    def grammars(self):
+        """The grammar compiler for this model's tokenizer (gemma3n.structured.GrammarCompiler), built on first use
+        (reading Gemma's 262k-token vocabulary into llguidance takes a few seconds) and shared by every request."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .structured import GrammarCompiler
+                self._grammars = GrammarCompiler(self._require_tokenizer(), self.config.text.vocab_size)
+            return self._grammars
+
+    def constraint(self, *, json_schema=None, regex: str | None = None, grammar: str | None = None,
+                   response_format=None):
+        """The compiled grammar (cached per text) for at most one of: a JSON schema, a regex, a Lark grammar, or
+        OpenAI's response_format; None when none is given. Raises gemma3n.structured.GrammarError (a ValueError)
+        naming what is not supported."""
+        if json_schema is None and regex is None and grammar is None and response_format is None:
+            return None
+        from .structured import constraint_for
+        return constraint_for(self.grammars, response_format=response_format, json_schema=json_schema, regex=regex,
+                              grammar=grammar)
+
+    def _with_constraint(self, sampling: dict) -> dict:
+        keys = ("json_schema", "regex", "grammar", "response_format")
+        asked = {k: sampling.pop(k) for k in keys if k in sampling}
+        constraint = self.constraint(**asked) if asked else None
+        return {**sampling, "constraint": constraint} if constraint is not None else sampling
 
     def stop_ids(self) -> set[int]:
         """End-of-sequence ids from the config and generation config, plus <end_of_turn> for chat models."""

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer one prompt, streaming the text to stdout")
     run.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
     run.add_argument("--json", action="store_true", help="print one JSON object (text, token counts, timings)")
+    shape = run.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="answer with JSON that validates against this JSON schema file (constrained decoding)")
+    shape.add_argument("--regex", metavar="PATTERN", help="answer with text that matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="answer with text of this Lark grammar (llguidance dialect)")
     _add_media_args(run)
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
@@ -337,6 +342,30 @@ def _sampling(args) -> dict:
                 stop=tuple(args.stop) if args.stop else None)
 
 
+def _structured(args) -> dict:
+    """--json-schema FILE / --regex PATTERN / --grammar FILE -> generate()'s structured-output argument."""
+    if getattr(args, "json_schema", None):
+        text = _read_text_file(args.json_schema, "--json-schema")
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+    if getattr(args, "regex", None):
+        return {"regex": args.regex}
+    if getattr(args, "grammar", None):
+        return {"grammar": _read_text_file(args.grammar, "--grammar")}
+    return {}
+
+
+def _read_text_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag}: no such file {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path}: not UTF-8 text") from None
+
+
 def _load(args):
     import gemma3n
     path = args.model or default_model_path()
@@ -400,7 +429,7 @@ def cmd_run(args) -> int:
     content = media + [{"type": "text", "text": prompt}] if media else prompt
     inputs = _messages(args.system, [{"role": "user", "content": content}]) if use_chat else prompt
     started = time.perf_counter()
-    it = model.stream(inputs, **_sampling(args))
+    it = model.stream(inputs, **_sampling(args), **_structured(args))
     if args.json:
         text = "".join(it)
     else:

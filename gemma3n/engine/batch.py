@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from ..model.batch_cache import BatchCache
 from ..model.cache import KVCache
 from .prefix_cache import PrefixCache, Recorder, prompt_entry, row_entry
 from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device_of, token_budget
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, restrict
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class Sequence:
     looked_up: bool = False  # the prefix cache was consulted (at the first prefill chunk)
     recorder: Recorder | None = None  # the sliding K/V of its prompt, for the prefix cache
     prefix_entry: object = None  # its prompt's prefix cache entry
+    constraint: Any = None  # this sequence's grammar state (params.constraint.start()), or None: unconstrained
     _started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -164,7 +166,8 @@ class ContinuousBatch:
         history[:, :length] = ids
         return Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
                         prompt=ids[:, :0], prompt_embeds=None, cache=None, namespace=namespace,
-                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids),
+                        constraint=None if params.constraint is None else params.constraint.start())
 
     def finish(self, seq: Sequence, reason: str = "stop", override: bool = False) -> None:
         """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step. `override`: the
@@ -263,8 +266,9 @@ class ContinuousBatch:
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
         """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
-        token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
-        if seq.params.logprobs is not None and token not in seq.stop_ids:
+        scores = logits if seq.constraint is None else restrict(logits, seq.constraint.logit_bias(seq.stop_ids))
+        token = int(seq.sampler.sample(scores, seq.history[:, :position])[0])
+        if seq.params.logprobs is not None and token not in seq.stop_ids:  # the model's own, before the grammar
             seq.logprobs += token_logprobs(logits, torch.tensor([token]), seq.params.logprobs)
         seq.history[0, position] = token
         seq.sampled += 1
@@ -274,7 +278,9 @@ class ContinuousBatch:
             self.finish(seq, "stop")
             return None
         seq.new_ids.append(token)
-        if seq.sampled >= seq.budget:
+        if seq.constraint is not None and seq.constraint.advance(token):
+            self.finish(seq, "stop")  # the grammar is complete: nothing may follow, not even another forward
+        elif seq.sampled >= seq.budget:
             self.finish(seq, "length")
         return token
 
