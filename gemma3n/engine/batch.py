@@ -15,9 +15,16 @@ Every generation runs here: a single prompt is a batch of one, `generate_batch` 
 
 Greedy rows therefore give the same tokens whatever else runs beside them (the masked-out keys of shorter rows
 contribute exact zeros), and seeded sampling draws from the sequence's own generator.
+
+With adapters served beside the base (`adapters`, gemma3n.adapters.multi_lora.AdapterSet), a sequence may name
+one (`add(..., adapter=NAME)`): every forward runs inside `adapters.selected(<each row's adapter>)`, so the LoRA
+layers add to each row its own adapter's delta. Rows with an adapter decode in groups of their own, apart from
+base rows: a base-only group keeps the native decode step (the adapted layers stand aside), and its rows the base
+model's exact answers.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +68,7 @@ class DecodeGroup:
 
     cache: BatchCache
     rows: list["Sequence"] = field(default_factory=list)
+    adapted: bool = False  # its rows use adapters (base rows decode in groups of their own)
 
 
 @dataclass(eq=False)
@@ -85,6 +93,7 @@ class Sequence:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     pending: int | None = None  # sampled but not yet fed to the model
+    adapter: str | None = None  # the name of the LoRA adapter it is generated with (None: the base model)
     _started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -101,10 +110,11 @@ class ContinuousBatch:
     leave the batch at once; `finish(seq, reason)` ends one from outside (stop string, client gone).
     """
 
-    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK, adapters=None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
+        self.adapters = adapters  # an AdapterSet (names, `selected(rows)`), or None: the base model only
         self.device = device_of(model)
         self.prefilling: list[Sequence] = []
         self.groups: list[DecodeGroup] = []  # the decoding sequences, at most `group_rows` per forward
@@ -123,10 +133,14 @@ class ContinuousBatch:
         """Rows held in decode caches (0 once every sequence has left: their memory is released)."""
         return sum(group.cache.batch for group in self.groups)
 
-    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None
-            ) -> Sequence:
-        """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
-        raises ContextLengthError / ValueError at once for a bad one."""
+    def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None,
+            adapter: str | None = None) -> Sequence:
+        """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media), to be
+        generated with the named adapter (None: the base model); raises ContextLengthError / ValueError at once for
+        a bad one."""
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            loaded = list(self.adapters.names) if self.adapters is not None else []
+            raise ValueError(f"no adapter named {adapter!r} is loaded (loaded: {loaded})")
         ids, _ = check_inputs(input_ids, None, self.device)
         embeds = check_embeds(inputs_embeds, ids)
         if ids.shape[0] != 1:
@@ -139,7 +153,8 @@ class ContinuousBatch:
             cache = self.model.new_cache(1, length + budget)
         seq = Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
                        prompt=ids, prompt_embeds=embeds, cache=cache,
-                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+                       stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids),
+                       adapter=adapter)
         self.prefilling.append(seq)
         return seq
 
@@ -175,7 +190,8 @@ class ContinuousBatch:
         if seq.prompt_embeds is not None:  # the embeddings of this chunk's columns
             extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
             seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
-        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
+        with self._rows_use([seq.adapter]):
+            logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
         if every:  # column i predicts prompt token i + 1: this chunk's next tokens, and the next chunk's first
             following = torch.cat((chunk[0, 1:], seq.prompt[0, :1])).to(logits.device)
             seq.prompt_logprobs += token_logprobs(logits[0, :following.shape[0]], following, seq.params.logprobs or 0)
@@ -187,9 +203,11 @@ class ContinuousBatch:
         seq.prefill_seconds = time.perf_counter() - seq._started
         seq._started = time.perf_counter()
         if not seq.done:
-            group = next((g for g in self.groups if len(g.rows) < self.group_rows), None)
+            adapted = seq.adapter is not None
+            group = next((g for g in self.groups if len(g.rows) < self.group_rows and g.adapted == adapted), None)
             if group is None:
-                group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)))
+                group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)),
+                                    adapted=adapted)
                 self.groups.append(group)
             group.cache.add(seq.cache)
             group.rows.append(seq)
@@ -200,7 +218,8 @@ class ContinuousBatch:
         produced = []
         for group in self.groups:
             ids = torch.tensor([[s.pending] for s in group.rows], device=self.device)
-            logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
+            with self._rows_use([s.adapter for s in group.rows]):
+                logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
             produced += [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(group.rows)]
         return produced
 
@@ -230,6 +249,12 @@ class ContinuousBatch:
                 group.cache.keep(keep)
                 group.rows = [group.rows[row] for row in keep]
         self.groups = [group for group in self.groups if group.rows]  # an empty group's cache is freed
+
+    def _rows_use(self, adapters: list[str | None]):
+        """The context of a forward whose rows use these adapters."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.selected(adapters)
 
     @staticmethod
     def _clock(seq: Sequence) -> None:
