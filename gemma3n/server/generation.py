@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, served_models, unknown_model
 from .media import Converted, check_audio, convert_messages
 from .responses import Reply, chat_logprobs, completion_logprobs, sse
 from .scheduler import REQUEST_ERRORS, Job, Scheduler
@@ -45,7 +45,7 @@ class Generator:
 
     async def chat(self, request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
         if req.logprobs and req.stream:
@@ -56,16 +56,16 @@ class Generator:
         self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        job = Job(params, ids, media)
+        job = Job(params, ids, media, adapter=adapter)
         render = None
         if req.logprobs:
             render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
-        return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
+        return await self._respond(request, job, Reply(req.model, chat=True), req.stream,
                                    req.include_usage, render, req.n or 1)
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.stream and (req.echo or req.logprobs is not None):
             raise bad_request("echo and logprobs are not available with \"stream\": true yet; ask without "
                               "streaming", param="logprobs" if req.logprobs is not None else "echo")
@@ -77,7 +77,7 @@ class Generator:
         render = None
         if req.echo or req.logprobs is not None:
             render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
-        return await self._respond(request, Job(params, ids), Reply(self.settings.model_name, chat=False),
+        return await self._respond(request, Job(params, ids, adapter=adapter), Reply(req.model, chat=False),
                                    req.stream, req.include_usage, render, req.n or 1)
 
     def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
@@ -99,7 +99,7 @@ class Generator:
 
     async def audio(self, request: Request, translate: bool) -> Response:
         form = await read_form(request, self.settings.max_body_bytes)
-        self._check_model(_form_text(form, "model", required=True))
+        adapter = self._check_model(_form_text(form, "model", required=True))
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise bad_request("multipart field 'file' (the audio file) is required", param="file")
@@ -118,7 +118,7 @@ class Generator:
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
         converted = Converted(messages=messages, media=["audio"])
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        result = await self._collect(request, self._submit(Job(params, ids, media)))
+        result = await self._collect(request, self._submit(Job(params, ids, media, adapter=adapter)))
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
@@ -235,10 +235,15 @@ class Generator:
                               f"(the model's context is {self.context})", param="messages",
                               code="context_length_exceeded")
 
-    def _check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+    def _check_model(self, name: str) -> str | None:
+        """The adapter a request's model id names (None: the base model); an id this server does not serve is a
+        404 that lists the ones it does."""
+        if name == self.settings.model_name:
+            return None
+        adapters = getattr(self.model, "adapters", None)
+        if adapters is not None and name in adapters:
+            return name
+        raise unknown_model(name, served_models(self.model, self.settings))
 
     def _params(self, req, max_tokens: int | None, default: int, **extra):
         if max_tokens is not None and max_tokens > self.settings.max_tokens:
@@ -267,7 +272,7 @@ class Generator:
             if stream:
                 raise bad_request("n > 1 is not available with \"stream\": true yet", param="n")
             jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
-                                job.ids, job.media) for i in range(1, n)]
+                                job.ids, job.media, adapter=job.adapter) for i in range(1, n)]
             for each in jobs:
                 self._submit(each)
             results = await asyncio.gather(*(self._collect(request, each) for each in jobs))

@@ -48,8 +48,10 @@ class Job:
     """One request: prompt ids (plus the processor's media tensors), its sampling, and the events it produces:
     ("started", prompt_tokens), ("text", piece)..., then ("done", Result) or ("error", APIError)."""
 
-    def __init__(self, params: SamplingParams, ids: torch.Tensor, media: dict | None = None):
+    def __init__(self, params: SamplingParams, ids: torch.Tensor, media: dict | None = None,
+                 adapter: str | None = None):
         self.params, self.ids, self.media = params, ids, media or {}
+        self.adapter = adapter  # the LoRA adapter it is generated with (None: the base model)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -66,7 +68,7 @@ class Job:
 class Scheduler:
     def __init__(self, model, max_batch: int = 32, max_queue: int = 256, chunk_size: int = DEFAULT_CHUNK):
         self.model, self.max_batch, self.max_queue, self.chunk_size = model, max_batch, max_queue, chunk_size
-        self.batch = ContinuousBatch(model.decoder, chunk_size)
+        self.batch = ContinuousBatch(model.decoder, chunk_size, getattr(model, "adapters", None))
         self.stop_ids = model.stop_ids()
         self.inbox: collections.deque[Job] = collections.deque()
         self.wakeup = threading.Condition()
@@ -140,7 +142,7 @@ class Scheduler:
                 continue
             try:
                 embeds = self.model.embed_media(job.ids, **job.media) if job.media else None  # the media towers
-                seq = self.batch.add(job.ids, job.params, self.stop_ids, inputs_embeds=embeds)
+                seq = self.batch.add(job.ids, job.params, self.stop_ids, inputs_embeds=embeds, adapter=job.adapter)
                 self.running[seq] = (job, TextStream(self.model.tokenizer, job.params.stop))
             except REQUEST_ERRORS as e:
                 self.metrics.refused()
@@ -194,5 +196,5 @@ class Scheduler:
             self.metrics.refused()
             job.emit("error", APIError(500, message))
         self.running = {}
-        self.batch = ContinuousBatch(self.model.decoder, self.chunk_size)
+        self.batch = ContinuousBatch(self.model.decoder, self.chunk_size, getattr(self.model, "adapters", None))
 
