@@ -14,7 +14,7 @@ from .loading import LoadedModel, load_checkpoint
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None, matformer=None, adapter=None) -> "Model":
+         activations: str | None = None, matformer=None, adapter=None, adapters=None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -29,16 +29,21 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     `gemma3n slice` writes).
     adapter: a PEFT LoRA adapter folder (`gemma3n finetune` writes one): merged into float weights, applied beside
     quantised ones (int8 / int4 / GGUF blocks stay as stored).
+    adapters: {name: adapter folder, ...}: LoRA adapters kept beside the weights (never merged), each chosen per
+    sequence by name (`gemma3n serve --adapter NAME=DIR` serves each as its own model id, all in one batch);
+    `Model.adapters` lists them. May be combined with `adapter`, which then becomes part of the base.
     """
-    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter))
+    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter,
+                                             adapters))
 
 
 class Model:
     """A loaded model: teacher-forced logits and generation."""
 
     def __init__(self, lm: nn.Module, config: ModelConfig, path: Path, tokenizer=None,
-                 defaults: SamplingParams | None = None, multimodal: nn.Module | None = None):
+                 defaults: SamplingParams | None = None, multimodal: nn.Module | None = None, adapters=None):
         self.lm, self.config, self.path, self.tokenizer = lm, config, path, tokenizer
+        self.adapters = adapters  # gemma3n.adapters.multi_lora.AdapterSet, or None (`load(..., adapters=)`)
         self.defaults = defaults or SamplingParams(temperature=0.0)
         self.multimodal = multimodal  # gemma3n.model.multimodal.Multimodal, or None for a text-only checkpoint
         self.decoder = lm  # what the engine drives: the LM, wrapped for a multimodal checkpoint
@@ -53,7 +58,7 @@ class Model:
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "Model":
         return cls(loaded.language_model, loaded.config, loaded.path, loaded.tokenizer, loaded.defaults,
-                   loaded.multimodal)
+                   loaded.multimodal, loaded.adapters)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -55,14 +55,19 @@ def _add_activations_arg(p: argparse.ArgumentParser) -> None:
                         "or float32")
 
 
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    """How the model is loaded: every command that loads one takes these."""
+def _add_load_args(p: argparse.ArgumentParser, named_adapters: bool = False) -> None:
+    """How the model is loaded: every command that loads one takes these (`serve` also adapters by name)."""
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
     _add_activations_arg(p)
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     _add_matformer_arg(p)
+    if named_adapters:
+        p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=[],
+                       help="serve a LoRA adapter folder (PEFT format) as its own model id NAME, beside the base, "
+                            "in the same batch (repeatable); a plain DIR is merged into the served model instead")
+        return
     p.add_argument("--adapter", metavar="DIR",
                    help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
                         "weights, applied beside quantised ones")
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
-    _add_load_args(p)
+    _add_load_args(p, named_adapters=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_ranged(int, "port", 0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
@@ -374,7 +379,8 @@ def _load(args):
     if say:
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
     model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations,
-                         matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None))
+                         matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None),
+                         adapters=getattr(args, "adapters", None))
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
@@ -551,7 +557,27 @@ def _server_settings(args, model_path: Path, **extra):
                           **extra)
 
 
+def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str] | None]:
+    """`serve --adapter` values -> (the one plain DIR, merged into the served model; {NAME: DIR} served beside).
+    NAME=DIR is read as a name when the part before the first '=' is no existing path and holds no path
+    separator."""
+    plain, named = [], {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if sep and name and folder and "/" not in name and os.sep not in name and not Path(value).exists():
+            if name in named:
+                raise ValueError(f"--adapter {name}=... is given twice; give each adapter its own name")
+            named[name] = folder
+        else:
+            plain.append(value)
+    if len(plain) > 1:
+        raise ValueError(f"--adapter: several unnamed adapters ({', '.join(plain)}); name them (NAME=DIR) to serve "
+                         f"each as its own model, or merge one into the base with a plain DIR")
+    return (plain[0] if plain else None), (named or None)
+
+
 def cmd_serve(args) -> int:
+    args.adapter, args.adapters = split_adapters(args.adapter)
     if args.ray is not None:
         return cmd_serve_ray(args)
     _without_ray(args, "--replicas", "--threads-per-replica", "--min-replicas", "--max-replicas")
@@ -568,8 +594,13 @@ def cmd_serve(args) -> int:
         print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
     args.model = str(model_path)
+    if args.adapters and settings.model_name in args.adapters:
+        raise ValueError(f"--adapter {settings.model_name}=...: the base model is served as {settings.model_name!r}; "
+                         f"name the adapter otherwise (or set --served-model-name)")
     model = _load(args)
-    print(f"gemma3n: serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    names = [settings.model_name, *(args.adapters or ())]
+    print(f"gemma3n: serving {', '.join(repr(n) for n in names)} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
     serve(model, settings, host=args.host, port=args.port)
     return 0
 
@@ -629,11 +660,12 @@ def _ray_required(what: str) -> None:
 
 def _engine_spec(args, model_path: Path, threads: int | None, **settings):
     from .scale.engine import EngineSpec
-    adapter = getattr(args, "adapter", None)
-    if adapter is not None:  # replicas on other machines need a path that means the same there
-        adapter = str(Path(adapter).resolve()) if Path(adapter).exists() else adapter
+    def absolute(folder):  # replicas on other machines need a path that means the same there
+        return str(Path(folder).resolve()) if folder is not None and Path(folder).exists() else folder
+    adapters = getattr(args, "adapters", None)
     load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer,
-                adapter=adapter)
+                adapter=absolute(getattr(args, "adapter", None)),
+                adapters={name: absolute(folder) for name, folder in adapters.items()} if adapters else None)
     # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
     model = str(model_path.resolve()) if model_path.exists() else str(model_path)
     if getattr(args, "prefix_cache_mb", None) is not None:  # serve's flags reach the replicas' servers too

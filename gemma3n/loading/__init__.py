@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..adapters.multi_lora import AdapterSet, attach_adapters
 from ..adapters.peft_format import apply_adapter
 from ..checkpoint.gguf import open_gguf
 from ..checkpoint.hub import looks_like_hub_id, resolve_cached
@@ -33,6 +34,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None         # None for a folder that ships no tokenizer.json (ids in, ids out)
     defaults: SamplingParams            # generation_config.json, or greedy
     path: Path                          # the folder or file it came from
+    adapters: AdapterSet | None = None  # adapters served beside the base, chosen per row (`adapters=`)
 
 
 def resolve_path(path_or_id: str | Path) -> Path:
@@ -47,7 +49,7 @@ def resolve_path(path_or_id: str | Path) -> Path:
 
 
 def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-                    activations: str | None = None, matformer=None, adapter=None) -> LoadedModel:
+                    activations: str | None = None, matformer=None, adapter=None, adapters=None) -> LoadedModel:
     """See gemma3n.load for the arguments."""
     if activations is not None:
         kernels.set_activation_precision(activations)  # checked before any loading work
@@ -72,7 +74,9 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     if config.family == "gemma3n":
         from ..model.text import enable_sparse_decode
         enable_sparse_decode(lm)
-    loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path)
+    # after the sparse layout: the base layers they wrap are then laid out exactly as without adapters
+    served = attach_adapters(lm, adapters) if adapters else None
+    loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path, served)
     return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves a lot of freed heap resident
     if config.family == "gemma3n":
         prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own

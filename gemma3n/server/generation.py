@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from ..structured import GrammarError
 from ..structured.tools import CallStream, ToolChoice, parse_calls, read_tool_choice, read_tools, render_messages, \
     tool_grammar
-from .errors import APIError, bad_request
+from .errors import APIError, bad_request, served_models, unknown_model
 from .media import Converted, check_audio, convert_messages
 from .responses import Reply, chat_logprobs, completion_logprobs, sse
 from .scheduler import REQUEST_ERRORS, Job, Scheduler
@@ -48,7 +48,7 @@ class Generator:
 
     async def chat(self, request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
         try:
@@ -68,7 +68,7 @@ class Generator:
             except GrammarError as e:
                 raise bad_request(str(e), param=e.param) from None
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        job = Job(params, ids, media, request_id=request_id_of(request))
+        job = Job(params, ids, media, request_id=request_id_of(request), adapter=adapter)
         calls = choice.mode != "none"
         tokenizer = self.model.tokenizer
 
@@ -80,7 +80,7 @@ class Generator:
                 extras["content"], extras["tool_calls"] = parse_calls(result.text)
             return extras
 
-        return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
+        return await self._respond(request, job, Reply(req.model, chat=True), req.stream,
                                    req.include_usage, render, req.n or 1, calls)
 
     def _constraint(self, req, functions: list, choice: ToolChoice, parallel: bool):
@@ -108,7 +108,7 @@ class Generator:
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.stream and req.echo:
             raise bad_request("echo is not available with \"stream\": true; ask without streaming", param="echo")
         constraint = await asyncio.to_thread(self._constraint, req, [], ToolChoice("none"), False)
@@ -121,9 +121,8 @@ class Generator:
         render = None
         if req.echo or req.logprobs is not None:
             render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
-        return await self._respond(request, Job(params, ids, request_id=request_id_of(request)),
-                                   Reply(self.settings.model_name, chat=False), req.stream, req.include_usage, render,
-                                   req.n or 1)
+        return await self._respond(request, Job(params, ids, request_id=request_id_of(request), adapter=adapter),
+                                   Reply(req.model, chat=False), req.stream, req.include_usage, render, req.n or 1)
 
     def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
         """`echo` (the prompt's text before the answer) and `logprobs` (the prompt's tokens first, with echo)."""
@@ -144,7 +143,7 @@ class Generator:
 
     async def audio(self, request: Request, translate: bool) -> Response:
         form = await read_form(request, self.settings.max_body_bytes)
-        self._check_model(_form_text(form, "model", required=True))
+        adapter = self._check_model(_form_text(form, "model", required=True))
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise bad_request("multipart field 'file' (the audio file) is required", param="file")
@@ -163,8 +162,8 @@ class Generator:
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
         converted = Converted(messages=messages, media=["audio"])
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        result = await self._collect(request, self._submit(Job(params, ids, media,
-                                                               request_id=request_id_of(request))))
+        result = await self._collect(request, self._submit(Job(params, ids, media, request_id=request_id_of(request),
+                                                               adapter=adapter)))
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
@@ -286,10 +285,15 @@ class Generator:
                               f"(the model's context is {self.context})", param="messages",
                               code="context_length_exceeded")
 
-    def _check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+    def _check_model(self, name: str) -> str | None:
+        """The adapter a request's model id names (None: the base model); an id this server does not serve is a
+        404 that lists the ones it does."""
+        if name == self.settings.model_name:
+            return None
+        adapters = getattr(self.model, "adapters", None)
+        if adapters is not None and name in adapters:
+            return name
+        raise unknown_model(name, served_models(self.model, self.settings))
 
     def _params(self, req, max_tokens: int | None, default: int, **extra):
         if max_tokens is not None and max_tokens > self.settings.max_tokens:
@@ -316,7 +320,7 @@ class Generator:
         sequences of the batch, prefilled once (the i-th seeded seed + i when a seed is given, so each is
         reproducible)."""
         jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
-                            job.ids, job.media, job.cache_key, job.request_id) for i in range(1, n)]
+                            job.ids, job.media, job.cache_key, job.request_id, job.adapter) for i in range(1, n)]
         self.scheduler.submit(*jobs)
         if not stream:
             results = await asyncio.gather(*(self._collect(request, each) for each in jobs))
