@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .graphs import AudioEncoder, Decoder, EmbedTokens, VisionEncoder
 
