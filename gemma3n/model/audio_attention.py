@@ -64,7 +64,9 @@ class LocalRelativeAttention(nn.Module):
         q_scale = torch.tensor(self.q_scale, dtype=torch.float32).to(x.dtype)
         q = self.q_proj(x).view(heads) * q_scale * F.softplus(self.per_dim_scale)
         k, v = self.k_proj(x).view(heads), self.v_proj(x).view(heads)
-        width, chunks = self.past + self.future + 1, -(-t // self.chunk)
+        # ceil(t / chunk) written without a negative floor division: exporters turn // into ONNX's integer Div,
+        # which truncates, so -(-t // chunk) would come out as floor(t / chunk) in an exported graph
+        width, chunks = self.past + self.future + 1, (t + self.chunk - 1) // self.chunk
         q_blocks = self._contexts(q, chunks, self.chunk, 0).permute(0, 2, 1, 4, 3)  # (B, N, U, c, H)
         k_ctx = self._contexts(k, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 3, 4)  # (B,N,U,H,L)
         v_ctx = self._contexts(v, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 4, 3)  # (B,N,U,L,H)

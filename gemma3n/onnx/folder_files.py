@@ -19,9 +19,12 @@ from ..processor.audio_features import AudioFeatureExtractor
 from ..processor.image import ImageProcessor
 from ..processor.processor import read_preprocessor_config
 
-MEDIA_TOKENS = {  # tokenizer_config.json key -> ModelConfig field with the token id
-    "boi_token": "boi_token_id", "eoi_token": "eoi_token_id", "image_token": "image_token_id",
-    "boa_token": "boa_token_id", "eoa_token": "eoa_token_id", "audio_token": "audio_token_id",
+# tokenizer_config.json key -> (ModelConfig field with the token id, the Gemma 3n token string). transformers.js's
+# processor reads all six even for a text-only model, so a vocabulary without them still gets the strings.
+MEDIA_TOKENS = {
+    "boi_token": ("boi_token_id", "<start_of_image>"), "eoi_token": ("eoi_token_id", "<end_of_image>"),
+    "image_token": ("image_token_id", "<image_soft_token>"), "boa_token": ("boa_token_id", "<start_of_audio>"),
+    "eoa_token": ("eoa_token_id", "<end_of_audio>"), "audio_token": ("audio_token_id", "<audio_soft_token>"),
 }
 
 
@@ -81,10 +84,9 @@ def tokenizer_config_json(source: Path, config: ModelConfig, tokenizer) -> dict[
     data.pop("chat_template", None)  # chat_template.jinja carries it
     data.setdefault("tokenizer_class", "GemmaTokenizer")
     data.setdefault("processor_class", "Gemma3nProcessor")
-    for key, field in MEDIA_TOKENS.items():
+    for key, (field, standard) in MEDIA_TOKENS.items():
         token = tokenizer.id_to_token(getattr(config, field))
-        if token is not None:
-            data.setdefault(key, token)
+        data.setdefault(key, standard if token is None else token)
     data.setdefault("image_token_id", config.image_token_id)
     data.setdefault("audio_token_id", config.audio_token_id)
     return data
