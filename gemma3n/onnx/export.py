@@ -91,6 +91,29 @@ def media_sessions(multimodal: nn.Module, image_size: tuple[int, int], audio_fra
 
 
 @contextlib.contextmanager
+def float_per_layer_table(lm: nn.Module, chunk: int = 8192):
+    """The per-layer embedding table as one float32 nn.Embedding while exporting.
+
+    The runtime keeps that table in its stored form (bf16, a MatFormer slice's strided blocks, GGUF rows) and
+    converts the rows it reads; an exported graph would then carry a bfloat16 table and a Cast, which the fp16
+    converter and the quantisers leave alone. As one float32 matrix it is exported like every other weight and
+    quantised with them (uint8 in q8 / q4). The rows are the ones the runtime reads, converted as it converts."""
+    model = lm.model
+    table = model.embed_tokens_per_layer
+    weight = getattr(table, "weight", None)
+    if type(table) is nn.Embedding and weight is not None and weight.dtype == torch.float32:
+        yield
+        return
+    count = model.config.vocab_size_per_layer_input
+    rows = [table(torch.arange(i, min(i + chunk, count))).float() for i in range(0, count, chunk)]
+    model.embed_tokens_per_layer = nn.Embedding.from_pretrained(torch.cat(rows), freeze=True)
+    try:
+        yield
+    finally:
+        model.embed_tokens_per_layer = table
+
+
+@contextlib.contextmanager
 def dense_mlps(module: nn.Module):
     """The sparse MLPs' gather path off while tracing (its choice depends on the token count)."""
     switched = [m for m in module.modules() if getattr(m, "sparse_decode", False)]
@@ -173,9 +196,10 @@ def export_float_sessions(lm: nn.Module, multimodal: nn.Module | None, onnx_dir:
     if multimodal is not None:
         sessions += media_sessions(multimodal, image_size, audio_frames)
     written = []
-    for session in sessions:
-        if only is not None and session.name not in only:
-            continue
-        progress(f"tracing {session.name}")
-        written.append(export_session(session, onnx_dir / f"{session.name}.onnx"))
+    with float_per_layer_table(lm):
+        for session in sessions:
+            if only is not None and session.name not in only:
+                continue
+            progress(f"tracing {session.name}")
+            written.append(export_session(session, onnx_dir / f"{session.name}.onnx"))
     return written
