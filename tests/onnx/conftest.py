@@ -3,6 +3,7 @@ in every dtype; the tests compare onnxruntime, transformers.js and gemma3n's own
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -46,7 +47,7 @@ def transformers_js() -> Path:
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node and npm are needed for the transformers.js test")
     if not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
-        env = {**__import__("os").environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
+        env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, env=env, check=True, timeout=900,
                        capture_output=True)
     return JS_DIR
