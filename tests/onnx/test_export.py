@@ -165,3 +165,17 @@ def test_transformers_js_generates_the_same_tokens(transformers_js, exported, to
         new = js["new_ids"]
         new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
         assert torch_model.tokenizer.decode(new) == torch_model.generate(messages, max_new_tokens=10, temperature=0)
+
+
+def test_serve_on_the_onnx_folder_answers_as_the_api(exported):
+    from tests.server.test_console_serve import ServeProcess
+    import httpx
+    server = ServeProcess("--model", str(exported), "--onnx-dtype", "q8")
+    try:
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+            "model": exported.name, "messages": [{"role": "user", "content": "w5 w6 w7"}], "max_tokens": 8,
+            "temperature": 0}).json()
+    finally:
+        server.close()
+    want = gemma3n.load(exported, onnx_dtype="q8").generate("w5 w6 w7", max_new_tokens=8, temperature=0)
+    assert reply["choices"][0]["message"]["content"] == want and want.strip()
