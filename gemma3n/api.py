@@ -14,7 +14,8 @@ from .loading import LoadedModel, load_checkpoint
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None, matformer=None, adapter=None, adapters=None) -> "Model":
+         activations: str | None = None, matformer=None, adapter=None, adapters=None,
+         onnx_dtype: str | None = None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -32,9 +33,25 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     adapters: {name: adapter folder, ...}: LoRA adapters kept beside the weights (never merged), each chosen per
     sequence by name (`gemma3n serve --adapter NAME=DIR` serves each as its own model id, all in one batch);
     `Model.adapters` lists them. May be combined with `adapter`, which then becomes part of the base.
+    onnx_dtype: for a folder in the transformers.js ONNX layout (onnx/*.onnx, e.g. from `gemma3n export onnx`),
+    which sessions onnxruntime runs: "fp32", "fp16", "q8", "q4" or "q4f16" (default: the smallest present).
     """
     return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter,
-                                             adapters))
+                                             adapters, onnx_dtype))
+
+
+def export_onnx(model_or_path, out: str | Path, dtypes="fp32", progress=print) -> list[Path]:
+    """Export a Gemma 3n (a loaded float `Model`, or anything `load` takes) to the transformers.js ONNX layout in
+    `out`: onnx/embed_tokens, decoder_model_merged, vision_encoder, audio_encoder (the last two when the
+    checkpoint has towers) in each of `dtypes` ("fp32", "fp16", "q8", "q4", "q4f16"), with config, tokenizer and
+    processor files. Returns the .onnx files written."""
+    from .onnx import export_model
+    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path, dtype="float32")
+    if not model.path.is_dir():
+        raise ValueError(f"{model.path}: export needs a checkpoint folder (its tokenizer and processor files go "
+                         "beside the ONNX files)")
+    return export_model(model.lm, model.multimodal, model.config, model.tokenizer, model.path, Path(out), dtypes,
+                        progress)
 
 
 class Model:

@@ -71,6 +71,9 @@ def _add_load_args(p: argparse.ArgumentParser, named_adapters: bool = False) -> 
     p.add_argument("--adapter", metavar="DIR",
                    help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
                         "weights, applied beside quantised ones")
+    p.add_argument("--onnx-dtype", choices=["fp32", "fp16", "q8", "q4", "q4f16"],
+                   help="for an ONNX folder (onnx/*.onnx, transformers.js layout): which sessions onnxruntime runs "
+                        "(default: the smallest present)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_batch_parser(sub)
     _add_quantize_command(sub)
+    _add_export_command(sub)
     _add_slice_command(sub)
     _add_finetune_commands(sub)
     return parser
@@ -190,6 +194,35 @@ def cmd_quantize(args) -> int:
     started = time.perf_counter()
     summary = quantize_checkpoint(args.source, args.destination, scheme)
     print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+# -- `gemma3n export onnx` (gemma3n/onnx) ----------------------------------------------------------------------------
+
+def _add_export_command(sub) -> None:
+    e = sub.add_parser("export", help="export a checkpoint to another runtime's format")
+    formats = e.add_subparsers(dest="format", required=True)
+    o = formats.add_parser("onnx", help="ONNX sessions in the transformers.js layout (embed_tokens, "
+                                        "decoder_model_merged, vision_encoder, audio_encoder) for onnxruntime and "
+                                        "@huggingface/transformers")
+    o.add_argument("source", help="a Gemma 3n checkpoint folder (or cached Hub id): full, sliced or merged")
+    o.add_argument("destination", help="folder to write (onnx/ plus config, tokenizer and processor files)")
+    o.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
+                   help="fp32, fp16, q8, q4 or q4f16; repeat or comma-separate for several (default fp32)")
+    _add_matformer_arg(o)
+
+
+def cmd_export(args) -> int:
+    import gemma3n
+    from .onnx import parse_dtypes
+    dtypes = parse_dtypes(args.dtype or ["fp32"])  # checked before the (long) load
+    started = time.perf_counter()
+    model = gemma3n.load(args.source, dtype="float32", matformer=args.matformer)
+    written = gemma3n.export_onnx(model, args.destination, dtypes,
+                                  progress=lambda line: print(f"gemma3n: {line}", file=sys.stderr, flush=True))
+    sizes = {p.name: sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) for p in written}
+    print(json.dumps({"destination": args.destination, "dtypes": dtypes, "files": sizes,
+                      "seconds": round(time.perf_counter() - started, 1)}))
     return 0
 
 
@@ -380,7 +413,7 @@ def _load(args):
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
     model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations,
                          matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None),
-                         adapters=getattr(args, "adapters", None))
+                         adapters=getattr(args, "adapters", None), onnx_dtype=getattr(args, "onnx_dtype", None))
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
@@ -725,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
                     "batch": cmd_batch, "quantize": cmd_quantize, "slice": cmd_slice,
-                    "finetune": cmd_finetune, "merge": cmd_merge}
+                    "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ LAYERS = [
     {"quant"},                                # quantised weights as modules
     {"model"},                                # the one description of the model (and its caches)
     {"engine", "structured"},                 # generation: sampling, the batch loop; grammars that constrain it
-    {"convert", "matformer", "adapters"},     # checkpoints written from checkpoints; LoRA adapters
+    {"convert", "matformer", "adapters", "onnx"},  # checkpoints written from checkpoints; LoRA; ONNX
     {"loading"},                              # files -> a LoadedModel record
     {"api", "__init__"},                      # the public facade: gemma3n.load, Model
     {"quant_quality", "server", "finetune"},  # tools and front ends; training

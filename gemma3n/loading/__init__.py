@@ -21,6 +21,7 @@ from ..checkpoint.weights import resolve_dtype
 from ..config import ModelConfig
 from ..engine.heap import return_freed_heap
 from ..engine.sampling import SamplingParams
+from ..onnx.runtime import is_onnx_folder, load_onnx_folder
 from ..processor.tokenizer import Tokenizer
 from .folder import load_folder
 from .gguf_file import load_gguf
@@ -49,12 +50,18 @@ def resolve_path(path_or_id: str | Path) -> Path:
 
 
 def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-                    activations: str | None = None, matformer=None, adapter=None, adapters=None) -> LoadedModel:
+                    activations: str | None = None, matformer=None, adapter=None, adapters=None,
+                    onnx_dtype: str | None = None) -> LoadedModel:
     """See gemma3n.load for the arguments."""
     if activations is not None:
         kernels.set_activation_precision(activations)  # checked before any loading work
-    dtype = resolve_dtype(dtype)
     path = resolve_path(path_or_id)
+    if is_onnx_folder(path):
+        return load_onnx(path, dtype, device, quantize, matformer, adapter or adapters, onnx_dtype)
+    if onnx_dtype is not None:
+        raise ValueError(f"{path}: --onnx-dtype applies to ONNX folders (onnx/*.onnx in the transformers.js "
+                         "layout); this is not one")
+    dtype = resolve_dtype(dtype)
     if path.is_dir():
         config, lm, multimodal = load_folder(path, dtype, device, quantize, matformer)
         tokenizer = folder_tokenizer(path)
@@ -81,6 +88,17 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     if config.family == "gemma3n":
         prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own
     return loaded
+
+
+def load_onnx(path: Path, dtype, device: str, quantize, matformer, adapter, onnx_dtype: str | None) -> LoadedModel:
+    """An ONNX folder, run with onnxruntime (gemma3n/onnx/runtime.py); its weights are what the files hold."""
+    given = {"dtype": dtype, "quantize": quantize, "matformer": matformer, "adapter": adapter}
+    given = [name for name, value in given.items() if value is not None] + (["device"] if device != "cpu" else [])
+    if given:
+        raise ValueError(f"{path} is an ONNX folder: {', '.join(given)} do not apply to it (choose its sessions "
+                         "with onnx_dtype / --onnx-dtype: fp32, fp16, q8, q4, q4f16)")
+    config, lm, multimodal = load_onnx_folder(path, onnx_dtype)
+    return LoadedModel(config, lm, multimodal, folder_tokenizer(path), generation_defaults(path), path)
 
 
 def prefetch_per_layer_table(lm: nn.Module) -> None:
