@@ -1,7 +1,9 @@
 """Public entry points: `load()` and `Model`."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -12,7 +14,8 @@ from .loading import LoadedModel, load_checkpoint
 
 
 def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-         activations: str | None = None, matformer=None, adapter=None) -> "Model":
+         activations: str | None = None, matformer=None, adapter=None, adapters=None,
+         onnx_dtype: str | None = None) -> "Model":
     """Load a Hugging Face checkpoint folder, a .gguf file, or a Hub id found in the local cache.
 
     dtype: None keeps the stored dtype (memory-mapped, no copy); "float32", "bfloat16" or "float16" converts.
@@ -27,16 +30,37 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
     `gemma3n slice` writes).
     adapter: a PEFT LoRA adapter folder (`gemma3n finetune` writes one): merged into float weights, applied beside
     quantised ones (int8 / int4 / GGUF blocks stay as stored).
+    adapters: {name: adapter folder, ...}: LoRA adapters kept beside the weights (never merged), each chosen per
+    sequence by name (`gemma3n serve --adapter NAME=DIR` serves each as its own model id, all in one batch);
+    `Model.adapters` lists them. May be combined with `adapter`, which then becomes part of the base.
+    onnx_dtype: for a folder in the transformers.js ONNX layout (onnx/*.onnx, e.g. from `gemma3n export onnx`),
+    which sessions onnxruntime runs: "fp32", "fp16", "q8", "q4" or "q4f16" (default: the smallest present).
     """
-    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter))
+    return Model.from_loaded(load_checkpoint(path_or_id, dtype, device, quantize, activations, matformer, adapter,
+                                             adapters, onnx_dtype))
+
+
+def export_onnx(model_or_path, out: str | Path, dtypes="fp32", progress=print) -> list[Path]:
+    """Export a Gemma 3n (a loaded float `Model`, or anything `load` takes) to the transformers.js ONNX layout in
+    `out`: onnx/embed_tokens, decoder_model_merged, vision_encoder, audio_encoder (the last two when the
+    checkpoint has towers) in each of `dtypes` ("fp32", "fp16", "q8", "q4", "q4f16"), with config, tokenizer and
+    processor files. Returns the .onnx files written."""
+    from .onnx import export_model
+    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path, dtype="float32")
+    if not model.path.is_dir():
+        raise ValueError(f"{model.path}: export needs a checkpoint folder (its tokenizer and processor files go "
+                         "beside the ONNX files)")
+    return export_model(model.lm, model.multimodal, model.config, model.tokenizer, model.path, Path(out), dtypes,
+                        progress)
 
 
 class Model:
     """A loaded model: teacher-forced logits and generation."""
 
     def __init__(self, lm: nn.Module, config: ModelConfig, path: Path, tokenizer=None,
-                 defaults: SamplingParams | None = None, multimodal: nn.Module | None = None):
+                 defaults: SamplingParams | None = None, multimodal: nn.Module | None = None, adapters=None):
         self.lm, self.config, self.path, self.tokenizer = lm, config, path, tokenizer
+        self.adapters = adapters  # gemma3n.adapters.multi_lora.AdapterSet, or None (`load(..., adapters=)`)
         self.defaults = defaults or SamplingParams(temperature=0.0)
         self.multimodal = multimodal  # gemma3n.model.multimodal.Multimodal, or None for a text-only checkpoint
         self.decoder = lm  # what the engine drives: the LM, wrapped for a multimodal checkpoint
@@ -45,11 +69,13 @@ class Model:
         self.allow_network = False  # whether media given as http(s) URLs may be fetched
         self.pan_and_scan = None  # Gemma 3: True (or a dict of settings) also gives elongated images as crops
         self._processor = None
+        self._grammars = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> "Model":
         return cls(loaded.language_model, loaded.config, loaded.path, loaded.tokenizer, loaded.defaults,
-                   loaded.multimodal)
+                   loaded.multimodal, loaded.adapters)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,17 +121,23 @@ class Model:
     def generate(self, inputs, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
-                 stream: bool = False, attention_mask=None):
+                 stream: bool = False, attention_mask=None, *, json_schema=None, regex: str | None = None,
+                 grammar: str | None = None, response_format=None):
         """Continue a prompt.
 
         - token ids ([B, T] LongTensor) -> the new ids [B, N] (rows that stop early are padded with the pad id
           after their stop id, as transformers does); greedy when temperature is 0;
         - a string or chat messages -> the answer text, or with stream=True an iterator of text pieces.
         Unset sampling arguments come from the checkpoint's generation_config.json (greedy if it has none).
+        Structured output (at most one): `json_schema` (a dict), `regex`, `grammar` (llguidance's Lark dialect) or
+        OpenAI's `response_format`; every token is then chosen among those the grammar allows, and generation ends
+        when the grammar is complete (see `constraint`).
         """
         params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                      stop=stop)
+                                      stop=stop, constraint=self.constraint(json_schema=json_schema, regex=regex,
+                                                                            grammar=grammar,
+                                                                            response_format=response_format))
         if isinstance(inputs, (str, list)) and not _is_id_list(inputs):
             ids, embeds = self.prepare(inputs)
             if stream:
@@ -121,14 +153,15 @@ class Model:
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
     def complete(self, prompt, **sampling) -> "engine.Generation":
-        """Like generate() for text, but returns the full record: text, token counts, finish reason, timings."""
-        params = self.sampling_params(**sampling)
+        """Like generate() for text, but returns the full record: text, token counts, finish reason, timings.
+        Takes generate()'s structured-output arguments too."""
+        params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
         return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
     def stream(self, prompt, **sampling) -> "engine.TextIterator":
         """Text pieces as they are generated; afterwards `.generation` holds the full record."""
-        params = self.sampling_params(**sampling)
+        params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
         return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
 
@@ -138,6 +171,33 @@ class Model:
         chosen = {k: (tuple([v] if isinstance(v, str) else v) if k == "stop" else v)
                   for k, v in overrides.items() if v is not None}
         return replace(self.defaults, **chosen)
+
+    @property
+    def grammars(self):
+        """The grammar compiler for this model's tokenizer (gemma3n.structured.GrammarCompiler), built on first use
+        (reading Gemma's 262k-token vocabulary into llguidance takes a few seconds) and shared by every request."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .structured import GrammarCompiler
+                self._grammars = GrammarCompiler(self._require_tokenizer(), self.config.text.vocab_size)
+            return self._grammars
+
+    def constraint(self, *, json_schema=None, regex: str | None = None, grammar: str | None = None,
+                   response_format=None):
+        """The compiled grammar (cached per text) for at most one of: a JSON schema, a regex, a Lark grammar, or
+        OpenAI's response_format; None when none is given. Raises gemma3n.structured.GrammarError (a ValueError)
+        naming what is not supported."""
+        if json_schema is None and regex is None and grammar is None and response_format is None:
+            return None
+        from .structured import constraint_for
+        return constraint_for(self.grammars, response_format=response_format, json_schema=json_schema, regex=regex,
+                              grammar=grammar)
+
+    def _with_constraint(self, sampling: dict) -> dict:
+        keys = ("json_schema", "regex", "grammar", "response_format")
+        asked = {k: sampling.pop(k) for k in keys if k in sampling}
+        constraint = self.constraint(**asked) if asked else None
+        return {**sampling, "constraint": constraint} if constraint is not None else sampling
 
     def stop_ids(self) -> set[int]:
         """End-of-sequence ids from the config and generation config, plus <end_of_turn> for chat models."""

@@ -55,17 +55,25 @@ def _add_activations_arg(p: argparse.ArgumentParser) -> None:
                         "or float32")
 
 
-def _add_load_args(p: argparse.ArgumentParser) -> None:
-    """How the model is loaded: every command that loads one takes these."""
+def _add_load_args(p: argparse.ArgumentParser, named_adapters: bool = False) -> None:
+    """How the model is loaded: every command that loads one takes these (`serve` also adapters by name)."""
     p.add_argument("--model", "-m", help=f"checkpoint folder, .gguf file or cached Hub id (default: {DEFAULT_MODEL_HELP})")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: as stored)")
     _add_activations_arg(p)
     p.add_argument("--quantize", "-q", metavar="SCHEME",
                    help="weight-only quantisation after loading: int8, int4, int4-g32 ... (see `gemma3n quantize`)")
     _add_matformer_arg(p)
+    if named_adapters:
+        p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=[],
+                       help="serve a LoRA adapter folder (PEFT format) as its own model id NAME, beside the base, "
+                            "in the same batch (repeatable); a plain DIR is merged into the served model instead")
+        return
     p.add_argument("--adapter", metavar="DIR",
                    help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
                         "weights, applied beside quantised ones")
+    p.add_argument("--onnx-dtype", choices=["fp32", "fp16", "q8", "q4", "q4f16"],
+                   help="for an ONNX folder (onnx/*.onnx, transformers.js layout): which sessions onnxruntime runs "
+                        "(default: the smallest present)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -105,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer one prompt, streaming the text to stdout")
     run.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
     run.add_argument("--json", action="store_true", help="print one JSON object (text, token counts, timings)")
+    shape = run.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="answer with JSON that validates against this JSON schema file (constrained decoding)")
+    shape.add_argument("--regex", metavar="PATTERN", help="answer with text that matches this regular expression")
+    shape.add_argument("--grammar", metavar="FILE", help="answer with text of this Lark grammar (llguidance dialect)")
     _add_media_args(run)
     _add_model_args(run)
     chat = sub.add_parser("chat", help="multi-turn conversation on the terminal (/reset, /exit)")
@@ -113,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_batch_parser(sub)
     _add_quantize_command(sub)
+    _add_export_command(sub)
     _add_slice_command(sub)
     _add_finetune_commands(sub)
     return parser
@@ -120,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra: fastapi, uvicorn)")
-    _add_load_args(p)
+    _add_load_args(p, named_adapters=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_ranged(int, "port", 0, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $GEMMA3N_API_KEY, else none)")
@@ -180,6 +194,35 @@ def cmd_quantize(args) -> int:
     started = time.perf_counter()
     summary = quantize_checkpoint(args.source, args.destination, scheme)
     print(json.dumps({**summary, "destination": args.destination, "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+# -- `gemma3n export onnx` (gemma3n/onnx) ----------------------------------------------------------------------------
+
+def _add_export_command(sub) -> None:
+    e = sub.add_parser("export", help="export a checkpoint to another runtime's format")
+    formats = e.add_subparsers(dest="format", required=True)
+    o = formats.add_parser("onnx", help="ONNX sessions in the transformers.js layout (embed_tokens, "
+                                        "decoder_model_merged, vision_encoder, audio_encoder) for onnxruntime and "
+                                        "@huggingface/transformers")
+    o.add_argument("source", help="a Gemma 3n checkpoint folder (or cached Hub id): full, sliced or merged")
+    o.add_argument("destination", help="folder to write (onnx/ plus config, tokenizer and processor files)")
+    o.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
+                   help="fp32, fp16, q8, q4 or q4f16; repeat or comma-separate for several (default fp32)")
+    _add_matformer_arg(o)
+
+
+def cmd_export(args) -> int:
+    import gemma3n
+    from .onnx import parse_dtypes
+    dtypes = parse_dtypes(args.dtype or ["fp32"])  # checked before the (long) load
+    started = time.perf_counter()
+    model = gemma3n.load(args.source, dtype="float32", matformer=args.matformer)
+    written = gemma3n.export_onnx(model, args.destination, dtypes,
+                                  progress=lambda line: print(f"gemma3n: {line}", file=sys.stderr, flush=True))
+    sizes = {p.name: sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) for p in written}
+    print(json.dumps({"destination": args.destination, "dtypes": dtypes, "files": sizes,
+                      "seconds": round(time.perf_counter() - started, 1)}))
     return 0
 
 
@@ -337,6 +380,30 @@ def _sampling(args) -> dict:
                 stop=tuple(args.stop) if args.stop else None)
 
 
+def _structured(args) -> dict:
+    """--json-schema FILE / --regex PATTERN / --grammar FILE -> generate()'s structured-output argument."""
+    if getattr(args, "json_schema", None):
+        text = _read_text_file(args.json_schema, "--json-schema")
+        try:
+            return {"json_schema": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {args.json_schema}: not valid JSON ({e})") from None
+    if getattr(args, "regex", None):
+        return {"regex": args.regex}
+    if getattr(args, "grammar", None):
+        return {"grammar": _read_text_file(args.grammar, "--grammar")}
+    return {}
+
+
+def _read_text_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag}: no such file {path}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path}: not UTF-8 text") from None
+
+
 def _load(args):
     import gemma3n
     path = args.model or default_model_path()
@@ -345,7 +412,8 @@ def _load(args):
     if say:
         print(f"gemma3n: loading {path} ...", file=sys.stderr, flush=True)
     model = gemma3n.load(path, dtype=args.dtype, quantize=args.quantize, activations=args.activations,
-                         matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None))
+                         matformer=getattr(args, "matformer", None), adapter=getattr(args, "adapter", None),
+                         adapters=getattr(args, "adapters", None), onnx_dtype=getattr(args, "onnx_dtype", None))
     if say:
         print(f"gemma3n: loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model
@@ -400,7 +468,7 @@ def cmd_run(args) -> int:
     content = media + [{"type": "text", "text": prompt}] if media else prompt
     inputs = _messages(args.system, [{"role": "user", "content": content}]) if use_chat else prompt
     started = time.perf_counter()
-    it = model.stream(inputs, **_sampling(args))
+    it = model.stream(inputs, **_sampling(args), **_structured(args))
     if args.json:
         text = "".join(it)
     else:
@@ -522,7 +590,27 @@ def _server_settings(args, model_path: Path, **extra):
                           **extra)
 
 
+def split_adapters(values: list[str]) -> tuple[str | None, dict[str, str] | None]:
+    """`serve --adapter` values -> (the one plain DIR, merged into the served model; {NAME: DIR} served beside).
+    NAME=DIR is read as a name when the part before the first '=' is no existing path and holds no path
+    separator."""
+    plain, named = [], {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if sep and name and folder and "/" not in name and os.sep not in name and not Path(value).exists():
+            if name in named:
+                raise ValueError(f"--adapter {name}=... is given twice; give each adapter its own name")
+            named[name] = folder
+        else:
+            plain.append(value)
+    if len(plain) > 1:
+        raise ValueError(f"--adapter: several unnamed adapters ({', '.join(plain)}); name them (NAME=DIR) to serve "
+                         f"each as its own model, or merge one into the base with a plain DIR")
+    return (plain[0] if plain else None), (named or None)
+
+
 def cmd_serve(args) -> int:
+    args.adapter, args.adapters = split_adapters(args.adapter)
     if args.ray is not None:
         return cmd_serve_ray(args)
     _without_ray(args, "--replicas", "--threads-per-replica", "--min-replicas", "--max-replicas")
@@ -539,8 +627,13 @@ def cmd_serve(args) -> int:
         print(f"gemma3n: warning: serving on {args.host} without --api-key; anyone who can reach it can use it",
               file=sys.stderr)
     args.model = str(model_path)
+    if args.adapters and settings.model_name in args.adapters:
+        raise ValueError(f"--adapter {settings.model_name}=...: the base model is served as {settings.model_name!r}; "
+                         f"name the adapter otherwise (or set --served-model-name)")
     model = _load(args)
-    print(f"gemma3n: serving {settings.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    names = [settings.model_name, *(args.adapters or ())]
+    print(f"gemma3n: serving {', '.join(repr(n) for n in names)} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
     serve(model, settings, host=args.host, port=args.port)
     return 0
 
@@ -600,11 +693,12 @@ def _ray_required(what: str) -> None:
 
 def _engine_spec(args, model_path: Path, threads: int | None, **settings):
     from .scale.engine import EngineSpec
-    adapter = getattr(args, "adapter", None)
-    if adapter is not None:  # replicas on other machines need a path that means the same there
-        adapter = str(Path(adapter).resolve()) if Path(adapter).exists() else adapter
+    def absolute(folder):  # replicas on other machines need a path that means the same there
+        return str(Path(folder).resolve()) if folder is not None and Path(folder).exists() else folder
+    adapters = getattr(args, "adapters", None)
     load = dict(dtype=args.dtype, quantize=args.quantize, activations=args.activations, matformer=args.matformer,
-                adapter=adapter)
+                adapter=absolute(getattr(args, "adapter", None)),
+                adapters={name: absolute(folder) for name, folder in adapters.items()} if adapters else None)
     # Replicas run in other processes (other machines), whose working folder is not this one: a path is absolute.
     model = str(model_path.resolve()) if model_path.exists() else str(model_path)
     if getattr(args, "prefix_cache_mb", None) is not None:  # serve's flags reach the replicas' servers too
@@ -664,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"run": cmd_run, "chat": cmd_chat, "transcribe": cmd_transcribe, "serve": cmd_serve,
                     "batch": cmd_batch, "quantize": cmd_quantize, "slice": cmd_slice,
-                    "finetune": cmd_finetune, "merge": cmd_merge}
+                    "finetune": cmd_finetune, "merge": cmd_merge, "export": cmd_export}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("\ngemma3n: interrupted", file=sys.stderr)

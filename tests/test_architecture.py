@@ -16,8 +16,8 @@ LAYERS = [
     {"checkpoint", "processor", "media"},     # file formats; prompts and media to tensors (nothing of the model)
     {"quant"},                                # quantised weights as modules
     {"model"},                                # the one description of the model (and its caches)
-    {"engine"},                               # generation: sampling, the batch loop
-    {"convert", "matformer", "adapters"},     # checkpoints written from checkpoints; LoRA adapters
+    {"engine", "structured"},                 # generation: sampling, the batch loop; grammars that constrain it
+    {"convert", "matformer", "adapters", "onnx"},  # checkpoints written from checkpoints; LoRA; ONNX
     {"loading"},                              # files -> a LoadedModel record
     {"api", "__init__"},                      # the public facade: gemma3n.load, Model
     {"quant_quality", "server", "finetune"},  # tools and front ends; training

@@ -101,7 +101,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = frozen_linear(self.base_layer, x)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        if torch.is_grad_enabled():  # training: float32, through autograd
+            delta = self.lora_B(self.lora_A(x)) * self.scaling
+        else:
+            delta = lora_delta(x, self.lora_A.weight, self.lora_B.weight, self.scaling)
         return out + delta.to(out.dtype)
 
     def delta_weight(self) -> Tensor:
@@ -110,6 +114,15 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def lora_delta(x: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """scaling * B A x at inference, float32, computed in float64 and rounded once. In float32 a matrix product
+    rounds by how many rows it multiplies, so a row's delta would change with the rows beside it in a batch; in
+    float64 those differences stay far below float32's rounding, and each row gets the same bits alone or in any
+    batch (a served adapter row answers as `gemma3n run --adapter` does)."""
+    wide = torch.float64
+    return (F.linear(F.linear(x.to(wide), a.to(wide)), b.to(wide)) * scaling).to(torch.float32)
 
 
 def _device_of(module: nn.Module) -> torch.device:

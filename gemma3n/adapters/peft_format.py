@@ -171,6 +171,13 @@ def is_unused_shared_kv(path: str) -> bool:
     return _SHARED_KV.fullmatch(path) is not None
 
 
+def check_fits(folder, name: str, base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Refuse an adapter layer whose A / B do not match the model's linear."""
+    if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+        raise ValueError(f"{folder}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the model's layer "
+                         f"is [{base.out_features}, {base.in_features}]; the adapter does not fit this base model")
+
+
 def attach_adapter(lm: nn.Module, folder: str | Path) -> dict[str, LoRALinear]:
     """Wrap the decoder linears that the adapter names in LoRALinear modules holding its weights; returns
     our path -> wrapper. Weights of K/V projections in layers that share another layer's cache are skipped (they
@@ -183,10 +190,7 @@ def attach_adapter(lm: nn.Module, folder: str | Path) -> dict[str, LoRALinear]:
                 continue
             raise ValueError(f"{folder}: the adapter targets {name!r}, which this model does not have; was it "
                              f"trained for another base model?")
-        base = linears[path]
-        if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-            raise ValueError(f"{folder}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the model's layer "
-                             f"is [{base.out_features}, {base.in_features}]; the adapter does not fit this base model")
+        check_fits(folder, name, linears[path], a, b)
         wrapper = inject(lm, [path], rank, alpha, 0.0, rslora)[path]
         with torch.no_grad():
             wrapper.lora_A.weight.copy_(a)

@@ -20,11 +20,19 @@ With a `PrefixCache` (engine/prefix_cache.py), a prompt that begins like an earl
 prefills only the rest; every prompt and every finished sequence leaves an entry for later ones. Siblings (`n`
 choices of one request) share one prefill: each samples its first token from the same logits and decodes in a row
 of its own, with its own sampler.
+
+With adapters served beside the base (`adapters`, gemma3n.adapters.multi_lora.AdapterSet), a sequence may name
+one (`add(..., adapter=NAME)`): every forward runs inside `adapters.selected(<each row's adapter>)`, so the LoRA
+layers add to each row its own adapter's delta. Rows with an adapter decode in groups of their own, apart from
+base rows: a base-only group keeps the native decode step (the adapted layers stand aside), and its rows the base
+model's exact answers. The adapter is part of a sequence's prefix cache key: K/V are never shared across adapters.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +42,7 @@ from ..model.batch_cache import BatchCache
 from ..model.cache import KVCache
 from .prefix_cache import PrefixCache, Recorder, prompt_entry, row_entry
 from .inputs import DEFAULT_CHUNK, check_embeds, check_inputs, chunk_end, device_of, token_budget
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, restrict
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class DecodeGroup:
 
     cache: BatchCache
     rows: list["Sequence"] = field(default_factory=list)
+    adapted: bool = False  # its rows use adapters (base rows decode in groups of their own)
 
 
 @dataclass(eq=False)
@@ -97,6 +106,8 @@ class Sequence:
     looked_up: bool = False  # the prefix cache was consulted (at the first prefill chunk)
     recorder: Recorder | None = None  # the sliding K/V of its prompt, for the prefix cache
     prefix_entry: object = None  # its prompt's prefix cache entry
+    constraint: Any = None  # this sequence's grammar state (params.constraint.start()), or None: unconstrained
+    adapter: str | None = None  # the name of the LoRA adapter it is generated with (None: the base model)
     _started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -113,11 +124,13 @@ class ContinuousBatch:
     leave the batch at once; `finish(seq, reason)` ends one from outside (stop string, client gone).
     """
 
-    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK, prefix_cache: PrefixCache | None = None):
+    def __init__(self, model, chunk_size: int = DEFAULT_CHUNK, prefix_cache: PrefixCache | None = None,
+                 adapters=None):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.budget else None
+        self.adapters = adapters  # an AdapterSet (names, `selected(rows)`), or None: the base model only
         self.device = device_of(model)
         self.prefilling: list[Sequence] = []
         self.groups: list[DecodeGroup] = []  # the decoding sequences, at most `group_rows` per forward
@@ -137,13 +150,17 @@ class ContinuousBatch:
         return sum(group.cache.batch for group in self.groups)
 
     def add(self, input_ids: Tensor, params: SamplingParams, stop_ids=(), inputs_embeds: Tensor | None = None,
-            cache_key=None, siblings=()) -> Sequence:
+            cache_key=None, siblings=(), adapter: str | None = None) -> Sequence:
         """Queue one prompt ((T,) or (1, T) ids, with its (1, T, D) merged embeddings when it holds media);
         raises ContextLengthError / ValueError at once for a bad one.
 
-        `cache_key`: whatever else decides the prompt's K/V (a LoRA adapter; for a prompt with media, the media's
-        identity: without a key such a prompt is not prefix-cached). `siblings`: the SamplingParams of more choices
-        of this prompt, prefilled once with it; they are `seq.siblings`."""
+        `cache_key`: whatever else decides the prompt's K/V (for a prompt with media, the media's identity: without
+        a key such a prompt is not prefix-cached). `siblings`: the SamplingParams of more choices of this prompt,
+        prefilled once with it; they are `seq.siblings`. `adapter`: the LoRA adapter to generate with (None: the
+        base model)."""
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            loaded = list(self.adapters.names) if self.adapters is not None else []
+            raise ValueError(f"no adapter named {adapter!r} is loaded (loaded: {loaded})")
         ids, _ = check_inputs(input_ids, None, self.device)
         embeds = check_embeds(inputs_embeds, ids)
         if ids.shape[0] != 1:
@@ -152,19 +169,23 @@ class ContinuousBatch:
         budgets = [token_budget(self.model, length, p.max_new_tokens) for p in (params, *siblings)]
         with torch.inference_mode():
             cache = self.model.new_cache(1, length + max(budgets))
-        namespace = None if embeds is not None and cache_key is None else (cache_key, embeds is not None)
-        seq, *others = [self._sequence(ids, p, b, stop_ids, namespace) for p, b in zip((params, *siblings), budgets)]
+        namespace = None if embeds is not None and cache_key is None else (cache_key, adapter, embeds is not None)
+        seq, *others = [self._sequence(ids, p, b, stop_ids, namespace, adapter)
+                        for p, b in zip((params, *siblings), budgets)]
         seq.prompt, seq.prompt_embeds, seq.cache, seq.siblings = ids, embeds, cache, others
         self.prefilling.append(seq)
         return seq
 
-    def _sequence(self, ids: Tensor, params: SamplingParams, budget: int, stop_ids, namespace) -> Sequence:
+    def _sequence(self, ids: Tensor, params: SamplingParams, budget: int, stop_ids, namespace,
+                  adapter: str | None) -> Sequence:
         length = ids.shape[1]
         history = torch.full((1, length + budget), -1, dtype=torch.long, device=self.device)
         history[:, :length] = ids
         return Sequence(prompt_tokens=length, params=params, budget=budget, sampler=Sampler(params), history=history,
                         prompt=ids[:, :0], prompt_embeds=None, cache=None, namespace=namespace,
-                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids))
+                        stop_ids=frozenset(int(i) for i in stop_ids) | frozenset(params.stop_token_ids),
+                        constraint=None if params.constraint is None else params.constraint.start(),
+                        adapter=adapter)
 
     def finish(self, seq: Sequence, reason: str = "stop", override: bool = False) -> None:
         """End `seq` now; it leaves the batch (and frees its cache) at the start of the next step. `override`: the
@@ -200,7 +221,8 @@ class ContinuousBatch:
         if seq.prompt_embeds is not None:  # the embeddings of this chunk's columns
             extra["inputs_embeds"] = seq.prompt_embeds[:, :size]
             seq.prompt_embeds = seq.prompt_embeds[:, size:] if seq.prompt.shape[1] else None
-        logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
+        with self._rows_use([seq.adapter]):
+            logits = self.model(chunk, attention_mask=None, cache=seq.cache, last_only=not every, **extra)
         if seq.recorder is not None:
             seq.recorder.after_chunk()
         if every:  # column i predicts prompt token i + 1: this chunk's next tokens, and the next chunk's first
@@ -215,6 +237,7 @@ class ContinuousBatch:
             self.prefix_cache.store(seq.prefix_entry)
             seq.recorder = None
         produced, started, now = [], seq._started, time.perf_counter()
+        adapted = seq.adapter is not None
         for member in [seq] + seq.siblings:
             if member.done:  # a choice cancelled while the prompt was prefilled
                 continue
@@ -222,9 +245,10 @@ class ContinuousBatch:
             member.prefill_seconds, member._started = now - started, now
             member.cached_tokens, member.prefix_entry = seq.cached_tokens, seq.prefix_entry
             if not member.done:
-                group = next((g for g in self.groups if len(g.rows) < self.group_rows), None)
+                group = next((g for g in self.groups if len(g.rows) < self.group_rows and g.adapted == adapted), None)
                 if group is None:
-                    group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)))
+                    group = DecodeGroup(BatchCache(seq.cache.slot_types, _ring_of(seq.cache, self.model)),
+                                        adapted=adapted)
                     self.groups.append(group)
                 group.cache.add(seq.cache)
                 group.rows.append(member)
@@ -256,15 +280,17 @@ class ContinuousBatch:
         produced = []
         for group in self.groups:
             ids = torch.tensor([[s.pending] for s in group.rows], device=self.device)
-            logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
+            with self._rows_use([s.adapter for s in group.rows]):
+                logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
             produced += [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(group.rows)]
         return produced
 
     def _sample(self, seq: Sequence, logits: Tensor) -> int | None:
         """Pick the next token of `seq` and record it (the history feeds the repetition penalty)."""
         position = seq.prompt_tokens + seq.sampled
-        token = int(seq.sampler.sample(logits, seq.history[:, :position])[0])
-        if seq.params.logprobs is not None and token not in seq.stop_ids:
+        scores = logits if seq.constraint is None else restrict(logits, seq.constraint.logit_bias(seq.stop_ids))
+        token = int(seq.sampler.sample(scores, seq.history[:, :position])[0])
+        if seq.params.logprobs is not None and token not in seq.stop_ids:  # the model's own, before the grammar
             seq.logprobs += token_logprobs(logits, torch.tensor([token]), seq.params.logprobs)
         seq.history[0, position] = token
         seq.sampled += 1
@@ -274,7 +300,9 @@ class ContinuousBatch:
             self.finish(seq, "stop")
             return None
         seq.new_ids.append(token)
-        if seq.sampled >= seq.budget:
+        if seq.constraint is not None and seq.constraint.advance(token):
+            self.finish(seq, "stop")  # the grammar is complete: nothing may follow, not even another forward
+        elif seq.sampled >= seq.budget:
             self.finish(seq, "length")
         return token
 
@@ -296,6 +324,12 @@ class ContinuousBatch:
                 prompt = seq.prefix_entry if self.prefix_cache.holds(seq.prefix_entry) else None
                 self.prefix_cache.store(row_entry(seq.namespace, seq.history[0], group.cache, row, prompt))
             seq.prefix_entry = None if seq.done else seq.prefix_entry
+
+    def _rows_use(self, adapters: list[str | None]):
+        """The context of a forward whose rows use these adapters."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.selected(adapters)
 
     @staticmethod
     def _clock(seq: Sequence) -> None:

@@ -36,6 +36,10 @@ class SamplingParams:
     # None = not computed; n >= 0 = each new token's, with the n most likely alternatives
     logprobs: int | None = None
     prompt_logprobs: bool = False  # also every prompt token's (after the first), given the tokens before it
+    # constrained decoding: a grammar (gemma3n.structured.Grammar) whose start() gives each sequence its own state,
+    # with logit_bias(stop_ids) -> float (V,): 0 for the tokens it allows next, -inf for the others, and
+    # advance(token) -> True once it is complete
+    constraint: Any = None
 
     def __post_init__(self) -> None:
         # Accept any iterable (a list from JSON, a single string) but store tuples so the params stay hashable.
@@ -58,6 +62,9 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.stop: every stop string must be a non-empty str, got {s!r}")
         for i in self.stop_token_ids:
             _check_int("stop_token_ids", i, minimum=0)
+        if self.constraint is not None and not callable(getattr(self.constraint, "start", None)):
+            raise ValueError(f"SamplingParams.constraint must be a grammar with start() (gemma3n.structured), got "
+                             f"{type(self.constraint).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -223,6 +230,17 @@ def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:
     u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True)
+
+
+def restrict(logits: Tensor, bias: Tensor) -> Tensor:
+    """logits (1, V) plus a grammar's bias (0 where a token is allowed, -inf where it is forbidden; as wide as the
+    vocabulary or wider): the grammar's step, before every other processor so that top-k / top-p choose among
+    allowed tokens. Adding 0 leaves an allowed logit bit-identical."""
+    width = logits.shape[-1]
+    bias = bias[:width].to(logits.device)
+    if bias.shape[0] < width:  # columns past the tokenizer's vocabulary (a padded head): never allowed
+        bias = torch.nn.functional.pad(bias, (0, width - bias.shape[0]), value=NEG_INF)
+    return logits + bias
 
 
 def _all_ids(scores: Tensor) -> Tensor:

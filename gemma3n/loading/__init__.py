@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..adapters.multi_lora import AdapterSet, attach_adapters
 from ..adapters.peft_format import apply_adapter
 from ..checkpoint.gguf import open_gguf
 from ..checkpoint.hub import looks_like_hub_id, resolve_cached
@@ -20,6 +21,7 @@ from ..checkpoint.weights import resolve_dtype
 from ..config import ModelConfig
 from ..engine.heap import return_freed_heap
 from ..engine.sampling import SamplingParams
+from ..onnx.runtime import is_onnx_folder, load_onnx_folder
 from ..processor.tokenizer import Tokenizer
 from .folder import load_folder
 from .gguf_file import load_gguf
@@ -33,6 +35,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None         # None for a folder that ships no tokenizer.json (ids in, ids out)
     defaults: SamplingParams            # generation_config.json, or greedy
     path: Path                          # the folder or file it came from
+    adapters: AdapterSet | None = None  # adapters served beside the base, chosen per row (`adapters=`)
 
 
 def resolve_path(path_or_id: str | Path) -> Path:
@@ -47,12 +50,18 @@ def resolve_path(path_or_id: str | Path) -> Path:
 
 
 def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
-                    activations: str | None = None, matformer=None, adapter=None) -> LoadedModel:
+                    activations: str | None = None, matformer=None, adapter=None, adapters=None,
+                    onnx_dtype: str | None = None) -> LoadedModel:
     """See gemma3n.load for the arguments."""
     if activations is not None:
         kernels.set_activation_precision(activations)  # checked before any loading work
-    dtype = resolve_dtype(dtype)
     path = resolve_path(path_or_id)
+    if is_onnx_folder(path):
+        return load_onnx(path, dtype, device, quantize, matformer, adapter or adapters, onnx_dtype)
+    if onnx_dtype is not None:
+        raise ValueError(f"{path}: --onnx-dtype applies to ONNX folders (onnx/*.onnx in the transformers.js "
+                         "layout); this is not one")
+    dtype = resolve_dtype(dtype)
     if path.is_dir():
         config, lm, multimodal = load_folder(path, dtype, device, quantize, matformer)
         tokenizer = folder_tokenizer(path)
@@ -72,11 +81,24 @@ def load_checkpoint(path_or_id: str | Path, dtype=None, device: str = "cpu", qua
     if config.family == "gemma3n":
         from ..model.text import enable_sparse_decode
         enable_sparse_decode(lm)
-    loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path)
+    # after the sparse layout: the base layers they wrap are then laid out exactly as without adapters
+    served = attach_adapters(lm, adapters) if adapters else None
+    loaded = LoadedModel(config, lm, multimodal, tokenizer, generation_defaults(path), path, served)
     return_freed_heap()  # parsing a 262k-entry tokenizer.json leaves a lot of freed heap resident
     if config.family == "gemma3n":
         prefetch_per_layer_table(lm)  # last: its reads would queue ahead of the loading's own
     return loaded
+
+
+def load_onnx(path: Path, dtype, device: str, quantize, matformer, adapter, onnx_dtype: str | None) -> LoadedModel:
+    """An ONNX folder, run with onnxruntime (gemma3n/onnx/runtime.py); its weights are what the files hold."""
+    given = {"dtype": dtype, "quantize": quantize, "matformer": matformer, "adapter": adapter}
+    given = [name for name, value in given.items() if value is not None] + (["device"] if device != "cpu" else [])
+    if given:
+        raise ValueError(f"{path} is an ONNX folder: {', '.join(given)} do not apply to it (choose its sessions "
+                         "with onnx_dtype / --onnx-dtype: fp32, fp16, q8, q4, q4f16)")
+    config, lm, multimodal = load_onnx_folder(path, onnx_dtype)
+    return LoadedModel(config, lm, multimodal, folder_tokenizer(path), generation_defaults(path), path)
 
 
 def prefetch_per_layer_table(lm: nn.Module) -> None:

@@ -64,7 +64,9 @@ class LocalRelativeAttention(nn.Module):
         q_scale = torch.tensor(self.q_scale, dtype=torch.float32).to(x.dtype)
         q = self.q_proj(x).view(heads) * q_scale * F.softplus(self.per_dim_scale)
         k, v = self.k_proj(x).view(heads), self.v_proj(x).view(heads)
-        width, chunks = self.past + self.future + 1, -(-t // self.chunk)
+        # ceil(t / chunk) written without a negative floor division: exporters turn // into ONNX's integer Div,
+        # which truncates, so -(-t // chunk) would come out as floor(t / chunk) in an exported graph
+        width, chunks = self.past + self.future + 1, (t + self.chunk - 1) // self.chunk
         q_blocks = self._contexts(q, chunks, self.chunk, 0).permute(0, 2, 1, 4, 3)  # (B, N, U, c, H)
         k_ctx = self._contexts(k, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 3, 4)  # (B,N,U,H,L)
         v_ctx = self._contexts(v, chunks, self.chunk + width - 1, self.past).permute(0, 2, 1, 4, 3)  # (B,N,U,L,H)
@@ -76,8 +78,7 @@ class LocalRelativeAttention(nn.Module):
         logits = torch.tanh(logits / self.logit_cap) * self.logit_cap  # capped before masking
         logits = logits.masked_fill(~self._key_valid(padding_mask, chunks, width), torch.finfo(logits.dtype).min)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
-        banded = probs.new_zeros(*probs.shape[:-1], self.chunk + width - 1)
-        _band(banded, width).copy_(probs)
+        banded = _unband(probs, self.chunk + width - 1)
         out = banded @ v_ctx  # (B, N, U, c, H)
         return out.permute(0, 2, 3, 1, 4).reshape(b, chunks * self.chunk, -1)[:, :t]
 
@@ -85,17 +86,40 @@ class LocalRelativeAttention(nn.Module):
         """(B, T, ...) -> (B, U, ..., length): frames [u * chunk - before, u * chunk - before + length), zero-padded."""
         after = chunks * self.chunk + length - self.chunk - before - z.shape[1]
         pad = [0, 0] * (z.dim() - 2) + [before, after]
-        return F.pad(z, pad).unfold(1, length, self.chunk)
+        return _windows(F.pad(z, pad), length, self.chunk)
 
     def _key_valid(self, padding_mask: Tensor, chunks: int, width: int) -> Tensor:
         """(B, T) True = pad -> (B, 1, U, c, W): band slot j of query t holds a real frame."""
         valid = F.pad(~padding_mask, (self.past, self.future + chunks * self.chunk - padding_mask.shape[1]),
                       value=False)
-        return valid.unfold(1, width, 1).reshape(padding_mask.shape[0], 1, chunks, self.chunk, width)
+        return _windows(valid, width, 1).reshape(padding_mask.shape[0], 1, chunks, self.chunk, width)
+
+
+# The band and window helpers below gather and scatter by index rather than viewing memory with new strides
+# (as_strided, unfold): the values are the same, and the index form is what graph exporters (torch.onnx) can trace
+# with a symbolic number of frames.
+
+def _band_index(rows: int, width: int, device) -> Tensor:
+    """(rows, width) index of the entries (i, i + j)."""
+    return torch.arange(rows, device=device)[:, None] + torch.arange(width, device=device)[None, :]
 
 
 def _band(scores: Tensor, width: int) -> Tensor:
-    """(..., c, c + width - 1) contiguous -> view (..., c, width) of the entries (i, i + j)."""
-    *outer, rows, cols = scores.shape
-    strides = scores.stride()
-    return scores.as_strided((*outer, rows, width), (*strides[:-2], cols + 1, 1))
+    """(..., c, c + width - 1) -> (..., c, width): the entries (i, i + j)."""
+    index = _band_index(scores.shape[-2], width, scores.device)
+    return scores.gather(-1, index.expand(*scores.shape[:-1], width))
+
+
+def _unband(band: Tensor, cols: int) -> Tensor:
+    """(..., c, width) -> (..., c, cols) with entry (i, i + j) = band (i, j) and zeros elsewhere."""
+    index = _band_index(band.shape[-2], band.shape[-1], band.device).expand(band.shape)
+    return band.new_zeros(*band.shape[:-1], cols).scatter(-1, index, band)
+
+
+def _windows(z: Tensor, length: int, step: int) -> Tensor:
+    """`z.unfold(1, length, step)`: (B, T, ...) -> (B, U, ..., length), window u = frames [u * step, + length)."""
+    count = (z.shape[1] - length) // step + 1
+    index = (torch.arange(count, device=z.device)[:, None] * step
+             + torch.arange(length, device=z.device)[None, :]).reshape(-1)
+    frames = z.index_select(1, index).unflatten(1, (count, length))  # (B, U, length, ...)
+    return frames.movedim(2, -1)

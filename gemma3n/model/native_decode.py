@@ -101,6 +101,10 @@ class NativeDecoder:
         if lib is None:
             raise Unsupported(kernels.why_not())
         self.keep: list[Tensor] = []  # every tensor a pointer below refers to stays alive with this object
+        # Objects whose `.active` says the plan must not run this step: a module with a `native_stand_in` (the
+        # linear the plan describes in its place) changes the product only while its `native_guard` is active
+        # (adapters/multi_lora.py: rows with an adapter); then the eager layers run.
+        self.guards: dict[int, object] = {}  # id -> guard
         cfg = text_model.config
         self.text_model, self.d, self.n_layers = text_model, cfg.hidden_size, cfg.num_hidden_layers
         self.dtype = text_model.norm.weight.dtype  # the compute dtype: constants are rounded to it, as eager does
@@ -158,6 +162,10 @@ class NativeDecoder:
         return t.data_ptr()
 
     def _lin(self, m: nn.Module) -> _Lin:
+        stand_in = getattr(m, "native_stand_in", None)
+        if stand_in is not None:  # a wrapper that may stand aside (multi-LoRA serving): see `guards`
+            self.guards[id(m.native_guard)] = m.native_guard
+            m = stand_in
         if type(m) is nn.Linear and m.bias is None and m.weight.dtype in _FLOAT_TYPES:
             w = m.weight
             n, k = w.shape
@@ -353,7 +361,9 @@ def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,
             decoder = None
         held = cache.native_decoder = (text_model, decoder)
     decoder = held[1]
-    return decoder if decoder is not None and decoder.bind(cache) else None
+    if decoder is None or any(guard.active for guard in decoder.guards.values()):
+        return None
+    return decoder if decoder.bind(cache) else None
 
 
 def _kind(kind: str) -> int:

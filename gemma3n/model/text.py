@@ -65,21 +65,31 @@ class MLP(nn.Module):
         active = (act != 0).reshape(-1, act.shape[-1]).any(0).nonzero().squeeze(1)
         if active.numel() * 2 > act.shape[-1]:  # not sparse enough to pay for the gathers
             return self.down_proj(act * self.up_proj(x))
-        up, down = self.up_proj, self.down_proj
-        if type(up) is nn.Linear:
-            up_active = F.linear(x, up.weight.index_select(0, active))
-        elif hasattr(up, "forward_rows"):
-            up_active = up.forward_rows(x, active)
-        else:
-            up_active = up(x).index_select(-1, active)
-        hidden = act.index_select(-1, active) * up_active
-        if type(down) is nn.Linear:
-            down_t = down.weight.t()  # (hidden, dim), contiguous after enable_sparse_decode
-            return F.linear(hidden, down_t.index_select(0, active).t())
-        full = act.new_zeros(act.shape).index_copy_(-1, active, hidden)
-        if hasattr(down, "forward_sparse_inputs"):
-            return down.forward_sparse_inputs(full, active)
-        return down(full)
+        hidden = act.index_select(-1, active) * rows_product(self.up_proj, x, active)
+        return sparse_inputs_product(self.down_proj, hidden, active, act)
+
+
+def rows_product(linear: nn.Module, x: Tensor, active: Tensor) -> Tensor:
+    """The output units `active` of a linear of any kind: float weights gathered, quantised ones through their
+    `forward_rows` where they have it, else the whole product sliced."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight.index_select(0, active))
+    if hasattr(linear, "forward_rows"):
+        return linear.forward_rows(x, active)
+    return linear(x).index_select(-1, active)
+
+
+def sparse_inputs_product(linear: nn.Module, hidden: Tensor, active: Tensor, like: Tensor) -> Tensor:
+    """A linear of any kind applied to inputs that are zero outside the units `active` (`hidden`: their values;
+    `like`: a tensor of the full input shape): a float weight's columns gathered (stored transposed by
+    enable_sparse_decode, so each is one contiguous row), quantised ones through `forward_sparse_inputs` where
+    they have it, else the dense product of the full input."""
+    if type(linear) is nn.Linear:
+        return F.linear(hidden, linear.weight.t().index_select(0, active).t())
+    full = like.new_zeros(like.shape).index_copy_(-1, active, hidden)
+    if hasattr(linear, "forward_sparse_inputs"):
+        return linear.forward_sparse_inputs(full, active)
+    return linear(full)
 
 
 def enable_sparse_decode(model: nn.Module) -> int:

@@ -213,7 +213,8 @@ def read_preprocessor_config(folder: Path | None) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
         if isinstance(data, dict):
-            merged.update({k: v for k, v in data.items() if not isinstance(v, dict)})
+            # flat keys may be dicts too (the released files' "size": {"height": 768, "width": 768})
+            merged.update({k: v for k, v in data.items() if k not in ("image_processor", "feature_extractor")})
             for section in ("image_processor", "feature_extractor"):
                 if isinstance(data.get(section), dict):
                     merged.setdefault(section, {}).update(data[section])

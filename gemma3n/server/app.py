@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import APIError, error_response
+from .errors import APIError, error_response, served_models, unknown_model
 from .generation import Generator, request_id_of
 from .scheduler import Scheduler
 from .settings import ServerSettings
@@ -29,6 +29,9 @@ log = logging.getLogger("gemma3n.server")
 def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving `model` (a loaded `gemma3n.Model`); its scheduler thread runs while the app runs."""
     settings = settings or ServerSettings()
+    served = served_models(model, settings)
+    if len(set(served)) != len(served):
+        raise ValueError(f"an adapter may not be named like the base model ({settings.model_name!r}); rename it")
     scheduler = Scheduler(model, max_batch=settings.max_batch, max_queue=settings.max_queue,
                           prefix_cache_mb=settings.prefix_cache_mb)
 
@@ -54,13 +57,13 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", dependencies=authorized)
     async def models():
-        return {"object": "list", "data": [_model_card(settings)]}
+        return {"object": "list", "data": [_model_card(model, settings, name) for name in served]}
 
     @app.get("/v1/models/{name:path}", dependencies=authorized)
     async def model_card(name: str):
-        if name != settings.model_name:
-            raise _unknown_model(name, settings)
-        return _model_card(settings)
+        if name not in served:
+            raise unknown_model(name, served)
+        return _model_card(model, settings, name)
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request):
@@ -133,13 +136,11 @@ class RequestIds:
                      status[0] or "no response", client[0], time.perf_counter() - started)
 
 
-def _model_card(settings: ServerSettings) -> dict:
-    return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "gemma3n"}
-
-
-def _unknown_model(name: str, settings: ServerSettings) -> APIError:
-    return APIError(404, f"the model {name!r} does not exist; this server serves {settings.model_name!r}",
-                    param="model", code="model_not_found")
+def _model_card(model, settings: ServerSettings, name: str) -> dict:
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "gemma3n"}
+    if name != settings.model_name:  # an adapter: vLLM names its base `parent` and its folder `root`
+        card.update(parent=settings.model_name, root=model.adapters.folders.get(name))
+    return card
 
 
 def _authorizer(settings: ServerSettings):

@@ -25,5 +25,16 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def served_models(model, settings) -> list[str]:
+    """The model ids a server answers to: the base, then each adapter served beside it (`--adapter NAME=DIR`)."""
+    adapters = getattr(model, "adapters", None)
+    return [settings.model_name, *(adapters.names if adapters is not None else ())]
+
+
+def unknown_model(name: str, served: list[str]) -> APIError:
+    return APIError(404, f"the model {name!r} does not exist; this server serves "
+                         f"{', '.join(repr(n) for n in served)}", param="model", code="model_not_found")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param, code)

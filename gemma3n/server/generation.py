@@ -15,7 +15,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .errors import APIError, bad_request
+from ..structured import GrammarError
+from ..structured.tools import CallStream, ToolChoice, parse_calls, read_tool_choice, read_tools, render_messages, \
+    tool_grammar
+from .errors import APIError, bad_request, served_models, unknown_model
 from .media import Converted, check_audio, convert_messages
 from .responses import Reply, chat_logprobs, completion_logprobs, sse
 from .scheduler import REQUEST_ERRORS, Job, Scheduler
@@ -45,37 +48,81 @@ class Generator:
 
     async def chat(self, request: Request) -> Response:
         req = validate(ChatRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs \"logprobs\": true", param="top_logprobs")
+        try:
+            functions = read_tools(req.tools)
+            choice = read_tool_choice(req.tool_choice, functions)
+        except GrammarError as e:
+            raise bad_request(str(e), param=e.param) from None
+        parallel = req.parallel_tool_calls is not False
+        constraint = await asyncio.to_thread(self._constraint, req, functions, choice, parallel)
         params = self._params(req, req.requested_tokens(), self.settings.default_max_tokens,
-                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                              logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraint=constraint)
         self._check_text_size(sum(_text_chars(m.content) for m in req.messages), "messages")
         converted = await asyncio.to_thread(convert_messages, req.messages, self.settings)
+        if functions or any(m.role == "tool" or m.tool_calls for m in req.messages):
+            try:
+                converted.messages = render_messages(converted.messages, functions, choice, parallel)
+            except GrammarError as e:
+                raise bad_request(str(e), param=e.param) from None
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        job = Job(params, ids, media, request_id=request_id_of(request))
-        render = None
-        if req.logprobs:
-            render = lambda result: {"logprobs": chat_logprobs(self.model.tokenizer, result.logprobs)}  # noqa: E731
-        return await self._respond(request, job, Reply(self.settings.model_name, chat=True), req.stream,
-                                   req.include_usage, render, req.n or 1)
+        job = Job(params, ids, media, request_id=request_id_of(request), adapter=adapter)
+        calls = choice.mode != "none"
+        tokenizer = self.model.tokenizer
+
+        def render(result) -> dict:
+            extras = {}
+            if req.logprobs:
+                extras["logprobs"] = chat_logprobs(tokenizer, result.logprobs)
+            if calls:
+                extras["content"], extras["tool_calls"] = parse_calls(result.text)
+            return extras
+
+        return await self._respond(request, job, Reply(req.model, chat=True), req.stream,
+                                   req.include_usage, render, req.n or 1, calls)
+
+    def _constraint(self, req, functions: list, choice: ToolChoice, parallel: bool):
+        """The request's grammar, compiled (or found in the cache) in a worker thread: the first one also reads the
+        vocabulary into the grammar engine (seconds). Errors are 400s that name the field and the construct."""
+        asked = {"response_format": req.response_format, "json_schema": req.guided_json,
+                 "regex": req.guided_regex, "grammar": req.guided_grammar}
+        fields = [k for k, v in asked.items()
+                  if v is not None and not (k == "response_format" and v == {"type": "text"})]
+        param = {"json_schema": "guided_json", "regex": "guided_regex", "grammar": "guided_grammar"}.get(
+            fields[0], fields[0]) if fields else "tools"
+        if choice.mode != "none" and fields:
+            raise bad_request(f"tools and {param} cannot be combined: a tool call's arguments already follow the "
+                              "function's schema; use tool_choice \"none\" for a structured text answer", param=param)
+        if self.model.tokenizer is None and (fields or choice.mode != "none"):
+            raise bad_request("structured output needs the model's tokenizer", param=param)
+        try:
+            if choice.mode != "none":
+                return tool_grammar(self.model.grammars, functions, choice, parallel)
+            return self.model.constraint(**asked) if fields else None
+        except GrammarError as e:
+            raise bad_request(str(e), param=getattr(e, "param", param)) from None
+        except ImportError as e:
+            raise bad_request(str(e), param=param, code="structured_output_unavailable") from None
 
     async def completion(self, request: Request) -> Response:
         req = validate(CompletionRequest, parse_json(await read_body(request, self.settings.max_body_bytes)))
-        self._check_model(req.model)
+        adapter = self._check_model(req.model)
         if req.stream and req.echo:
             raise bad_request("echo is not available with \"stream\": true; ask without streaming", param="echo")
+        constraint = await asyncio.to_thread(self._constraint, req, [], ToolChoice("none"), False)
         params = self._params(req, req.max_tokens, 16,  # OpenAI's default for text completions
-                              logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))
+                              logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None),
+                              constraint=constraint)
         if isinstance(req.prompt, str) or isinstance(req.prompt[0], str):
             self._check_text_size(len(req.prompt if isinstance(req.prompt, str) else req.prompt[0]), "prompt")
         ids = await asyncio.to_thread(self._completion_prompt, req.prompt)
         render = None
         if req.echo or req.logprobs is not None:
             render = lambda result: self._completion_extras(req, ids[0].tolist(), result)  # noqa: E731
-        return await self._respond(request, Job(params, ids, request_id=request_id_of(request)),
-                                   Reply(self.settings.model_name, chat=False), req.stream, req.include_usage, render,
-                                   req.n or 1)
+        return await self._respond(request, Job(params, ids, request_id=request_id_of(request), adapter=adapter),
+                                   Reply(req.model, chat=False), req.stream, req.include_usage, render, req.n or 1)
 
     def _completion_extras(self, req, prompt_ids: list[int], result) -> dict:
         """`echo` (the prompt's text before the answer) and `logprobs` (the prompt's tokens first, with echo)."""
@@ -96,7 +143,7 @@ class Generator:
 
     async def audio(self, request: Request, translate: bool) -> Response:
         form = await read_form(request, self.settings.max_body_bytes)
-        self._check_model(_form_text(form, "model", required=True))
+        adapter = self._check_model(_form_text(form, "model", required=True))
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise bad_request("multipart field 'file' (the audio file) is required", param="file")
@@ -115,8 +162,8 @@ class Generator:
                                                  {"type": "text", "text": _instruction(form, translate)}]}]
         converted = Converted(messages=messages, media=["audio"])
         ids, media = await asyncio.to_thread(self._chat_prompt, converted)
-        result = await self._collect(request, self._submit(Job(params, ids, media,
-                                                               request_id=request_id_of(request))))
+        result = await self._collect(request, self._submit(Job(params, ids, media, request_id=request_id_of(request),
+                                                               adapter=adapter)))
         if isinstance(result, Response):
             return result
         return PlainTextResponse(result.text) if fmt == "text" else JSONResponse({"text": result.text})
@@ -139,6 +186,11 @@ class Generator:
             if converted.has_media:
                 raise bad_request("/tokenize takes text only; media expand to their placeholder tokens when "
                                   "generating", param="messages")
+            if any(m.role == "tool" or m.tool_calls for m in req.messages):  # as the chat endpoint renders them
+                try:
+                    converted.messages = render_messages(converted.messages, [], ToolChoice("none"))
+                except GrammarError as e:
+                    raise bad_request(str(e), param=e.param) from None
             try:
                 ids = (await asyncio.to_thread(self.model.encode_prompt, converted.messages))[0].tolist()
             except REQUEST_ERRORS as e:
@@ -233,10 +285,15 @@ class Generator:
                               f"(the model's context is {self.context})", param="messages",
                               code="context_length_exceeded")
 
-    def _check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+    def _check_model(self, name: str) -> str | None:
+        """The adapter a request's model id names (None: the base model); an id this server does not serve is a
+        404 that lists the ones it does."""
+        if name == self.settings.model_name:
+            return None
+        adapters = getattr(self.model, "adapters", None)
+        if adapters is not None and name in adapters:
+            return name
+        raise unknown_model(name, served_models(self.model, self.settings))
 
     def _params(self, req, max_tokens: int | None, default: int, **extra):
         if max_tokens is not None and max_tokens > self.settings.max_tokens:
@@ -258,12 +315,12 @@ class Generator:
         return job
 
     async def _respond(self, request: Request, job: Job, reply: Reply, stream: bool, include_usage: bool,
-                       render=None, n: int = 1):
+                       render=None, n: int = 1, calls: bool = False):
         """`render(result)`: the response's extra parts (logprobs, echo) for `Reply.whole`. `n` choices are `n`
         sequences of the batch, prefilled once (the i-th seeded seed + i when a seed is given, so each is
         reproducible)."""
         jobs = [job] + [Job(replace(job.params, seed=None if job.params.seed is None else job.params.seed + i),
-                            job.ids, job.media, job.cache_key, job.request_id) for i in range(1, n)]
+                            job.ids, job.media, job.cache_key, job.request_id, job.adapter) for i in range(1, n)]
         self.scheduler.submit(*jobs)
         if not stream:
             results = await asyncio.gather(*(self._collect(request, each) for each in jobs))
@@ -284,7 +341,7 @@ class Generator:
             for each in jobs:
                 self.scheduler.cancel(each)
             return Response(status_code=499)
-        return StreamingResponse(self._events(jobs, reply, include_usage, job.params.logprobs is not None),
+        return StreamingResponse(self._events(jobs, reply, include_usage, job.params.logprobs is not None, calls),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -318,15 +375,19 @@ class Generator:
         self.scheduler.cancel(job)
         raise ClientGone
 
-    async def _events(self, jobs: list[Job], reply: Reply, include_usage: bool, logprobs: bool
+    async def _events(self, jobs: list[Job], reply: Reply, include_usage: bool, logprobs: bool, calls: bool = False
                       ) -> AsyncIterator[str]:
         """SSE chunks after "started", each choice's chunks carrying its `index` (and the logprobs of the tokens of
-        its text); if the client disconnects, Starlette cancels this and the jobs are dropped."""
+        its text); if the client disconnects, Starlette cancels this and the jobs are dropped. With `calls` (a chat
+        with tools) each choice's text is parsed as it comes: call blocks leave as tool_calls deltas, the rest as
+        content (held back only while it could still begin a call; its tokens' logprobs go with the next text)."""
         finished = False
         waiting: dict[int, asyncio.Future] = {}
         pending_logprobs: dict[int, list] = {i: [] for i in range(len(jobs))}
         offsets = [0] * len(jobs)  # completions' text_offset of each choice's next token
         results: dict[int, object] = {}
+        parsers = [CallStream() if calls else None for _ in jobs]
+        sent_calls = [0] * len(jobs)
 
         def chunk_logprobs(index: int) -> dict | None:
             entries, pending_logprobs[index] = pending_logprobs[index], []
@@ -337,6 +398,21 @@ class Generator:
             out = completion_logprobs(self.model.tokenizer, entries, start=offsets[index])
             if entries:
                 offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
+            return out
+
+        def text_chunks(index: int, text: str) -> list[str]:
+            if parsers[index] is None:
+                return [sse(reply.chunk(text, index=index, logprobs=chunk_logprobs(index)))]
+            return call_chunks(index, parsers[index].push(text))
+
+        def call_chunks(index: int, events) -> list[str]:
+            out = []
+            for what, value in events:
+                if what == "text":
+                    out.append(sse(reply.chunk(value, index=index, logprobs=chunk_logprobs(index))))
+                else:
+                    out.append(sse(reply.chunk(tool_call=(sent_calls[index], value), index=index)))
+                    sent_calls[index] += 1
             return out
 
         try:
@@ -358,14 +434,21 @@ class Generator:
                     if kind == "logprobs":
                         pending_logprobs[index] += value
                     elif kind == "text":
-                        yield sse(reply.chunk(value, index=index, logprobs=chunk_logprobs(index)))
+                        for chunk in text_chunks(index, value):
+                            yield chunk
                     elif kind == "error":
                         yield sse({"error": {"message": value.message, "type": "server_error", "code": value.code}})
                         failed = True
                         break
                     elif kind == "done":
                         results[index] = value
-                        yield sse(reply.chunk(finish_reason=value.finish_reason, index=index,
+                        finish, parser = value.finish_reason, parsers[index]
+                        if parser is not None:
+                            for chunk in call_chunks(index, parser.finish()):
+                                yield chunk
+                            if parser.calls and finish == "stop":
+                                finish = "tool_calls"
+                        yield sse(reply.chunk(finish_reason=finish, index=index,
                                               logprobs=chunk_logprobs(index) if pending_logprobs[index] else None))
                         continue
                     waiting[index] = asyncio.ensure_future(jobs[index].events.get())

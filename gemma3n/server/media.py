@@ -47,7 +47,14 @@ def convert_messages(messages: list[Message], settings: ServerSettings) -> Conve
             items = [_convert_part(part, f"messages[{i}].content[{j}]", settings, out)
                      for j, part in enumerate(content)]
             content = "".join(it["text"] for it in items) if all(it["type"] == "text" for it in items) else items
-        out.messages.append({"role": role, "content": content})
+        extra = {}
+        if message.tool_calls:
+            extra["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            extra["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            extra["name"] = message.name
+        out.messages.append({"role": role, "content": content, **extra})
     return out
 
 

@@ -20,10 +20,10 @@ class Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def whole(self, result: Result, logprobs: dict | None = None, echo: str = "") -> dict:
-        """The response; `logprobs` as `chat_logprobs` / `completion_logprobs` made it, `echo` the prompt's text
-        (completions with "echo": true)."""
-        return self.choices([(result, {"logprobs": logprobs, "echo": echo})])
+    def whole(self, result: Result, **extras) -> dict:
+        """The response; extras: `logprobs` as `chat_logprobs` / `completion_logprobs` made it, `echo` the prompt's
+        text (completions with "echo": true), `content` and `tool_calls` (a chat answer parsed for tool calls)."""
+        return self.choices([(result, extras)])
 
     def choices(self, answers: list[tuple[Result, dict]]) -> dict:
         """The response of `n` choices: (result, its extras) each; the prompt is counted once in the usage."""
@@ -31,8 +31,12 @@ class Reply:
         for index, (result, extras) in enumerate(answers):
             logprobs = extras.get("logprobs")
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
-                                "finish_reason": result.finish_reason, "logprobs": logprobs})
+                message = {"role": "assistant", "content": extras.get("content", result.text)}
+                finish = result.finish_reason
+                if extras.get("tool_calls"):
+                    message["tool_calls"] = extras["tool_calls"]
+                    finish = "tool_calls" if finish == "stop" else finish
+                choices.append({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
             else:
                 choices.append({"index": index, "text": extras.get("echo", "") + result.text,
                                 "finish_reason": result.finish_reason, "logprobs": logprobs})
@@ -40,8 +44,15 @@ class Reply:
                               usage=usage([result for result, _ in answers]))
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False, index: int = 0,
-              logprobs: dict | None = None) -> dict:
-        """One stream chunk of choice `index`; `logprobs` those of the tokens whose text it carries."""
+              logprobs: dict | None = None, tool_call: tuple[int, dict] | None = None) -> dict:
+        """One stream chunk of choice `index`: a text piece (`logprobs` those of the tokens whose text it carries),
+        the finish reason, the opening role, or one whole tool call (its index among the choice's calls, and the
+        call: id, type, function name and arguments)."""
+        if tool_call is not None:
+            position, call = tool_call
+            delta = {"tool_calls": [{"index": position, **call}]}
+            return self._envelope("chat.completion.chunk", [{"index": index, "delta": delta, "finish_reason": None,
+                                                             "logprobs": None}])
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
             choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}

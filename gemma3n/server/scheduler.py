@@ -53,13 +53,14 @@ class Job:
     for logprobs also gets ("logprobs", [TokenLogprob...]) before the text of those tokens (and after the last text,
     for tokens whose text a stop string held back).
 
-    `cache_key`: anything besides the ids that changes the prompt's K/V (a LoRA adapter's name): prompts are only
-    resumed from the prefix cache under the same key. `request_id` names the request in the server's log."""
+    `cache_key`: anything besides the ids that changes the prompt's K/V: prompts are only resumed from the prefix
+    cache under the same key. `request_id` names the request in the server's log. `adapter`: the LoRA adapter it
+    is generated with (None: the base model); the batch keeps each adapter's prefix cache entries apart."""
 
     def __init__(self, params: SamplingParams, ids: torch.Tensor, media: dict | None = None, cache_key=None,
-                 request_id: str | None = None):
+                 request_id: str | None = None, adapter: str | None = None):
         self.params, self.ids, self.media = params, ids, media or {}
-        self.cache_key, self.request_id = cache_key, request_id
+        self.cache_key, self.request_id, self.adapter = cache_key, request_id, adapter
         self.sent_logprobs = 0  # logprob entries emitted (scheduler thread only)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
@@ -79,7 +80,8 @@ class Scheduler:
                  prefix_cache_mb: int = 0):
         self.model, self.max_batch, self.max_queue, self.chunk_size = model, max_batch, max_queue, chunk_size
         self.prefix_cache = PrefixCache(prefix_cache_mb * MiB)
-        self.batch = ContinuousBatch(model.decoder, chunk_size, self.prefix_cache)
+        self.batch = ContinuousBatch(model.decoder, chunk_size, prefix_cache=self.prefix_cache,
+                                     adapters=getattr(model, "adapters", None))
         self.stop_ids = model.stop_ids()
         self.inbox: collections.deque[list[Job]] = collections.deque()  # the n choices of a request together
         self.wakeup = threading.Condition()
@@ -157,7 +159,7 @@ class Scheduler:
                 embeds = self.model.embed_media(job.ids, **job.media) if job.media else None  # the media towers
                 key = job.cache_key if embeds is None else (job.cache_key, media_digest(job.media))
                 seq = self.batch.add(job.ids, job.params, self.stop_ids, inputs_embeds=embeds, cache_key=key,
-                                     siblings=[j.params for j in jobs[1:]])
+                                     siblings=[j.params for j in jobs[1:]], adapter=job.adapter)
                 for each, member in zip(jobs, [seq] + seq.siblings):
                     self.running[member] = (each, TextStream(self.model.tokenizer, each.params.stop))
             except REQUEST_ERRORS as e:
@@ -225,7 +227,8 @@ class Scheduler:
             self.metrics.refused()
             job.emit("error", APIError(500, message))
         self.running = {}
-        self.batch = ContinuousBatch(self.model.decoder, self.chunk_size, self.prefix_cache)
+        self.batch = ContinuousBatch(self.model.decoder, self.chunk_size, prefix_cache=self.prefix_cache,
+                                     adapters=getattr(self.model, "adapters", None))
 
 
 def media_digest(media: dict) -> str:

@@ -41,9 +41,23 @@ class AudioPart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart, AudioPart], Field(discriminator="type")]
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Part] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
 
 class StreamOptions(_Strict):
@@ -65,6 +79,12 @@ class _Sampling(_Strict):
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] | None = None  # choices; each its own sequence of the batch
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    # structured output: OpenAI's response_format, or (extensions, as vLLM names them) a JSON schema, a regular
+    # expression or a Lark grammar (llguidance's dialect); checked when compiled (gemma3n.structured)
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -80,8 +100,9 @@ class _Sampling(_Strict):
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    tools: Any = None
-    response_format: Any = None
+    tools: Any = None  # checked by gemma3n.structured.tools.read_tools, whose errors name the tool
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
@@ -150,16 +171,7 @@ def validate(cls: type[_Strict], data: Any) -> Any:
         errors = _most_specific(e.errors())
         problems = list(dict.fromkeys(f"{_where(err['loc'])}: {_explain(err)}" for err in errors))[:4]
         raise bad_request("invalid request: " + "; ".join(problems), param=_where(errors[0]["loc"])) from None
-    _refuse_unsupported(request)
     return request
-
-
-def _refuse_unsupported(request: _Strict) -> None:
-    if getattr(request, "tools", None):
-        raise bad_request("tools / function calling are not supported by this server", param="tools")
-    fmt = getattr(request, "response_format", None)
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format other than {\"type\": \"text\"} is not supported", param="response_format")
 
 
 def _most_specific(errors: list[dict]) -> list[dict]:

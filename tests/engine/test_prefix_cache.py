@@ -104,8 +104,8 @@ def test_shared_system_prompt_and_a_longer_match_cut_to_what_the_ring_holds(mode
     (entry,) = [e for e in only_tail.entries.values() if e.length > a.shape[1]]
     entry.segments = [s for s in entry.segments if s.start > 0]  # as if the prompt's positions were gone
     longer = torch.cat([entry.tokens[None], prompt(3, seed=7)], 1)
-    assert only_tail.lookup((None, False), longer, WINDOW)[1] == entry.length
-    assert only_tail.lookup((None, False), b, WINDOW) is None  # needs positions the ring overwrote
+    assert only_tail.lookup(entry.namespace, longer, WINDOW)[1] == entry.length
+    assert only_tail.lookup(entry.namespace, b, WINDOW) is None  # needs positions the ring overwrote
     assert entry.resumable(entry.length - 1, WINDOW)[0] == 0
 
 

@@ -39,9 +39,12 @@ def test_long_audio_is_split_into_30_s_windows_with_a_warning():
 def test_processor_config_flat_and_nested(tmp_path):
     assert read_preprocessor_config(None) == {}
     assert read_preprocessor_config(tmp_path) == {}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_rescale": True, "sampling_rate": 16000}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"do_rescale": True, "sampling_rate": 16000, "size": {"height": 768, "width": 768}}))
     flat = read_preprocessor_config(tmp_path)
     assert flat["image_processor"]["do_rescale"] and flat["feature_extractor"]["sampling_rate"] == 16000
+    assert flat["image_processor"]["size"] == {"height": 768, "width": 768}  # a flat dict value is kept
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_rescale": True, "sampling_rate": 16000}))
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"size": {"height": 768}}}))
     nested = read_preprocessor_config(tmp_path)
     assert nested["image_processor"]["size"] == {"height": 768} and "size" not in nested["feature_extractor"]

@@ -67,7 +67,10 @@ BAD_CHAT = {
                          "invalid base64 audio data"),
     "audio format": (_chat_with({"type": "input_audio", "input_audio": {"data": "", "format": "ogg"}}), 400,
                      "format"),
-    "tools": ({**OK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "not supported"),
+    "bad tool name": ({**OK, "tools": [{"type": "function", "function": {"name": "two words"}}]}, 400,
+                      "letters, digits"),
+    "unsupported schema": ({**OK, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}}, 400, "uniqueItems"),
 }
 
 

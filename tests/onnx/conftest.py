@@ -1,0 +1,60 @@
+"""One tiny multimodal Gemma 3n (transformers' save_pretrained), exported once through the installed console script
+in every dtype; the tests compare onnxruntime, transformers.js and gemma3n's own torch model on it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.console import gemma3n
+from tests.finetune.tiny_data import write_turn_tokenizer
+from tests.reference.tiny import build_reference, save_reference
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+DTYPES = ("fp32", "fp16", "q8", "q4", "q4f16")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A seeded tiny multimodal checkpoint with a word-level tokenizer and the Gemma 3n chat template. Weights at
+    scale 0.1: well conditioned, like a trained model, so that quantised sessions are meaningfully comparable."""
+    torch.manual_seed(0)
+    folder = save_reference(build_reference("multimodal", seed=16, scale=0.1), tmp_path_factory.mktemp("tiny_mm"))
+    write_turn_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint, tmp_path_factory) -> Path:
+    """`gemma3n export onnx` of the tiny checkpoint, all five dtypes at once."""
+    out = tmp_path_factory.mktemp("tiny_onnx") / "export"
+    result = gemma3n("export", "onnx", str(tiny_checkpoint), str(out), "--dtype", ",".join(DTYPES), timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["dtypes"] == list(DTYPES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def transformers_js() -> Path:
+    """tests/onnx/js with @huggingface/transformers installed from its package-lock.json (npm ci), the CPU binary
+    of onnxruntime-node only (ONNXRUNTIME_NODE_INSTALL=skip: no downloads outside the npm registry)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed for the transformers.js test")
+    if not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
+        env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, env=env, check=True, timeout=900,
+                       capture_output=True)
+    return JS_DIR
+
+
+def run_transformers_js(js_dir: Path, folder: Path, dtype: str, max_new_tokens: int, prompt: dict) -> dict:
+    result = subprocess.run(["node", str(js_dir / "generate.mjs"), str(folder), dtype, str(max_new_tokens),
+                             json.dumps(prompt)], capture_output=True, text=True, timeout=600, cwd=js_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
