@@ -36,8 +36,12 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
+    """A 64-wide model gains nothing from intra-op threads; one thread for this module, restored afterwards (the
+    setting is process-wide and would otherwise slow every later test)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    return gemma3n.load(checkpoint)
+    yield gemma3n.load(checkpoint)
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
