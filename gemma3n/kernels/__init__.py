@@ -292,6 +292,8 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
 def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:
     """Whether `channel_rms_norm` takes the map x, its residual and its per-channel params: float32 on the CPU,
     maps channels-last, outside autograd, with the library loaded."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False  # a graph being traced (torch.compile, torch.onnx / torch.export) records the PyTorch ops
     maps = [t for t in (x, residual) if t is not None]
     tensors = maps + [t for t in params if t is not None]
     return (native() is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
