@@ -67,10 +67,10 @@ def _add_load_args(p: argparse.ArgumentParser, named_adapters: bool = False) -> 
         p.add_argument("--adapter", metavar="NAME=DIR", action="append", default=[],
                        help="serve a LoRA adapter folder (PEFT format) as its own model id NAME, beside the base, "
                             "in the same batch (repeatable); a plain DIR is merged into the served model instead")
-        return
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
-                        "weights, applied beside quantised ones")
+    else:
+        p.add_argument("--adapter", metavar="DIR",
+                       help="a LoRA adapter folder (PEFT format, e.g. from `gemma3n finetune`): merged into float "
+                            "weights, applied beside quantised ones")
     p.add_argument("--onnx-dtype", choices=["fp32", "fp16", "q8", "q4", "q4f16"],
                    help="for an ONNX folder (onnx/*.onnx, transformers.js layout): which sessions onnxruntime runs "
                         "(default: the smallest present)")
