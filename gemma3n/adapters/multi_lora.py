@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..model.text import rows_product, sparse_inputs_product
 from .lora import LoRALinear, decoder_linears, lora_delta, replace_module
-from .peft_format import adapter_layers, check_fits, is_unused_shared_kv
+from .peft_format import fitting_layers
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")
 
@@ -171,13 +171,7 @@ def attach_adapters(lm: nn.Module, folders: dict[str, str | Path]) -> AdapterSet
     linears = adaptable_linears(lm)
     planned: dict[str, list[tuple[int, Tensor, Tensor, float]]] = {}
     for index, (name, folder) in enumerate(folders.items()):
-        for layer, path, a, b, rank, alpha, rslora in adapter_layers(folder):
-            if path not in linears:
-                if is_unused_shared_kv(path):
-                    continue
-                raise ValueError(f"adapter {name!r} ({folder}): it targets {layer!r}, which this model does not "
-                                 f"have; was it trained for another base model?")
-            check_fits(f"adapter {name!r} ({folder})", layer, linears[path], a, b)
+        for _, path, a, b, rank, alpha, rslora in fitting_layers(folder, linears, f"adapter {name!r} ({folder})"):
             scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
             planned.setdefault(path, []).append((index, a, b, scaling))
     for path, deltas in planned.items():

@@ -178,19 +178,26 @@ def check_fits(folder, name: str, base: nn.Module, a: torch.Tensor, b: torch.Ten
                          f"is [{base.out_features}, {base.in_features}]; the adapter does not fit this base model")
 
 
-def attach_adapter(lm: nn.Module, folder: str | Path) -> dict[str, LoRALinear]:
-    """Wrap the decoder linears that the adapter names in LoRALinear modules holding its weights; returns
-    our path -> wrapper. Weights of K/V projections in layers that share another layer's cache are skipped (they
-    exist in transformers' modules but never run there either)."""
-    linears = decoder_linears(lm)
-    wrappers = {}
+def fitting_layers(folder: str | Path, linears: dict[str, nn.Module], label):
+    """The adapter's layers (PEFT name, our path, A, B, rank, alpha, rslora) that this model runs, each checked
+    against its base linear; K/V projections of layers that share another layer's cache are skipped (they exist in
+    transformers' modules but never run there either). `label` names the adapter in errors."""
     for name, path, a, b, rank, alpha, rslora in adapter_layers(folder):
         if path not in linears:
             if is_unused_shared_kv(path):
                 continue
-            raise ValueError(f"{folder}: the adapter targets {name!r}, which this model does not have; was it "
+            raise ValueError(f"{label}: the adapter targets {name!r}, which this model does not have; was it "
                              f"trained for another base model?")
-        check_fits(folder, name, linears[path], a, b)
+        check_fits(label, name, linears[path], a, b)
+        yield name, path, a, b, rank, alpha, rslora
+
+
+def attach_adapter(lm: nn.Module, folder: str | Path) -> dict[str, LoRALinear]:
+    """Wrap the decoder linears that the adapter names in LoRALinear modules holding its weights; returns
+    our path -> wrapper. Weights of K/V projections in layers that share another layer's cache are skipped (they
+    exist in transformers' modules but never run there either)."""
+    wrappers = {}
+    for name, path, a, b, rank, alpha, rslora in fitting_layers(folder, decoder_linears(lm), folder):
         wrapper = inject(lm, [path], rank, alpha, 0.0, rslora)[path]
         with torch.no_grad():
             wrapper.lora_A.weight.copy_(a)
