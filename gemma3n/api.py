@@ -122,7 +122,7 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None, stop=None,
                  stream: bool = False, attention_mask=None, *, json_schema=None, regex: str | None = None,
-                 grammar: str | None = None, response_format=None):
+                 grammar: str | None = None, response_format=None, adapter: str | None = None):
         """Continue a prompt.
 
         - token ids ([B, T] LongTensor) -> the new ids [B, N] (rows that stop early are padded with the pad id
@@ -132,6 +132,8 @@ class Model:
         Structured output (at most one): `json_schema` (a dict), `regex`, `grammar` (llguidance's Lark dialect) or
         OpenAI's `response_format`; every token is then chosen among those the grammar allows, and generation ends
         when the grammar is complete (see `constraint`).
+        `adapter`: the name of one of the adapters loaded beside the weights (`load(..., adapters={name: dir})`,
+        listed in `self.adapters`) to generate with; None is the base model.
         """
         params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                       top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -140,30 +142,34 @@ class Model:
                                                                             response_format=response_format))
         if isinstance(inputs, (str, list)) and not _is_id_list(inputs):
             ids, embeds = self.prepare(inputs)
-            if stream:
-                return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
-            return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds).text
+            run = engine.stream if stream else engine.generate
+            result = run(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds,
+                         adapters=self.adapters, adapter=adapter)
+            return result if stream else result.text
         ids = _as_ids(inputs, self.device)
         self._check_ids(ids)
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
         rows = engine.generate_ids(self.decoder, ids, params, self.stop_ids(), attention_mask=mask,
-                                   tokenizer=self.tokenizer, include_stop_ids=True)
+                                   tokenizer=self.tokenizer, include_stop_ids=True, adapters=self.adapters,
+                                   adapter=adapter)
         width = max(map(len, rows), default=0)
         pad = self.config.text.pad_token_id
         return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
-    def complete(self, prompt, **sampling) -> "engine.Generation":
+    def complete(self, prompt, adapter: str | None = None, **sampling) -> "engine.Generation":
         """Like generate() for text, but returns the full record: text, token counts, finish reason, timings.
-        Takes generate()'s structured-output arguments too."""
+        Takes generate()'s structured-output arguments and `adapter` too."""
         params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
-        return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
+        return engine.generate(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds,
+                               adapters=self.adapters, adapter=adapter)
 
-    def stream(self, prompt, **sampling) -> "engine.TextIterator":
+    def stream(self, prompt, adapter: str | None = None, **sampling) -> "engine.TextIterator":
         """Text pieces as they are generated; afterwards `.generation` holds the full record."""
         params = self.sampling_params(**self._with_constraint(sampling))
         ids, embeds = self.prepare(prompt)
-        return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds)
+        return engine.stream(self.decoder, ids, params, self.tokenizer, self.stop_ids(), inputs_embeds=embeds,
+                             adapters=self.adapters, adapter=adapter)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The checkpoint's defaults with the given (non-None) settings applied."""

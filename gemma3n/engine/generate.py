@@ -117,15 +117,16 @@ class BatchGeneration:
 
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
                  attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 inputs_embeds: Tensor | None = None):
-        self.loop = ContinuousBatch(model, chunk_size)
+                 inputs_embeds: Tensor | None = None, adapters=None, adapter: str | None = None):
+        self.loop = ContinuousBatch(model, chunk_size, adapters=adapters)
         ids, mask = check_inputs(input_ids, attention_mask, self.loop.device)
         embeds = check_embeds(inputs_embeds, ids)
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         # every row is checked (too long for the context, ...) before any of them starts
         self.rows: list[Sequence] = [
             self.loop.add(ids[r][real[r]][None], params, stop_ids,
-                          None if embeds is None else embeds[r][real[r]][None]) for r in range(ids.shape[0])]
+                          None if embeds is None else embeds[r][real[r]][None], adapter=adapter)
+            for r in range(ids.shape[0])]
         self._started = False
 
     @property
@@ -202,11 +203,13 @@ def _results(decoder: BatchGeneration, streams: list[TextStream] | None) -> list
 
 def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Iterable[int] = (), *,
                  attention_mask: Tensor | None = None, tokenizer=None, chunk_size: int = DEFAULT_CHUNK,
-                 inputs_embeds: Tensor | None = None, include_stop_ids: bool = False) -> list[list[int]]:
+                 inputs_embeds: Tensor | None = None, include_stop_ids: bool = False, adapters=None,
+                 adapter: str | None = None) -> list[list[int]]:
     """New ids of every row; a row that a stop id ended ends with that id only with `include_stop_ids` (the
-    transformers convention for returned ids). Stop strings in `params` need `tokenizer`."""
+    transformers convention for returned ids). Stop strings in `params` need `tokenizer`. `adapter` names one of
+    `adapters` (a gemma3n.adapters.multi_lora.AdapterSet) to generate every row with."""
     decoder = BatchGeneration(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
-                      inputs_embeds=inputs_embeds)
+                              inputs_embeds=inputs_embeds, adapters=adapters, adapter=adapter)
     streams = _streams(tokenizer, params, decoder.batch) if params.stop else None
     for _ in _run(decoder, streams):
         pass
@@ -217,11 +220,12 @@ def generate_ids(model, input_ids: Tensor, params: SamplingParams, stop_ids: Ite
 
 def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
                    attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
-                   inputs_embeds: Tensor | None = None) -> list[Generation]:
+                   inputs_embeds: Tensor | None = None, adapters=None,
+                   adapter: str | None = None) -> list[Generation]:
     """Generate every row of a (left-padded) batch to completion; each row stops on its own. With no tokenizer
     (allowed only without stop strings) the texts are empty."""
     decoder = BatchGeneration(model, input_ids, params, stop_ids, attention_mask=attention_mask, chunk_size=chunk_size,
-                      inputs_embeds=inputs_embeds)
+                              inputs_embeds=inputs_embeds, adapters=adapters, adapter=adapter)
     streams = _streams(tokenizer, params, decoder.batch)
     for _ in _run(decoder, streams):
         pass
@@ -229,10 +233,11 @@ def generate_batch(model, input_ids: Tensor, params: SamplingParams, tokenizer, 
 
 
 def generate(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
-             chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None) -> Generation:
+             chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None, adapters=None,
+             adapter: str | None = None) -> Generation:
     """Generate the continuation of one prompt ((T,) or (1, T) ids)."""
     return generate_batch(model, _one_row(input_ids), params, tokenizer, stop_ids, chunk_size=chunk_size,
-                          inputs_embeds=inputs_embeds)[0]
+                          inputs_embeds=inputs_embeds, adapters=adapters, adapter=adapter)[0]
 
 
 class TextIterator:
@@ -240,10 +245,11 @@ class TextIterator:
     (it stays None if the iteration is abandoned early)."""
 
     def __init__(self, model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (),
-                 *, chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None):
+                 *, chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None, adapters=None,
+                 adapter: str | None = None):
         # Built eagerly so a bad prompt (too long, wrong shape) raises here, not at the first `next()`.
         self._decoder = BatchGeneration(model, _one_row(input_ids), params, stop_ids, chunk_size=chunk_size,
-                                inputs_embeds=inputs_embeds)
+                                        inputs_embeds=inputs_embeds, adapters=adapters, adapter=adapter)
         self._streams = _streams(tokenizer, params, 1)
         self.generation: Generation | None = None
 
@@ -254,10 +260,11 @@ class TextIterator:
 
 
 def stream(model, input_ids: Tensor, params: SamplingParams, tokenizer, stop_ids: Iterable[int] = (), *,
-           chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None) -> TextIterator:
+           chunk_size: int = DEFAULT_CHUNK, inputs_embeds: Tensor | None = None, adapters=None,
+           adapter: str | None = None) -> TextIterator:
     """Text pieces of one prompt's continuation as its tokens arrive (see `TextStream` for the guarantees)."""
     return TextIterator(model, input_ids, params, tokenizer, stop_ids, chunk_size=chunk_size,
-                        inputs_embeds=inputs_embeds)
+                        inputs_embeds=inputs_embeds, adapters=adapters, adapter=adapter)
 
 
 def _one_row(input_ids) -> Tensor:

@@ -106,6 +106,24 @@ def test_continuous_batch_rows_equal_each_model_alone(served, monkeypatch):
         assert used_native > 0, "base-only decode groups must keep the native decode step"
 
 
+def test_python_api_generates_with_a_named_adapter(served):
+    """`Model.generate/complete/stream(..., adapter=NAME)` on a model loaded with `adapters=` give what the model with
+    that adapter merged gives (greedy ids); no name is the base model; an unknown name says which are loaded."""
+    multi = served["multi"]
+    ids = prompts()[1]
+    for name in ("a", "b", None):
+        want = served[name].generate(ids, max_new_tokens=10, temperature=0.0)
+        assert torch.equal(multi.generate(ids, max_new_tokens=10, temperature=0.0, adapter=name), want), name
+    text = "hello world"  # the tiny checkpoint's turn-aware tokenizer
+    whole = multi.complete(text, adapter="a", max_new_tokens=8, temperature=0.0)
+    assert whole.new_tokens > 0
+    assert whole.text == served["a"].complete(text, max_new_tokens=8, temperature=0.0).text
+    assert whole.token_ids != multi.complete(text, max_new_tokens=8, temperature=0.0).token_ids  # a is not the base
+    assert "".join(multi.stream(text, adapter="a", max_new_tokens=8, temperature=0.0)) == whole.text
+    with pytest.raises(ValueError, match=r"no adapter named 'c' is loaded \(loaded: \['a', 'b'\]\)"):
+        multi.generate(ids, max_new_tokens=2, adapter="c")
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_a_rows_delta_does_not_depend_on_its_neighbours(rows):
     """Over int8 weights (whose native products compute each row alone), a row's output is the same bits alone and
