@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .skeleton import uninitialised_meta
 from .safetensors import CheckpointError
 
 # Text decoder prefixes of the two Hugging Face layouts, most specific first:
@@ -77,7 +78,7 @@ def assemble(build: Callable[[], nn.Module], tensors: Mapping[str, torch.Tensor]
 
     `where(checkpoint_key)` names the file a tensor comes from, for error messages.
     """
-    with torch.device("meta"):
+    with uninitialised_meta():
         module = build()
     expected, key_map = module.state_dict(), keys.mapping
     missing = [k for k in expected if k not in key_map]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.skeleton import uninitialised_meta
 from ..checkpoint.safetensors import Checkpoint, CheckpointError
 from ..checkpoint.weights import TOWER_PREFIXES, text_key_map
 from ..checkpoint.writer import new_folder, write_checkpoint
@@ -83,7 +84,7 @@ def quantized_entries(tensors, config: ModelConfig, scheme: QuantScheme) -> tupl
     """The writer's entries (checkpoint/writer.py) of the quantised checkpoint of `tensors` (any mapping with
     `shape`: a Checkpoint, or a MatFormer slice of one) under `config`, and the plan (module path -> format)."""
     keys = text_key_map(list(tensors), getattr(config.text, "first_shared_layer", None))
-    with torch.device("meta"):
+    with uninitialised_meta():
         skeleton = text_model_class(config)(config.text)
     chosen = plan(skeleton, scheme)
     by_name = {keys.source(path + ".weight"): path for path in chosen}

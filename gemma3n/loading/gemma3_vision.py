@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..checkpoint.skeleton import uninitialised_meta
 from ..checkpoint.safetensors import CheckpointError
 from ..checkpoint.weights import TOWER_PREFIXES, assemble, prefixed_key_map
 
@@ -55,7 +56,7 @@ def _check_tower_names(config, names: list[str], prefix: str, where) -> None:
     """The tower's tensors against its skeleton (built on the meta device: free), now rather than at the first
     image, so that a checkpoint that does not match its config fails when it is loaded."""
     from ..model.siglip import build_siglip_tower
-    with torch.device("meta"):
+    with uninitialised_meta():
         expected = {prefix + k for k in build_siglip_tower(dict(config.vision)).state_dict()}
     stored = {n for n in names if n.startswith(prefix)}
     for kind, found in (("missing", sorted(expected - stored)), ("unexpected", sorted(stored - expected))):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checkpoint.skeleton import uninitialised_meta
 from ..checkpoint.gguf import PLE_NAME, GGUFRowEmbedding, read_gguf
 from ..checkpoint.gguf_file import GGUFFile
 from ..checkpoint.weights import assemble, text_key_map
@@ -42,7 +43,7 @@ def load_gguf(file: GGUFFile, dtype: torch.dtype | None, quantize=None, device: 
 
 
 def meta_skeleton(cls, config) -> nn.Module:
-    with torch.device("meta"):
+    with uninitialised_meta():
         return cls(config.text)
 
 

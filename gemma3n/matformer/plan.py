@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..checkpoint.skeleton import uninitialised_meta
 from ..config import ConfigError, ModelConfig, TextConfig
 from .published import PUBLISHED, Published, find
 
@@ -247,11 +248,9 @@ def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
     - total: text + the vision and audio towers and their embedders, each tied table once.
     Also the parts: embed_tokens, per_layer_table, shared_kv (the unused K/V above), vision, audio (towers with
     their embedders; None for a text-only config)."""
-    import torch
-
     from ..model.text import CausalLM
     text = config.text
-    with torch.device("meta"):
+    with uninitialised_meta():
         lm = CausalLM(text)
     loaded = sum(p.numel() for p in lm.parameters())
     kv = text.num_key_value_heads * text.head_dim
@@ -268,11 +267,9 @@ def parameter_counts(config: ModelConfig) -> dict[str, int | None]:
 
 
 def _tower_counts(config: ModelConfig) -> tuple[int | None, int | None]:
-    import torch
-
     from ..model.multimodal import Multimodal
     counts = []
-    with torch.device("meta"):
+    with uninitialised_meta():
         try:
             mm = Multimodal(config)
         except (ConfigError, ValueError, KeyError, TypeError):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..checkpoint.skeleton import uninitialised_meta
 from .. import kernels
 from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize, INT4_TILE
 
@@ -213,7 +214,8 @@ class BiasedLinear(nn.Module):
 
     @classmethod
     def split(cls, old: nn.Linear) -> "BiasedLinear":
-        bare = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+        with uninitialised_meta():
+            bare = nn.Linear(old.in_features, old.out_features, bias=False)
         bare.weight = old.weight
         return cls(bare, old.bias.detach())
 

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from ..checkpoint.skeleton import uninitialised_meta
 from .formats import GROUP_SIZES, int4_supported
 from .modules import BiasedLinear, Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 
@@ -143,7 +144,7 @@ def plan_for(build: Callable[[], nn.Module], scheme) -> tuple[dict[str, str], Qu
     if scheme is None:
         return {}, None
     scheme = parse_scheme(scheme)
-    with torch.device("meta"):
+    with uninitialised_meta():
         return plan(build(), scheme), scheme
 
 
@@ -192,7 +193,7 @@ def quantize_module(module: nn.Module, fmt: str, group_size: int = DEFAULT_GROUP
 
 
 def _skeleton(old: nn.Module, kind: str, group_size: int, dtype: torch.dtype) -> nn.Module:
-    with torch.device("meta"):
+    with uninitialised_meta():
         if isinstance(old, nn.Embedding):
             if kind == INT4:
                 return Int4Embedding(old.num_embeddings, old.embedding_dim, group_size, dtype)
