@@ -190,8 +190,8 @@ def test_real_270m_logits_and_greedy_match_transformers(real_270m, real_270m_ref
         mask = (torch.arange(41) >= torch.tensor([[0], [34]])).long()  # row 1: the 7-token prompt, left padded
         ref = real_270m_reference(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         assert rel_err(ours(batch, attention_mask=mask)[mask.bool()], ref.logits[mask.bool()]) < RTOL
-        for prompt in prompts:
-            assert _greedy_ours(ours, prompt, 32) == _greedy_reference(real_270m_reference, prompt, 32)
+        for prompt in prompts[::2]:  # BOS alone, 41 tokens, past the window
+            assert _greedy_ours(ours, prompt, 20) == _greedy_reference(real_270m_reference, prompt, 20)
 
 
 # -- tiny checkpoints through llama.cpp's own converter ----------------------------------------------------------
