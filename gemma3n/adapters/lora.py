@@ -4,9 +4,14 @@ y = base(x) + B(A(dropout(x))) * scaling, with A [r, in] and B [out, r] trained 
 its stored form. The quantised kinds compute without autograd (native kernels, packed formats), so their products
 run through `frozen_linear`: the forward is theirs, the backward multiplies the incoming gradient by the dequantised
 weight a block of output rows at a time, so no float copy of a whole weight is ever made (QLoRA).
+
+A 16-bit float base on the CPU takes the same road while training: PyTorch's bfloat16 / float16 GEMM is hundreds of
+times slower than float32 on CPUs without 16-bit units (AVX2), so its products (forward and backward) are computed
+in float32 a block of rows at a time and rounded once (`quant.modules.blockwise_matmul`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -15,10 +20,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..quant.gguf_modules import GGUFEmbedding, GGUFLinear
-from ..quant.modules import Int4Linear, Int8Linear
+from ..quant.modules import Int4Linear, Int8Linear, blockwise_matmul
 
 QUANTISED_LINEARS = (Int8Linear, Int4Linear, GGUFLinear)
 _BACKWARD_BLOCK_ROWS = 2048  # output rows of a quantised weight dequantised at once in the backward (a tile multiple)
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -45,7 +51,8 @@ class _FrozenProduct(torch.autograd.Function):
         grad_x = None
         for start in range(0, ctx.out_features, _BACKWARD_BLOCK_ROWS):
             rows = slice(start, min(start + _BACKWARD_BLOCK_ROWS, ctx.out_features))
-            part = flat[:, rows] @ ctx.dequantize(rows).float()
+            w = ctx.dequantize(rows)
+            part = flat[:, rows] @ (w if w.dtype == torch.float32 else w.float())
             grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x.reshape(*grad.shape[:-1], -1).to(ctx.x_dtype), None, None, None
 
@@ -54,11 +61,29 @@ def frozen_linear(module: nn.Module, x: Tensor) -> Tensor:
     """module(x) for a frozen linear of any kind, differentiable with respect to x when autograd is on. A tied
     embedding table used as the LM head (its `.linear`) counts as a linear too."""
     if type(module) is nn.Linear or isinstance(module, nn.Embedding):
-        return F.linear(x, module.weight, getattr(module, "bias", None))
-    product = module.linear if hasattr(module, "linear") else module.forward
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if not (torch.is_grad_enabled() and bias is None and widened_on_cpu(weight)):
+            return F.linear(x, weight, bias)
+        product, dequantize, out_features = functools.partial(_wide_linear, weight=weight), weight.__getitem__, \
+            weight.shape[0]
+    else:
+        product = module.linear if hasattr(module, "linear") else module.forward
+        # float32 rows where the module unpacks them so (no round trip through its scale dtype)
+        dequantize, out_features = getattr(module, "dequantize_float", module.dequantize), module.out_features
     if not (torch.is_grad_enabled() and x.requires_grad):
         return product(x)
-    return _FrozenProduct.apply(x, product, module.dequantize, module.out_features)
+    return _FrozenProduct.apply(x, product, dequantize, out_features)
+
+
+def widened_on_cpu(weight: Tensor) -> bool:
+    """A frozen 16-bit float weight on the CPU, whose products training computes in float32 (module docstring)."""
+    return weight.device.type == "cpu" and weight.dtype in _SIXTEEN_BIT and not weight.requires_grad
+
+
+def _wide_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x W^T for a 16-bit W on the CPU: float32 products of a block of rows at a time, rounded once to x's dtype."""
+    flat = x.reshape(-1, weight.shape[1]).to(weight.dtype)
+    return blockwise_matmul(flat, weight.__getitem__, weight.shape[0]).reshape(*x.shape[:-1], weight.shape[0])
 
 
 class FrozenLinear(nn.Module):
@@ -175,10 +200,15 @@ def inject(lm: nn.Module, paths: list[str], rank: int, alpha: float, dropout: fl
 
 
 def make_differentiable(lm: nn.Module) -> list[str]:
-    """Wrap the quantised linears that carry no adapter in FrozenLinear, so gradients flow through them; returns
-    their paths (for `undo_differentiable`)."""
-    paths = [p for p, m in lm.named_modules() if isinstance(m, QUANTISED_LINEARS) and not isinstance(m, GGUFEmbedding)
-             and not p.endswith(".base_layer") and p != "model.embed_tokens"]
+    """Wrap the linears that carry no adapter and need `frozen_linear` in FrozenLinear: the quantised ones, so
+    gradients flow through them, and 16-bit float ones on the CPU, so they compute in float32; returns their paths
+    (for `undo_differentiable`)."""
+    def needs_wrapping(m: nn.Module) -> bool:
+        if type(m) is nn.Linear:
+            return m.bias is None and widened_on_cpu(m.weight)
+        return isinstance(m, QUANTISED_LINEARS) and not isinstance(m, GGUFEmbedding)
+    paths = [p for p, m in lm.named_modules() if needs_wrapping(m) and not p.endswith(".base_layer")
+             and p != "model.embed_tokens"]
     for path in paths:
         replace_module(lm, path, FrozenLinear(lm.get_submodule(path)))
     return paths

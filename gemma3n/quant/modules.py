@@ -109,6 +109,13 @@ class Int4Linear(nn.Module):
         sz = self.scales_and_zeros[:, rows]
         return int4_dequantize(self.qweight[rows], sz, self.group_size, sz.dtype)
 
+    def dequantize_float(self, rows: slice = slice(None)) -> Tensor:
+        """dequantize(rows) as float32 (the same values): with the library loaded, a transposed view of the natively
+        unpacked W^T, without the two copies that rounding to the scale dtype and widening back would make."""
+        if kernels.native() is not None:
+            return kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows).t()
+        return self.dequantize(rows).float()
+
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
         if _native(flat):

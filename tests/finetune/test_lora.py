@@ -93,3 +93,21 @@ def test_merging_folds_the_adapter_into_a_float_weight_only():
             assert merge_into(net, "proj", lora) is merged
             assert torch.allclose(net.proj(x), before, rtol=1e-5, atol=1e-6)
         assert isinstance(net.proj, LoRALinear) is not merged
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_base_trains_in_float32_products(dtype):
+    """A 16-bit float base on the CPU: forward and input gradient are the float32 products of its 16-bit values
+    rounded once to the 16-bit dtype (what a 16-bit GEMM with float32 sums gives), also through FrozenLinear."""
+    net = torch.nn.Sequential()
+    net.add_module("model", torch.nn.Sequential(torch.nn.Linear(IN, OUT, bias=False)))
+    net.model[0].weight = torch.nn.Parameter(weight().to(dtype), requires_grad=False)
+    w = net.model[0].weight.float()
+    assert make_differentiable(net) == ["model.0"]
+    x = torch.randn(2, 40, IN, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_(True)
+    upstream = torch.randn(2, 40, OUT, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out = net(x)
+    (out * upstream).sum().backward()
+    want = F.linear(x.detach().float(), w)
+    assert out.dtype == dtype and torch.equal(out, want.to(dtype))
+    assert torch.equal(x.grad, (upstream.float().reshape(-1, OUT) @ w).reshape(x.shape).to(dtype))
