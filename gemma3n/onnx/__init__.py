@@ -20,7 +20,7 @@ from ..processor.image import ImageProcessor
 from ..processor.processor import read_preprocessor_config
 from .dtypes import SUFFIXES, convert, parse_dtypes
 from .export import MEDIA_SESSIONS, TEXT_SESSIONS, export_float_sessions
-from .folder_files import write_folder_files
+from .folder_files import check_folder_sources, write_folder_files
 from .runtime import OnnxFolderError, is_onnx_folder, load_onnx_folder
 
 AUDIO_SAMPLE_FRAMES = 300  # 3 s of log-mel frames to trace the audio tower with (the frame count stays symbolic)
@@ -38,6 +38,7 @@ def export_model(lm: nn.Module, multimodal: nn.Module | None, config, tokenizer,
         raise ValueError("export needs float weights: load the checkpoint without quantize= (int8 / int4 / GGUF "
                          "weights are not exported; pick --dtype q8 or q4 for ONNX's own quantisation)")
     wanted = parse_dtypes(dtypes)
+    check_folder_sources(Path(source), tokenizer)  # before the export, not after (E2B: 25 minutes)
     out = Path(out)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)

@@ -187,11 +187,16 @@ def _save_external(model, out_path: Path) -> None:
 @contextlib.contextmanager
 def _quiet():
     """onnxruntime's quantisers log every node at INFO; keep the console for the export's progress lines."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    # the root logger and onnxruntime's own (the 4-bit quantiser sets INFO on its module logger when imported)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("onnxruntime")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
