@@ -217,7 +217,8 @@ def cmd_export(args) -> int:
     from .onnx import parse_dtypes
     dtypes = parse_dtypes(args.dtype or ["fp32"])  # checked before the (long) load
     started = time.perf_counter()
-    model = gemma3n.load(args.source, dtype="float32", matformer=args.matformer)
+    # as stored (bf16, memory-mapped): the export converts one session's weights to float32 at a time
+    model = gemma3n.load(args.source, matformer=args.matformer)
     written = gemma3n.export_onnx(model, args.destination, dtypes,
                                   progress=lambda line: print(f"gemma3n: {line}", file=sys.stderr, flush=True))
     sizes = {p.name: sum(f.stat().st_size for f in p.parent.glob(p.name + "*")) for p in written}

@@ -20,7 +20,7 @@ from ..processor.image import ImageProcessor
 from ..processor.processor import read_preprocessor_config
 from .dtypes import SUFFIXES, convert, parse_dtypes
 from .export import MEDIA_SESSIONS, TEXT_SESSIONS, export_float_sessions
-from .folder_files import write_folder_files
+from .folder_files import check_folder_sources, write_folder_files
 from .runtime import OnnxFolderError, is_onnx_folder, load_onnx_folder
 
 AUDIO_SAMPLE_FRAMES = 300  # 3 s of log-mel frames to trace the audio tower with (the frame count stays symbolic)
@@ -30,14 +30,15 @@ def export_model(lm: nn.Module, multimodal: nn.Module | None, config, tokenizer,
                  dtypes="fp32", progress: Callable[[str], None] = print) -> list[Path]:
     """Write `out/onnx/<session><suffix>.onnx` for every session and dtype, and the files beside onnx/.
 
-    `lm` / `multimodal` are a loaded Gemma 3n's float modules (gemma3n.load(..., dtype="float32")); `source` is
-    its checkpoint folder (config, tokenizer, processor settings). Returns the .onnx files written."""
+    `lm` / `multimodal` are a loaded Gemma 3n's float modules (as stored: gemma3n.load(path); the sessions are
+    traced in float32 one at a time); `source` is its checkpoint folder (config, tokenizer, processor settings). Returns the .onnx files written."""
     if config.family != "gemma3n":
         raise ValueError(f"ONNX export supports Gemma 3n checkpoints; {source} is {config.model_type}")
     if any(getattr(m, "weight", None) is not None and not m.weight.is_floating_point() for m in lm.modules()):
         raise ValueError("export needs float weights: load the checkpoint without quantize= (int8 / int4 / GGUF "
                          "weights are not exported; pick --dtype q8 or q4 for ONNX's own quantisation)")
     wanted = parse_dtypes(dtypes)
+    check_folder_sources(Path(source), tokenizer)  # before the export, not after (E2B: 25 minutes)
     out = Path(out)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,18 @@
 |---|---|---|
 | fp32 | '' | the traced graph (export.py) |
 | fp16 | _fp16 | onnxruntime.transformers.float16, inputs and outputs kept float32 |
-| q8 | _quantized | onnxruntime.quantization.quantize_dynamic: int8 MatMul weights, uint8 Gather tables |
+| q8 | _quantized | onnxruntime.quantization.quantize_dynamic: int8 MatMul weights; uint8 Gather tables |
 | q4 | _q4 | MatMulNBits (4-bit, blocks of 32) for MatMul weights; Gather tables as in q8 |
 | q4f16 | _q4f16 | the fp16 graph with the q4 treatment |
 
 The suffixes are transformers.js's (DEFAULT_DTYPE_SUFFIX_MAPPING); a dtype is always made from the float32
 graph, never from another quantised one.
+
+Gather tables (the token embeddings, E2B's 8 GB per-layer table) are quantised here rather than by
+quantize_dynamic, which holds the whole float graph plus several float temporaries of each table (~30 GB for
+E2B's embed_tokens): the table is read from its memory-mapped external data a block of rows at a time into one
+uint8 array, with quantize_dynamic's own uint8 scheme (one scale and zero point per table, range widened to
+include 0) and its graph form (Gather of the uint8 table, then DequantizeLinear).
 """
 from __future__ import annotations
 
@@ -40,18 +46,21 @@ def convert(float_path: Path, dtype: str, out_path: Path) -> Path:
     import onnx
     if dtype == "fp32":
         raise ValueError("fp32 is the exported graph itself")
+    if dtype not in SUFFIXES:
+        raise ValueError(f"unknown ONNX dtype {dtype!r}")
     with _quiet():
-        if dtype == "q8":
-            _q8(float_path, out_path)
-        elif dtype == "fp16":
+        if dtype == "fp16":
             _save(_fp16(onnx.load(str(float_path))), out_path)
-        elif dtype in ("q4", "q4f16"):
-            model = onnx.load(str(float_path))
-            if dtype == "q4f16":
-                model = _fp16(model)
-            _save(_q4(model), out_path)
-        else:
-            raise ValueError(f"unknown ONNX dtype {dtype!r}")
+            return out_path
+        with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+            source = quantize_gather_tables(float_path, Path(tmp) / "gathers.onnx") or float_path
+            if dtype == "q8":
+                _q8(source, out_path)
+            else:
+                model = onnx.load(str(source))
+                if dtype == "q4f16":
+                    model = _fp16(model)
+                _save(_q4(model), out_path)
     return out_path
 
 
@@ -62,36 +71,81 @@ def _fp16(model):
 
 def _q8(float_path: Path, out_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(str(float_path), str(out_path), op_types_to_quantize=["MatMul", "Gather"],
+    large = _is_large(float_path)
+    quantize_dynamic(str(float_path), str(out_path), op_types_to_quantize=["MatMul"],
                      weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                     use_external_data_format=_is_large(float_path),
+                     use_external_data_format=large,
                      extra_options={"EnableSubgraph": False, "MatMulConstBOnly": True})
-    if _is_large(float_path):
+    if large:
         _move_data(out_path)
 
 
 def _q4(model):
-    """MatMul weights as MatMulNBits (symmetric 4-bit blocks); then the Gather tables as 8-bit (q8's way)."""
+    """MatMul weights as MatMulNBits (symmetric 4-bit blocks); the Gather tables are uint8 already."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
     config = DefaultWeightOnlyQuantConfig(block_size=Q4_BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, block_size=Q4_BLOCK, is_symmetric=True, algo_config=config,
                                      op_types_to_quantize=("MatMul",))
+    del model
     quantizer.process()
-    model = quantizer.model.model
-    if not any(n.op_type == "Gather" and _constant_input(model, n.input[0]) for n in model.graph.node):
-        return model
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        _save(model, source)
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=["Gather"], weight_type=QuantType.QUInt8,
-                         use_external_data_format=True)
-        import onnx
-        return onnx.load(str(target))
+    return quantizer.model.model
 
 
-def _constant_input(model, name: str) -> bool:
-    return any(init.name == name for init in model.graph.initializer)
+GATHER_BLOCK_VALUES = 1 << 26  # float values of a table read at a time (256 MiB)
+
+
+def quantize_gather_tables(float_path: Path, out_path: Path) -> Path | None:
+    """Every Gather whose table is a float32 initializer -> Gather of a uint8 table + DequantizeLinear, written
+    to `out_path` (other weights copied as they are); None when the graph has no such Gather."""
+    import numpy as np
+    import onnx_ir as ir
+    model = ir.load(str(float_path))
+    graph = model.graph
+    gathers = [n for n in graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx")
+               and n.inputs[0] is not None and n.inputs[0].is_initializer()
+               and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.FLOAT]
+    if not gathers:
+        return None
+    quantized: dict[str, tuple] = {}  # table name -> (uint8 table, scale, zero point) values, shared by its Gathers
+    for node in gathers:
+        table = node.inputs[0]
+        if table.name not in quantized:
+            q, scale, zero = _uint8_table(table.const_value.numpy(), np)
+            values = (ir.Value(name=f"{table.name}_quantized", const_value=ir.tensor(q)),
+                      ir.Value(name=f"{table.name}_scale", const_value=ir.tensor(np.array(scale, np.float32))),
+                      ir.Value(name=f"{table.name}_zero_point", const_value=ir.tensor(np.array(zero, np.uint8))))
+            for v in values:
+                graph.register_initializer(v)
+            quantized[table.name] = values
+        q_table, scale, zero = quantized[table.name]
+        gather = ir.node("Gather", [q_table, node.inputs[1]], attributes={"axis": node.attributes.get_int("axis", 0)},
+                         name=f"{node.name}_quantized")
+        dequantize = ir.node("DequantizeLinear", [gather.outputs[0], scale, zero], name=f"{node.name}_dequantize")
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [gather, dequantize], node.outputs,
+                                                dequantize.outputs)
+    for name in quantized:
+        if not graph.initializers[name].uses():
+            graph.initializers.pop(name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, str(out_path), external_data=out_path.name + "_data")
+    return out_path
+
+
+def _uint8_table(table, np):
+    """quantize_dynamic's asymmetric uint8 weights, one block of rows at a time: scale = (max - min) / 255 over
+    the range widened to include 0, zero point = round(-min / scale), q = clip(round(x / scale) + zero point)."""
+    rows = max(1, GATHER_BLOCK_VALUES // max(1, table[0].size)) if table.ndim else 1
+    low = high = 0.0
+    for i in range(0, len(table), rows):
+        block = table[i:i + rows]
+        low, high = min(low, float(block.min())), max(high, float(block.max()))
+    scale = np.float32((high - low) / 255.0) if high > low else np.float32(1.0)
+    zero = int(np.clip(round(-low / float(scale)), 0, 255))
+    out = np.empty(table.shape, np.uint8)
+    for i in range(0, len(table), rows):
+        block = np.rint(table[i:i + rows] / scale) + np.float32(zero)
+        out[i:i + rows] = np.clip(block, 0, 255)
+    return out, scale, zero
 
 
 def _is_large(path: Path) -> bool:
@@ -133,11 +187,16 @@ def _save_external(model, out_path: Path) -> None:
 @contextlib.contextmanager
 def _quiet():
     """onnxruntime's quantisers log every node at INFO; keep the console for the export's progress lines."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    # the root logger and onnxruntime's own (the 4-bit quantiser sets INFO on its module logger when imported)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("onnxruntime")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

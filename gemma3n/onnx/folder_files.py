@@ -92,22 +92,27 @@ def tokenizer_config_json(source: Path, config: ModelConfig, tokenizer) -> dict[
     return data
 
 
+def check_folder_sources(source: Path, tokenizer) -> None:
+    """What write_folder_files needs from the checkpoint, checked before the (long) export starts."""
+    if tokenizer is None or not (Path(source) / "tokenizer.json").exists():
+        raise ValueError(f"{source} has no tokenizer.json; transformers.js needs one beside the ONNX files")
+    if not tokenizer.chat_template:
+        raise ValueError(f"{source} has no chat template; transformers.js's Gemma 3n processor needs "
+                         "chat_template.jinja (add chat_template.jinja or tokenizer_config.json's chat_template)")
+
+
 def write_folder_files(source: Path, out: Path, config: ModelConfig, tokenizer, external_data: list[str]) -> None:
     """Everything beside onnx/: config, generation config, tokenizer, chat template, processor settings."""
+    check_folder_sources(source, tokenizer)
     raw = json.loads((source / "config.json").read_text(encoding="utf-8"))
     _write_json(out / "config.json", model_config_json(raw, external_data))
     if (source / "generation_config.json").exists():
         shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
-    if tokenizer is None:
-        raise ValueError(f"{source} has no tokenizer.json; transformers.js needs one beside the ONNX files")
     shutil.copyfile(source / "tokenizer.json", out / "tokenizer.json")
     for extra in ("tokenizer.model", "special_tokens_map.json"):
         if (source / extra).exists():
             shutil.copyfile(source / extra, out / extra)
     _write_json(out / "tokenizer_config.json", tokenizer_config_json(source, config, tokenizer))
-    if not tokenizer.chat_template:
-        raise ValueError(f"{source} has no chat template; transformers.js's Gemma 3n processor needs "
-                         "chat_template.jinja")
     (out / "chat_template.jinja").write_text(tokenizer.chat_template, encoding="utf-8")
     _write_json(out / "preprocessor_config.json", preprocessor_json(source))
     _write_json(out / "processor_config.json", {

@@ -9,6 +9,7 @@ computed from `attention_mask` and the positions.
 Sessions and their names, as transformers.js (models/gemma3n) feeds them:
 - embed_tokens(input_ids) -> inputs_embeds, per_layer_inputs (the raw per-layer token rows, (B, T, L, P));
 - decoder_model_merged(inputs_embeds, per_layer_inputs, attention_mask (B, past + T), position_ids (B, T),
+  num_logits_to_keep (int64 scalar: logits for the last k positions only, 0 = all, as transformers' argument),
   past_key_values.{i}.key/.value for the layers that own K/V) -> logits, present.{i}.key/.value;
 - vision_encoder(pixel_values) -> image_features; audio_encoder(input_features, input_features_mask) ->
   audio_features.
@@ -67,7 +68,7 @@ class Decoder(nn.Module):
         self.window = cfg.sliding_window
 
     def forward(self, inputs_embeds: Tensor, per_layer_inputs: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                *past: Tensor) -> tuple[Tensor, ...]:
+                num_logits_to_keep: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         model, cfg = self.lm.model, self.lm.config
         dtype = inputs_embeds.dtype
         ple = model.per_layer_inputs(inputs_embeds, per_layer_inputs.to(dtype))
@@ -91,8 +92,8 @@ class Decoder(nn.Module):
                 return k, v
 
             streams = layer(streams, ple[:, :, i], rope, masks[layer.kind], kv_source)
-        logits = self.lm.head(model.norm(model.collapse(streams)))
-        return (logits, *present)
+        hidden = model.norm(model.collapse(streams))
+        return (self.lm.head(last_positions(hidden, num_logits_to_keep)), *present)
 
     def masks(self, attention_mask: Tensor, position_ids: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         """(B, past + T) mask and (B, T) positions -> additive masks (B, 1, T, past + T) per attention type."""
@@ -113,6 +114,17 @@ class Decoder(nn.Module):
                 allowed = allowed & (key_pos[:, None, :] > query_pos - self.window)
             out[kind] = torch.where((allowed | own)[:, None], zero, ninf)
         return out
+
+
+def last_positions(hidden: Tensor, keep: Tensor) -> Tensor:
+    """hidden (B, T, D) -> its last `keep` positions (all of them when keep is 0 or more than T): a prefill that
+    samples one token then computes one row of the 262k-wide head instead of T. The count becomes a symbolic
+    size in the graph (the ONNX Slice takes it as a tensor), so one graph serves every k."""
+    length = hidden.shape[1]
+    start = torch.where(keep > 0, length - keep, 0).clamp(min=0).item()
+    torch._check(start >= 0)
+    torch._check(start <= length)
+    return hidden.narrow(1, start, length - start)
 
 
 class VisionEncoder(nn.Module):

@@ -167,8 +167,9 @@ class OnnxCausalLM(nn.Module):
         past, mask, positions = self._past(cache, attention_mask, b, t)
         feeds = {"inputs_embeds": embeds, "per_layer_inputs": per_layer, "attention_mask": mask,
                  "position_ids": positions}
-        if "num_logits_to_keep" in self.decoder.inputs:
-            feeds["num_logits_to_keep"] = np.array(1 if last_only else 0, dtype=np.int64)
+        if "num_logits_to_keep" in self.decoder.inputs:  # ours declare it; the published folders do not
+            # one row of the 262k-wide head for a prefill that samples, every row for logprobs / scoring
+            feeds["num_logits_to_keep"] = np.array(1 if last_only else t, dtype=np.int64)
         if "use_cache_branch" in self.decoder.inputs:
             feeds["use_cache_branch"] = np.array([past[0].shape[2] > 0], dtype=np.bool_)
         for slot, layer in enumerate(self.kv_layers):

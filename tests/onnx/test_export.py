@@ -179,3 +179,59 @@ def test_serve_on_the_onnx_folder_answers_as_the_api(exported):
         server.close()
     want = gemma3n.load(exported, onnx_dtype="q8").generate("w5 w6 w7", max_new_tokens=8, temperature=0)
     assert reply["choices"][0]["message"]["content"] == want and want.strip()
+
+
+def decoder_feeds(onnx_model, ids: torch.Tensor) -> dict:
+    """The decoder's inputs for a prefill of `ids` (empty past), as the runtime builds them."""
+    lm = onnx_model.lm
+    embeds, per_layer = lm.model.embed_both(ids)
+    b, t = ids.shape
+    cfg = lm.config
+    feeds = {"inputs_embeds": embeds, "per_layer_inputs": per_layer, "attention_mask": np.ones((b, t), np.int64),
+             "position_ids": np.arange(t)[None].repeat(b, 0)}
+    empty = np.zeros((b, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+    feeds.update({f"past_key_values.{i}.{kind}": empty for i in lm.kv_layers for kind in ("key", "value")})
+    return feeds
+
+
+def test_num_logits_to_keep_gives_the_last_rows(onnx_model):
+    decoder = onnx_model.lm.decoder
+    assert decoder.inputs["num_logits_to_keep"].type == "tensor(int64)" and decoder.inputs["num_logits_to_keep"].shape == []
+    feeds = decoder_feeds(onnx_model, torch.cat([text_ids(9, 4), text_ids(9, 5)]))
+
+    def logits(k: int) -> np.ndarray:
+        return decoder.run({**feeds, "num_logits_to_keep": np.array(k, np.int64)})["logits"]
+
+    full = logits(0)
+    assert full.shape[:2] == (2, 9)
+    scale = np.abs(full).max()
+    for k, rows in ((1, 1), (3, 3), (9, 9), (50, 9)):  # more than the length: every row, as transformers
+        kept = logits(k)
+        assert kept.shape == (2, rows, full.shape[2])
+        assert np.abs(kept - full[:, -rows:]).max() <= 1e-5 * scale, k
+
+
+def test_folder_without_num_logits_to_keep_still_runs(exported, torch_model, tmp_path):
+    """The published onnx-community decoders do not declare num_logits_to_keep: the runtime must not feed it,
+    and slices the last row itself. Here our decoder with that input turned into a constant 0 (every row)."""
+    import onnx
+    folder = tmp_path / "published_like"
+    shutil.copytree(exported, folder, ignore=lambda d, names: [
+        n for n in names if n.endswith((".onnx", ".onnx_data")) and n not in ("embed_tokens.onnx",
+                                                                              "decoder_model_merged.onnx")])
+    path = folder / "onnx" / "decoder_model_merged.onnx"
+    model = onnx.load(str(path))
+    declared = next(i for i in model.graph.input if i.name == "num_logits_to_keep")
+    model.graph.input.remove(declared)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0, np.int64), "num_logits_to_keep"))
+    onnx.save(model, str(path))
+    old = gemma3n.load(folder, onnx_dtype="fp32")
+    assert "num_logits_to_keep" not in old.lm.decoder.inputs
+    ids = text_ids(20, 6)
+    want = torch_model.logits(ids)
+    assert relative(old.logits(ids), want) <= RTOL
+    cache = old.lm.new_cache(1, ids.shape[1])
+    last = old.lm(ids[:, :12], cache=cache, last_only=True)
+    assert last.shape[1] == 1 and relative(last[:, -1], want[:, 11]) <= RTOL
+    assert old.generate(ids, max_new_tokens=6, temperature=0).tolist() == \
+        torch_model.generate(ids, max_new_tokens=6, temperature=0).tolist()
