@@ -166,8 +166,10 @@ def _library_private(node: ast.Attribute) -> bool:
 
 
 # torch's weight-only quantised matmul ops: private by name, but the kernels torch's own quantisation (and gpt-fast)
-# run on; quant/modules.py checks each against its dequantised product
-LIBRARY_PRIVATE = {"_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"}
+# run on; quant/modules.py checks each against its dequantised product. torch._check: how torch.export's
+# documentation tells a traced model to state a data-dependent size's range (onnx/graphs.py).
+LIBRARY_PRIVATE = {"_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu",
+                   "_check"}
 
 
 @pytest.mark.parametrize("package", sorted({_package_of(m) for m in MODULES} - {"__init__"}))
