@@ -41,10 +41,10 @@ def load(path_or_id: str | Path, dtype=None, device: str = "cpu", quantize=None,
 
 
 def export_onnx(model_or_path, out: str | Path, dtypes="fp32", progress=print) -> list[Path]:
-    """Export a Gemma 3n (a loaded float `Model`, in any float dtype, or anything `load` takes) to the transformers.js ONNX layout in
-    `out`: onnx/embed_tokens, decoder_model_merged, vision_encoder, audio_encoder (the last two when the
-    checkpoint has towers) in each of `dtypes` ("fp32", "fp16", "q8", "q4", "q4f16"), with config, tokenizer and
-    processor files. Returns the .onnx files written."""
+    """Export a Gemma 3n (a loaded float `Model`, in any float dtype, or anything `load` takes) to the
+    transformers.js ONNX layout in `out`: onnx/embed_tokens, decoder_model_merged, vision_encoder, audio_encoder
+    (the last two when the checkpoint has towers) in each of `dtypes` ("fp32", "fp16", "q8", "q4", "q4f16"), with
+    config, tokenizer and processor files. Returns the .onnx files written."""
     from .onnx import export_model
     # a path loads as stored (bf16, memory-mapped): the export makes one session's weights float32 at a time
     model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)

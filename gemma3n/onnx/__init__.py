@@ -31,7 +31,8 @@ def export_model(lm: nn.Module, multimodal: nn.Module | None, config, tokenizer,
     """Write `out/onnx/<session><suffix>.onnx` for every session and dtype, and the files beside onnx/.
 
     `lm` / `multimodal` are a loaded Gemma 3n's float modules (as stored: gemma3n.load(path); the sessions are
-    traced in float32 one at a time); `source` is its checkpoint folder (config, tokenizer, processor settings). Returns the .onnx files written."""
+    traced in float32 one at a time); `source` is its checkpoint folder (config, tokenizer, processor settings).
+    Returns the .onnx files written."""
     if config.family != "gemma3n":
         raise ValueError(f"ONNX export supports Gemma 3n checkpoints; {source} is {config.model_type}")
     if any(getattr(m, "weight", None) is not None and not m.weight.is_floating_point() for m in lm.modules()):

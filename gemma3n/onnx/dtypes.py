@@ -110,7 +110,7 @@ def quantize_gather_tables(float_path: Path, out_path: Path) -> Path | None:
     for node in gathers:
         table = node.inputs[0]
         if table.name not in quantized:
-            q, scale, zero = _uint8_table(table.const_value.numpy(), np)
+            q, scale, zero = _uint8_table(table.const_value.numpy())
             values = (ir.Value(name=f"{table.name}_quantized", const_value=ir.tensor(q)),
                       ir.Value(name=f"{table.name}_scale", const_value=ir.tensor(np.array(scale, np.float32))),
                       ir.Value(name=f"{table.name}_zero_point", const_value=ir.tensor(np.array(zero, np.uint8))))
@@ -131,9 +131,10 @@ def quantize_gather_tables(float_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
-def _uint8_table(table, np):
+def _uint8_table(table):
     """quantize_dynamic's asymmetric uint8 weights, one block of rows at a time: scale = (max - min) / 255 over
     the range widened to include 0, zero point = round(-min / scale), q = clip(round(x / scale) + zero point)."""
+    import numpy as np
     rows = max(1, GATHER_BLOCK_VALUES // max(1, table[0].size)) if table.ndim else 1
     low = high = 0.0
     for i in range(0, len(table), rows):
