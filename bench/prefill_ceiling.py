@@ -1,0 +1,104 @@
+"""Question: how many prompt tokens per second can an exact (float32) prefill reach on this CPU at most?
+
+An exact prefill multiplies float32 activations by the dequantised weights in float32, as the reference does. Per
+prompt token it does at least 2 x (weights of the decoder's matrix products) floating-point operations: every
+2-D weight of the language model's layers and its per-layer-input projection, leaving out the token tables (a
+gather, not a product), the LM head (only the last position's row is needed) and the key / value projections of
+the layers that reuse another layer's cache (Gemma 3n's shared-KV layers compute none). Attention over the
+prompt and the element-wise work come on top, so the figure below is an upper bound.
+
+The best float32 matrix product rate on this machine is measured with torch's GEMM (oneDNN / MKL: at or near the
+CPU's peak float32 rate) on the prefill's own shapes: a `--tokens` x K activation block times each distinct K x N
+weight shape of the checkpoint, best of `--trials`. The ceiling is that rate / the operations per token. A
+peer's measured prefill (e.g. llama.cpp's, from bench/speed.py, whose integer kernels multiply 8-bit
+activations) can be set beside it with `--peer NAME=TOK_PER_S`: a goal of k x the peer is reachable by an exact
+prefill only if k x peer <= ceiling.
+
+    python bench/prefill_ceiling.py /work/e2b [--tokens 512] [--threads 2] [--peer llama.cpp=15.2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+SKIPPED = ("embed_tokens", "lm_head", "vision_tower", "audio_tower", "embed_vision", "embed_audio")
+
+
+def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the headers of the folder's safetensors files (no weights read)."""
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        shapes.update({name: meta["shape"] for name, meta in header.items() if name != "__metadata__"})
+    if not shapes:
+        raise SystemExit(f"{folder} has no safetensors files")
+    return shapes
+
+
+def product_weights(folder: Path) -> list[list[int]]:
+    """Shapes of the 2-D weights a prefill multiplies every prompt token by (see the module docstring)."""
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    layers = text["num_hidden_layers"]
+    first_shared = layers - text.get("num_kv_shared_layers", 0)
+    products = []
+    for name, shape in safetensors_shapes(folder).items():
+        if len(shape) != 2 or not name.endswith(".weight") or any(s in name for s in SKIPPED):
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= first_shared and re.search(r"\.(k_proj|v_proj)\.", name):
+            continue
+        products.append(shape)
+    return products
+
+
+def gemm_rate(shapes: Counter, tokens: int, trials: int) -> float:
+    """FLOP/s of torch's float32 GEMM over the prefill's shapes, each at its best of `trials` (weighted by use)."""
+    flops = seconds = 0.0
+    for (n, k), uses in shapes.items():
+        x, w = torch.randn(tokens, k), torch.randn(k, n)
+        torch.mm(x, w)
+        best = min(_timed(lambda: torch.mm(x, w)) for _ in range(trials))
+        flops += uses * 2.0 * tokens * n * k
+        seconds += uses * best
+    return flops / seconds
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="Hugging Face checkpoint folder (safetensors + config.json)")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--peer", action="append", default=[], metavar="NAME=TOK_PER_S")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    products = product_weights(args.folder)
+    macs = sum(n * k for n, k in products)
+    rate = gemm_rate(Counter(tuple(s) for s in products), args.tokens, args.trials)
+    ceiling = rate / (2.0 * macs)
+    result = {"folder": str(args.folder), "tokens": args.tokens, "threads": args.threads,
+              "torch": torch.__version__, "weights_multiplied_per_token": macs,
+              "gemm_gflops": round(rate / 1e9, 2), "exact_prefill_ceiling_tok_s": round(ceiling, 2)}
+    for peer in args.peer:
+        name, tok_s = peer.split("=")
+        result[f"ceiling_over_{name}"] = round(ceiling / float(tok_s), 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
