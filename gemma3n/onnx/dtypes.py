@@ -3,7 +3,7 @@
 | dtype | file suffix | how |
 |---|---|---|
 | fp32 | '' | the traced graph (export.py) |
-| fp16 | _fp16 | onnxruntime.transformers.float16, inputs and outputs kept float32 |
+| fp16 | _fp16 | onnxruntime.transformers.float16, inputs and outputs kept float32 (float16.py: block-wise values) |
 | q8 | _quantized | onnxruntime.quantization.quantize_dynamic: int8 MatMul weights; uint8 Gather tables |
 | q4 | _q4 | MatMulNBits (4-bit, blocks of 32) for MatMul weights; Gather tables as in q8 |
 | q4f16 | _q4f16 | the fp16 graph with the q4 treatment |
@@ -24,6 +24,8 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
+from .float16 import write_fp16
 
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
 SMALLEST_FIRST = ("q4", "q4f16", "q8", "fp16", "fp32")  # the default when a folder holds several (by file size)
@@ -50,23 +52,16 @@ def convert(float_path: Path, dtype: str, out_path: Path) -> Path:
         raise ValueError(f"unknown ONNX dtype {dtype!r}")
     with _quiet():
         if dtype == "fp16":
-            _save(_fp16(onnx.load(str(float_path))), out_path)
-            return out_path
+            return write_fp16(float_path, out_path)
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             source = quantize_gather_tables(float_path, Path(tmp) / "gathers.onnx") or float_path
             if dtype == "q8":
                 _q8(source, out_path)
             else:
-                model = onnx.load(str(source))
-                if dtype == "q4f16":
-                    model = _fp16(model)
-                _save(_q4(model), out_path)
+                if dtype == "q4f16":  # the 4-bit quantiser then holds the float16 graph, half the float32 one
+                    source = write_fp16(source, Path(tmp) / "fp16.onnx")
+                _save(_q4(onnx.load(str(source))), out_path)
     return out_path
-
-
-def _fp16(model):
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    return convert_float_to_float16(model, keep_io_types=True)
 
 
 def _q8(float_path: Path, out_path: Path) -> None:
