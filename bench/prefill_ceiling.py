@@ -5,7 +5,9 @@ prompt token it does at least 2 x (weights of the decoder's matrix products) flo
 2-D weight of the language model's layers and its per-layer-input projection, leaving out the token tables (a
 gather, not a product), the LM head (only the last position's row is needed) and the key / value projections of
 the layers that reuse another layer's cache (Gemma 3n's shared-KV layers compute none). Attention over the
-prompt and the element-wise work come on top, so the figure below is an upper bound.
+prompt and the element-wise work come on top, so the figure below is an upper bound. Gemma 3n's sparse layers
+(`activation_sparsity_pattern`, 0.95 in E2B's first 10) zero that fraction of their MLP activations on average,
+so the down projection there needs only the rest of its inputs; it is counted at that share.
 
 The best float32 matrix product rate on this machine is measured with torch's GEMM (oneDNN / MKL: at or near the
 CPU's peak float32 rate) on the prefill's own shapes: a `--tokens` x K activation block times each distinct K x N
@@ -43,12 +45,13 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def product_weights(folder: Path) -> list[list[int]]:
-    """Shapes of the 2-D weights a prefill multiplies every prompt token by (see the module docstring)."""
+def product_weights(folder: Path) -> list[tuple[list[int], float]]:
+    """(shape, share of it a prompt token needs) of the 2-D weights a prefill multiplies every token by."""
     config = json.loads((folder / "config.json").read_text())
     text = config.get("text_config", config)
     layers = text["num_hidden_layers"]
     first_shared = layers - text.get("num_kv_shared_layers", 0)
+    sparsity = text.get("activation_sparsity_pattern") or [0.0] * layers
     products = []
     for name, shape in safetensors_shapes(folder).items():
         if len(shape) != 2 or not name.endswith(".weight") or any(s in name for s in SKIPPED):
@@ -56,7 +59,8 @@ def product_weights(folder: Path) -> list[list[int]]:
         layer = re.search(r"\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= first_shared and re.search(r"\.(k_proj|v_proj)\.", name):
             continue
-        products.append(shape)
+        needed = 1.0 - sparsity[int(layer.group(1))] if layer and ".mlp.down_proj." in name else 1.0
+        products.append((shape, needed))
     return products
 
 
@@ -88,11 +92,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     products = product_weights(args.folder)
-    macs = sum(n * k for n, k in products)
-    rate = gemm_rate(Counter(tuple(s) for s in products), args.tokens, args.trials)
+    macs = sum(n * k * needed for (n, k), needed in products)
+    rate = gemm_rate(Counter(tuple(shape) for shape, _ in products), args.tokens, args.trials)
     ceiling = rate / (2.0 * macs)
     result = {"folder": str(args.folder), "tokens": args.tokens, "threads": args.threads,
-              "torch": torch.__version__, "weights_multiplied_per_token": macs,
+              "torch": torch.__version__, "weights_multiplied_per_token": int(macs),
               "gemm_gflops": round(rate / 1e9, 2), "exact_prefill_ceiling_tok_s": round(ceiling, 2)}
     for peer in args.peer:
         name, tok_s = peer.split("=")
