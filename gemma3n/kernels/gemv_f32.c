@@ -34,7 +34,8 @@ AVX2 static inline void madd32_i8(__m256i v, const float *x, __m256 *s, __m256 *
     *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), _mm256_loadu_ps(x + 24), *t);
 }
 
-/* Q4_0 / Q5_0 (offset 8 / 16, subtracted in bytes) and Q4_1 / Q5_1 (min m, added as m * sum x). */
+/* Q5_1 (min m, added as m * sum x); the code also serves Q4_0 / Q4_1 / Q5_0 (offset 8 / 16, subtracted in bytes),
+ * which take other kernels (Q5_0: dot_q5_0_exact below; Q4_0 / Q4_1: the plain one was as fast). */
 AVX2 static float dot_legacy_exact(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
     const int bb = block_bytes(type), five = type == T_Q5_0 || type == T_Q5_1;
     const int has_min = type == T_Q4_1 || type == T_Q5_1;
@@ -55,6 +56,37 @@ AVX2 static float dot_legacy_exact(int type, const uint8_t *row, const float *x,
         if (has_min) corr += h2f(rd16(row + 2)) * xs[i];
     }
     return hsum8(_mm256_add_ps(acc0, acc1)) + corr;
+}
+
+/* Q5_0, widened to 32-bit lanes straight from memory rather than as bytes: the zero-extended bytes give the low
+ * nibbles (& 15) and the high ones (>> 4) of 8 values each, and the fifth bit of value j becomes a lane mask
+ * (qh & 1 << j == 1 << j); the offset 16 is subtracted where that bit is clear (q4 + 16 b - 16). Bytes in 8-bit
+ * lanes had to be spread to 32 bits in four shuffles per block (and the fifth bits placed with two more); this
+ * form does without them and computes the same products in the same order. */
+AVX2 static float dot_q5_0_exact(const uint8_t *row, const float *x, int64_t nb) {
+    const __m256i m15 = _mm256_set1_epi32(15), neg16 = _mm256_set1_epi32(-16);
+    const __m256i bit0 = _mm256_setr_epi32(1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7);
+    const __m256i bit1 = _mm256_slli_epi32(bit0, 8), bit2 = _mm256_slli_epi32(bit0, 16);
+    const __m256i bit3 = _mm256_slli_epi32(bit0, 24);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 22, x += 32) {
+        if ((i & 1) == 0) PREFETCH(row);
+        __m256i lo = load8_u8(row + 6), hi = load8_u8(row + 14);  /* bytes 0-7 and 8-15 of the nibbles */
+        __m256i qh = _mm256_set1_epi32((int)rd32(row + 2));
+#define WITH_FIFTH(q, bit) \
+        _mm256_add_epi32(q, _mm256_andnot_si256(_mm256_cmpeq_epi32(_mm256_and_si256(qh, bit), bit), neg16))
+        __m256i q0 = WITH_FIFTH(_mm256_and_si256(lo, m15), bit0), q1 = WITH_FIFTH(_mm256_and_si256(hi, m15), bit1);
+        __m256i q2 = WITH_FIFTH(_mm256_srli_epi32(lo, 4), bit2), q3 = WITH_FIFTH(_mm256_srli_epi32(hi, 4), bit3);
+#undef WITH_FIFTH
+        __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(q0), _mm256_loadu_ps(x));
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(q1), _mm256_loadu_ps(x + 8));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q2), _mm256_loadu_ps(x + 16), s);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q3), _mm256_loadu_ps(x + 24), t);
+        __m256 d = _mm256_set1_ps(h2f(rd16(row)));
+        if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
+        else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
+    }
+    return hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 /* The eight 6-bit scales and minimums of a Q4_K / Q5_K super-block (kquant_scale_min, eight at a time), as bytes. */
@@ -148,14 +180,15 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *x, int64_t nb)
 
 /* Whether the kernel of `type` takes the per-block sums of x (block_sums32). */
 static int exact_needs_sums(int type) {
-    return type == T_Q5_0 || type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+    return type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
 }
 
 /* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
  * (Q4_0 / Q4_1: the plain kernel above was as fast), 0 otherwise. */
 AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out) {
     switch (type) {
-    case T_Q5_0: case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
+    case T_Q5_0: *out = dot_q5_0_exact(row, x, k / QK); return 1;
+    case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
     case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
     case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;

@@ -744,10 +744,14 @@ AVX2 static inline void scales_zeros8(const void *sz, int st, int64_t at, __m256
     *z = _mm256_setr_ps(tmp[1], tmp[3], tmp[5], tmp[7], tmp[9], tmp[11], tmp[13], tmp[15]);
 }
 
+/* Each column's 32 bytes are widened to 32-bit lanes straight from memory, 8 bytes at a time: `& 15` gives rows
+ * j (low nibbles), `>> 4` rows j + 32 (high ones). The earlier form unpacked the nibbles as bytes, spread them
+ * to 32 bits with shuffles (two extracts and four byte shifts a column) and kept its eight sums in an array; this
+ * one has neither and ran 1.6x as fast (bench/decode_profile.py --kernels). Same products, same order. */
 AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
                                 int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m,
                                 float *y) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i m15 = _mm256_set1_epi32(15);
     const __m256 eight = _mm256_set1_ps(8.0f);
     for (int64_t i = 0; i < m; i++) {
         const float *xi = x + i * k;
@@ -756,27 +760,26 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
         int64_t c = 0, grp, total = cols ? n_cols : k;
         while (c < total) {
             int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
-            __m256 part[8];
-            for (int v = 0; v < 8; v++) part[v] = _mm256_setzero_ps();
+            /* rows 8 v .. 8 v + 7 of the tile, kept in registers (not an array) for the whole group */
+            __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
             float xsum = 0.0f;
             for (int64_t e = 0; e < span; e++) {
                 int64_t col = cols ? cols[first + e] : first + e;
-                __m256i b = _mm256_loadu_si256((const __m256i *)(tile + col * 32));
-                __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+                const uint8_t *b = tile + col * 32;
                 float xv = xi[col];
                 xsum += xv;
                 __m256 bx = _mm256_set1_ps(xv);
-                __m128i l0 = _mm256_castsi256_si128(lo), l1 = _mm256_extracti128_si256(lo, 1);
-                __m128i h0 = _mm256_castsi256_si128(hi), h1 = _mm256_extracti128_si256(hi, 1);
-                part[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l0)), bx, part[0]);
-                part[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l0, 8))), bx, part[1]);
-                part[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(l1)), bx, part[2]);
-                part[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(l1, 8))), bx, part[3]);
-                part[4] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h0)), bx, part[4]);
-                part[5] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h0, 8))), bx, part[5]);
-                part[6] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(h1)), bx, part[6]);
-                part[7] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(h1, 8))), bx, part[7]);
+                __m256i a0 = load8_u8(b), a1 = load8_u8(b + 8), a2 = load8_u8(b + 16), a3 = load8_u8(b + 24);
+                p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a0, m15)), bx, p0);
+                p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a1, m15)), bx, p1);
+                p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a2, m15)), bx, p2);
+                p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a3, m15)), bx, p3);
+                p4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a0, 4)), bx, p4);
+                p5 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a1, 4)), bx, p5);
+                p6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a2, 4)), bx, p6);
+                p7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a3, 4)), bx, p7);
             }
+            __m256 part[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
             __m256 xs = _mm256_set1_ps(xsum);
             for (int v = 0; v < 8; v++) {
                 __m256 s, z;
