@@ -1,22 +1,30 @@
 """Question: how many prompt tokens per second can an exact (float32) prefill reach on this CPU at most?
 
 An exact prefill multiplies float32 activations by the dequantised weights in float32, as the reference does. Per
-prompt token it does at least 2 x (weights of the decoder's matrix products) floating-point operations: every
-2-D weight of the language model's layers and its per-layer-input projection, leaving out the token tables (a
-gather, not a product), the LM head (only the last position's row is needed) and the key / value projections of
-the layers that reuse another layer's cache (Gemma 3n's shared-KV layers compute none). Attention over the
-prompt and the element-wise work come on top, so the figure below is an upper bound. Gemma 3n's sparse layers
-(`activation_sparsity_pattern`, 0.95 in E2B's first 10) zero that fraction of their MLP activations on average,
-so the down projection there needs only the rest of its inputs; it is counted at that share.
+prompt token it needs at least 2 x (the weights its products apply to that token) floating-point operations:
+every 2-D weight of the language model's layers and its input-side products (the per-layer-input projection,
+the AltUp expansion), leaving out the token tables (a gather, not a product), and what a prompt needs for its
+last position only, which gemma3n computes for that position alone (the LM head; the AltUp collapse; Gemma 3n's
+KV-shared layers, which write no cache, so only the last position's pass through them matters). Gemma 3n's
+sparse layers (`activation_sparsity_pattern`, 0.95 in E2B's first 10) zero that fraction of their MLP
+activations on average, so the down projection there needs only the rest of its inputs; it is counted at that
+share. Attention over the prompt and the element-wise work come on top, so the figure below is an upper bound.
 
 The best float32 matrix product rate on this machine is measured with torch's GEMM (oneDNN / MKL: at or near the
 CPU's peak float32 rate) on the prefill's own shapes: a `--tokens` x K activation block times each distinct K x N
-weight shape of the checkpoint, best of `--trials`. The ceiling is that rate / the operations per token. A
-peer's measured prefill (e.g. llama.cpp's, from bench/speed.py, whose integer kernels multiply 8-bit
-activations) can be set beside it with `--peer NAME=TOK_PER_S`: a goal of k x the peer is reachable by an exact
-prefill only if k x peer <= ceiling.
+weight shape of the checkpoint, the weight as stored (F.linear) and transposed (torch.mm), best of `--trials`.
+The ceiling is that rate / the operations per token. A peer's measured prefill (e.g. llama.cpp's, from
+bench/speed.py, whose integer kernels multiply 8-bit activations) can be set beside it with `--peer
+NAME=TOK_PER_S`: a goal of k x the peer is reachable by an exact prefill only if k x peer <= ceiling.
 
     python bench/prefill_ceiling.py /work/e2b [--tokens 512] [--threads 2] [--peer llama.cpp=15.2]
+
+`--part audio` asks the same of the audio tower (USM conformer): its 2-D weights act on every frame after the
+4x subsampling (750 for a 30 s clip: --tokens 750), the relative-position projection only on the attention
+window's distances, so it is left out; the convolutions and attention come on top. `floor_s` is then the least
+time an exact float32 encode of that many frames can take here, to set beside a peer's measured encode.
+
+    python bench/prefill_ceiling.py /work/e2b --part audio --tokens 750
 """
 from __future__ import annotations
 
@@ -30,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-SKIPPED = ("embed_tokens", "lm_head", "vision_tower", "audio_tower", "embed_vision", "embed_audio")
+SKIPPED = ("embed_tokens", "lm_head", "vision_tower", "audio_tower", "embed_vision", "embed_audio",
+           "altup_unembed_projections")  # the collapse: last position only
+AUDIO_SKIPPED = ("relative_position_embedding",)  # applied to the window's distances, not to every frame
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
@@ -45,6 +55,13 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
+def audio_weights(folder: Path) -> list[tuple[list[int], float]]:
+    """(shape, 1.0) of the audio tower's 2-D weights that act on every subsampled frame."""
+    return [(shape, 1.0) for name, shape in safetensors_shapes(folder).items()
+            if "audio_tower" in name and len(shape) == 2 and name.endswith(".weight")
+            and not any(s in name for s in AUDIO_SKIPPED)]
+
+
 def product_weights(folder: Path) -> list[tuple[list[int], float]]:
     """(shape, share of it a prompt token needs) of the 2-D weights a prefill multiplies every token by."""
     config = json.loads((folder / "config.json").read_text())
@@ -57,7 +74,7 @@ def product_weights(folder: Path) -> list[tuple[list[int], float]]:
         if len(shape) != 2 or not name.endswith(".weight") or any(s in name for s in SKIPPED):
             continue
         layer = re.search(r"\.layers\.(\d+)\.", name)
-        if layer and int(layer.group(1)) >= first_shared and re.search(r"\.(k_proj|v_proj)\.", name):
+        if layer and int(layer.group(1)) >= first_shared:  # a KV-shared layer: the last position only
             continue
         needed = 1.0 - sparsity[int(layer.group(1))] if layer and ".mlp.down_proj." in name else 1.0
         products.append((shape, needed))
@@ -68,9 +85,12 @@ def gemm_rate(shapes: Counter, tokens: int, trials: int) -> float:
     """FLOP/s of torch's float32 GEMM over the prefill's shapes, each at its best of `trials` (weighted by use)."""
     flops = seconds = 0.0
     for (n, k), uses in shapes.items():
-        x, w = torch.randn(tokens, k), torch.randn(k, n)
-        torch.mm(x, w)
-        best = min(_timed(lambda: torch.mm(x, w)) for _ in range(trials))
+        # both layouts of the weight (as stored, [n, k], through F.linear, and transposed, [k, n]): the faster counts
+        x, w = torch.randn(tokens, k), torch.randn(n, k)
+        w_t = w.t().contiguous()
+        torch.nn.functional.linear(x, w), torch.mm(x, w_t)
+        best = min(min(_timed(lambda: torch.nn.functional.linear(x, w)), _timed(lambda: torch.mm(x, w_t)))
+                   for _ in range(trials))
         flops += uses * 2.0 * tokens * n * k
         seconds += uses * best
     return flops / seconds
@@ -89,15 +109,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--peer", action="append", default=[], metavar="NAME=TOK_PER_S")
+    ap.add_argument("--part", choices=["text", "audio"], default="text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    products = product_weights(args.folder)
+    products = product_weights(args.folder) if args.part == "text" else audio_weights(args.folder)
     macs = sum(n * k * needed for (n, k), needed in products)
     rate = gemm_rate(Counter(tuple(shape) for shape, _ in products), args.tokens, args.trials)
     ceiling = rate / (2.0 * macs)
-    result = {"folder": str(args.folder), "tokens": args.tokens, "threads": args.threads,
+    result = {"folder": str(args.folder), "part": args.part, "tokens": args.tokens, "threads": args.threads,
               "torch": torch.__version__, "weights_multiplied_per_token": int(macs),
-              "gemm_gflops": round(rate / 1e9, 2), "exact_prefill_ceiling_tok_s": round(ceiling, 2)}
+              "gemm_gflops": round(rate / 1e9, 2), "exact_prefill_ceiling_tok_s": round(ceiling, 2),
+              "floor_s": round(args.tokens / ceiling, 3)}
     for peer in args.peer:
         name, tok_s = peer.split("=")
         result[f"ceiling_over_{name}"] = round(ceiling / float(tok_s), 3)
