@@ -34,26 +34,23 @@ AVX2 static inline void madd32_i8(__m256i v, const float *x, __m256 *s, __m256 *
     *t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), _mm256_loadu_ps(x + 24), *t);
 }
 
-/* Q5_1 (min m, added as m * sum x); the code also serves Q4_0 / Q4_1 / Q5_0 (offset 8 / 16, subtracted in bytes),
- * which take other kernels (Q5_0: dot_q5_0_exact below; Q4_0 / Q4_1: the plain one was as fast). */
-AVX2 static float dot_legacy_exact(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
-    const int bb = block_bytes(type), five = type == T_Q5_0 || type == T_Q5_1;
-    const int has_min = type == T_Q4_1 || type == T_Q5_1;
+/* Q5_1: 16 bytes of nibbles (values j and j + 16), 32 fifth bits, scale d and min m (added as m * sum x). The
+ * other legacy types take other kernels: Q5_0 dot_q5_0_exact below, Q4_0 / Q4_1 the plain one (as fast). */
+AVX2 static float dot_q5_1_exact(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
     const __m128i low = _mm_set1_epi8(0x0F);
-    const __m256i off = _mm256_set1_epi8((char)(has_min ? 0 : (five ? 16 : 8)));
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     float corr = 0.0f;
-    for (int64_t i = 0; i < nb; i++, row += bb, x += 32) {
+    for (int64_t i = 0; i < nb; i++, row += 24, x += 32) {
         if ((i & 1) == 0) PREFETCH(row);
-        __m128i raw = _mm_loadu_si128((const __m128i *)(row + (has_min ? 4 : 2) + (five ? 4 : 0)));
+        __m128i raw = _mm_loadu_si128((const __m128i *)(row + 8));
         __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low), _mm_and_si128(raw, low));
-        if (five) v = _mm256_or_si256(v, bits_to_0x10(rd32(row + (has_min ? 4 : 2))));
+        v = _mm256_or_si256(v, bits_to_0x10(rd32(row + 4)));
         __m256 s = _mm256_setzero_ps(), t = _mm256_setzero_ps();
-        madd32_i8(_mm256_sub_epi8(v, off), x, &s, &t);
+        madd32_i8(v, x, &s, &t);
         __m256 d = _mm256_set1_ps(h2f(rd16(row)));
         if (i & 1) acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc1);
         else acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s, t), acc0);
-        if (has_min) corr += h2f(rd16(row + 2)) * xs[i];
+        corr += h2f(rd16(row + 2)) * xs[i];
     }
     return hsum8(_mm256_add_ps(acc0, acc1)) + corr;
 }
@@ -188,7 +185,7 @@ static int exact_needs_sums(int type) {
 AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out) {
     switch (type) {
     case T_Q5_0: *out = dot_q5_0_exact(row, x, k / QK); return 1;
-    case T_Q5_1: *out = dot_legacy_exact(type, row, x, xs, k / QK); return 1;
+    case T_Q5_1: *out = dot_q5_1_exact(row, x, xs, k / QK); return 1;
     case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
     case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;

@@ -98,10 +98,11 @@ def test_media_prompts_equal_torch(torch_model, onnx_model, media, kind):
 
 
 # Top-1 agreement with torch float32 over 64 positions, measured on this checkpoint: fp16 0.984, q8 0.734,
-# q4 0.328, q4f16 0.375 (uint8 tables made block-wise, fp16 values written block-wise). A tiny random model is far more sensitive to weight rounding than a trained one: the
-# same rounding applied to the torch model's own weights (uint8 per-tensor tables: 0.75; int4 blocks of 32 on
-# every linear: 0.36) loses as much, so these figures measure the model, not a fault of the export. The bounds
-# keep well above chance (1/512) and below the measured values.
+# q4 0.328, q4f16 0.375 (uint8 tables made block-wise, fp16 values written block-wise). A tiny random model is
+# far more sensitive to weight rounding than a trained one: the same rounding applied to the torch model's own
+# weights (uint8 per-tensor tables: 0.75; int4 blocks of 32 on every linear: 0.36) loses as much, so these
+# figures measure the model, not a fault of the export. The bounds keep well above chance (1/512) and below the
+# measured values.
 TOP1 = {"fp16": 0.95, "q8": 0.6, "q4": 0.2, "q4f16": 0.2}
 
 
