@@ -4,7 +4,7 @@
 |---|---|---|
 | fp32 | '' | the traced graph (export.py) |
 | fp16 | _fp16 | onnxruntime.transformers.float16, inputs and outputs kept float32 (float16.py: block-wise values) |
-| q8 | _quantized | onnxruntime.quantization.quantize_dynamic: int8 MatMul weights; uint8 Gather tables |
+| q8 | _quantized | onnxruntime.quantization.quantize_dynamic's graph and values: int8 MatMul weights, uint8 Gather tables (int8.py: block-wise) |
 | q4 | _q4 | MatMulNBits (4-bit, blocks of 32) for MatMul weights; Gather tables as in q8 |
 | q4f16 | _q4f16 | the fp16 graph with the q4 treatment |
 
@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .float16 import write_fp16
+from .int8 import write_q8
 
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
 SMALLEST_FIRST = ("q4", "q4f16", "q8", "fp16", "fp32")  # the default when a folder holds several (by file size)
@@ -56,23 +57,12 @@ def convert(float_path: Path, dtype: str, out_path: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
             source = quantize_gather_tables(float_path, Path(tmp) / "gathers.onnx") or float_path
             if dtype == "q8":
-                _q8(source, out_path)
+                write_q8(source, out_path)
             else:
                 if dtype == "q4f16":  # the 4-bit quantiser then holds the float16 graph, half the float32 one
                     source = write_fp16(source, Path(tmp) / "fp16.onnx")
                 _save(_q4(onnx.load(str(source))), out_path)
     return out_path
-
-
-def _q8(float_path: Path, out_path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    large = _is_large(float_path)
-    quantize_dynamic(str(float_path), str(out_path), op_types_to_quantize=["MatMul"],
-                     weight_type=QuantType.QInt8, per_channel=False, reduce_range=False,
-                     use_external_data_format=large,
-                     extra_options={"EnableSubgraph": False, "MatMulConstBOnly": True})
-    if large:
-        _move_data(out_path)
 
 
 def _q4(model):
@@ -144,10 +134,6 @@ def _uint8_table(table):
     return out, scale, zero
 
 
-def _is_large(path: Path) -> bool:
-    return (path.parent / (path.name + "_data")).exists()
-
-
 def _save(model, out_path: Path) -> None:
     """Save inline when it fits in one protobuf file comfortably, else with `<file>_data` beside it."""
     import onnx
@@ -161,23 +147,6 @@ def _save(model, out_path: Path) -> None:
                         location=data.name, size_threshold=1024)
     else:
         onnx.save_model(model, str(out_path))
-
-
-def _move_data(out_path: Path) -> None:
-    """quantize_dynamic names its external data <file>.data; transformers.js looks for <file>_data."""
-    import onnx
-    model = onnx.load(str(out_path))
-    _save_external(model, out_path)
-
-
-def _save_external(model, out_path: Path) -> None:
-    import onnx
-    stale = [p for p in out_path.parent.iterdir() if p.name.startswith(out_path.name) and p != out_path]
-    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=out_path.name + "_data", size_threshold=1024)
-    for p in stale:
-        if p.name != out_path.name + "_data" and p.exists():
-            p.unlink()
 
 
 @contextlib.contextmanager
