@@ -6,7 +6,13 @@
  *   - the per-block sums of x (the minimums' factor) are computed once per call, not once per weight row;
  *   - the 6-bit K-quant scales and minimums of a super-block are unpacked eight at a time, in integer registers,
  *     and scaled as one vector;
- *   - Q6_K's 6-bit values and Q5_0 / Q5_1's 5-bit ones are assembled as bytes, 32 at a time, before being widened;
+ *   - Q4_K and Q6_K read x in "lane order" (x_lane_order below, once per call): a 32-byte register of weight bytes
+ *     is eight 32-bit lanes, and byte j of every lane is taken in place with one AND, as its value times 2^8j,
+ *     against a copy of x scaled by 2^-8j. Scaling by a power of two is exact, so each product is the same float as
+ *     the byte's value times x (for |x| >= 2^-98, below which x * 2^-28 would lose bits as a subnormal). This does
+ *     without the shuffles and shifts that spread bytes to 32-bit lanes, which were the bottleneck on AMD Zen 3
+ *     (two of its four vector pipes do all shuffles and shifts);
+ *   - Q5_0 / Q5_1's 5-bit values are widened from memory, their fifth bits taken as lane masks;
  *   - the weights are prefetched ahead of use (below).
  * Weight rows are read one after another, each from start to end: on the AMD machines this was measured on, four
  * rows read in interleaved blocks (to share the loads of x) streamed from memory two to three times slower than
@@ -99,32 +105,27 @@ AVX2 static inline __m256 u8x8_to_ps(uint64_t v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v)));
 }
 
-/* Q4_K / Q5_K: per 32-value sub-block j, d*sc_j * sum(q x) - dmin*m_j * sum(x) */
-AVX2 static float dot_q45_k_exact(int type, const uint8_t *row, const float *x, const float *xs, int64_t nb) {
-    const int five = type == T_Q5_K, bb = block_bytes(type), qs_at = five ? 48 : 16;
+/* Q5_K: per 32-value sub-block j, d*sc_j * sum(q x) - dmin*m_j * sum(x) */
+AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
     const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, row += bb, x += QKK, xs += 8) {
+    for (int64_t i = 0; i < nb; i++, row += 176, x += QKK, xs += 8) {
         uint64_t sc, mn;
         kquant_scales_mins8(row + 4, &sc, &mn);
         float dsc[8];
         _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
         macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
                                _mm256_loadu_ps(xs), macc);
-        const uint8_t *qs = row + qs_at, *qh = row + 16;
-        for (int line = 0; line < bb; line += 64) PREFETCH(row + line);
+        const uint8_t *qs = row + 48, *qh = row + 16;
+        for (int line = 0; line < 176; line += 64) PREFETCH(row + line);
         for (int c = 0; c < 4; c++) {
             const float *xa = x + 64 * c, *xb = xa + 32;
             __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
             for (int l = 0; l < 32; l += 8) {
-                __m256i bytes = load8_u8(qs + 32 * c + l);
+                __m256i bytes = load8_u8(qs + 32 * c + l), h = load8_u8(qh + l);
                 __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
-                if (five) {
-                    __m256i h = load8_u8(qh + l);
-                    lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
-                    hi = _mm256_or_si256(hi, _mm256_slli_epi32(
-                        _mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
-                }
+                lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
                 s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(xa + l), s0);
                 s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(xb + l), s1);
             }
@@ -135,40 +136,96 @@ AVX2 static float dot_q45_k_exact(int type, const uint8_t *row, const float *x, 
     return hsum8(_mm256_sub_ps(acc, macc));
 }
 
-/* Q6_K: 16 values share a signed 8-bit scale. The 6-bit values minus 32 are assembled as bytes, 32 at a time. */
-AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *x, int64_t nb) {
-    const __m256i low = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+/* x in lane order, per group of 32: xl[8 j + i] = x[4 i + j] * 2^-8j, the value that meets byte j of lane i of a
+ * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
+ * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value. */
+AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl) {
+    for (int64_t g = 0; g < k; g += 32) {
+        int high_nibbles = type == T_Q4_K && (g / 32) % 2;
+        for (int j = 0; j < 4; j++) {
+            float scale = 1.0f / (float)(1u << (8 * j + 4 * high_nibbles));
+            if (high_nibbles && j == 3) scale = 1.0f;
+            for (int i = 0; i < 8; i++) xl[g + 8 * j + i] = x[g + 4 * i + j] * scale;
+        }
+    }
+}
+
+/* Q4_K, x in lane order: per 64 values, 32 bytes of nibbles (low: sub-block 2c, high: 2c + 1), each nibble masked
+ * in place; d*sc_j * sum(q x) - dmin*m_j * sum(x) per sub-block */
+AVX2 static float dot_q4_k_exact(const uint8_t *row, const float *xl, const float *xs, int64_t nb) {
+    const __m256i l0 = _mm256_set1_epi32(0x0F), l1 = _mm256_set1_epi32(0x0F00), l2 = _mm256_set1_epi32(0x0F0000);
+    const __m256i l3 = _mm256_set1_epi32(0x0F000000), h0 = _mm256_set1_epi32(0xF0), h1 = _mm256_set1_epi32(0xF000);
+    const __m256i h2 = _mm256_set1_epi32(0xF00000);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 144, xl += QKK, xs += 8) {
+        uint64_t sc, mn;
+        kquant_scales_mins8(row + 4, &sc, &mn);
+        float dsc[8];
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
+                               _mm256_loadu_ps(xs), macc);
+        const uint8_t *qs = row + 16;
+        for (int line = 0; line < 144; line += 64) PREFETCH(row + line);
+        for (int c = 0; c < 4; c++) {
+            const float *xa = xl + 64 * c, *xb = xa + 32;
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+#define TERM(q, xv) _mm256_cvtepi32_ps(q), _mm256_loadu_ps(xv)
+            __m256 s0 = _mm256_mul_ps(TERM(_mm256_and_si256(v, l0), xa));
+            __m256 s1 = _mm256_mul_ps(TERM(_mm256_and_si256(v, h0), xb));
+            s0 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, l1), xa + 8), s0);
+            s1 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, h1), xb + 8), s1);
+            s0 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, l2), xa + 16), s0);
+            s1 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, h2), xb + 16), s1);
+            s0 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, l3), xa + 24), s0);
+            /* in place, the top nibble would be the sign bit */
+            s1 = _mm256_fmadd_ps(TERM(_mm256_srli_epi32(v, 28), xb + 24), s1);
+#undef TERM
+            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c]), s0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c + 1]), s1, acc1);
+        }
+    }
+    return hsum8(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), macc));
+}
+
+/* Q6_K, x in lane order: 16 values share a signed 8-bit scale. The 6-bit values are assembled as bytes, 32 values
+ * (two sub-blocks: lanes 0-3 and 4-7) per register; each byte is masked in place and 32 * 2^8j subtracted in
+ * integers, and the sums of the two sub-blocks meet their scales as one vector. */
+AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, int64_t nb) {
+    const __m256i low = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    const __m256i k0 = _mm256_set1_epi32(0xFF), k1 = _mm256_set1_epi32(0xFF00), k2 = _mm256_set1_epi32(0xFF0000);
+    const __m256i k3 = _mm256_set1_epi32((int)0xFF000000u);
+    const __m256i o0 = _mm256_set1_epi32(32), o1 = _mm256_set1_epi32(32 << 8), o2 = _mm256_set1_epi32(32 << 16);
+    const __m256i o3 = _mm256_set1_epi32(32 << 24);
+    const __m256i pair0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), two = _mm256_set1_epi32(2);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, row += 210, x += QKK) {
+    for (int64_t i = 0; i < nb; i++, row += 210, xl += QKK) {
         const uint8_t *ql = row, *qh = row + 128;
         for (int line = 0; line < 210; line += 64) PREFETCH(row + line);
-        float dsc[16];
         __m256 d = _mm256_set1_ps(h2f(rd16(row + 208)));
         __m128i scb = _mm_loadu_si128((const __m128i *)(row + 192));
-        _mm256_storeu_ps(dsc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))));
-        _mm256_storeu_ps(dsc + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8)))));
+        __m256 dsc[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))),
+                         _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8))))};
         for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
             __m256i a = _mm256_loadu_si256((const __m256i *)ql), b = _mm256_loadu_si256((const __m256i *)(ql + 32));
             __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
-            __m256i q[4];  /* values 32 j .. 32 j + 31 of this half, as int8 */
+            __m256i q[4];  /* values 32 j .. 32 j + 31 of this half, 0..63 */
             q[0] = _mm256_or_si256(_mm256_and_si256(a, low), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
             q[1] = _mm256_or_si256(_mm256_and_si256(b, low), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
             q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), low), _mm256_and_si256(hb, m30));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), low),
                                    _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
-            for (int j = 0; j < 4; j++) {
-                __m256i v = _mm256_sub_epi8(q[j], off);
-                const float *xj = x + 128 * h + 32 * j;
-                __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
-                /* the first 16 values share scale 2 j of this half, the next 16 scale 2 j + 1 */
-                __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), _mm256_loadu_ps(xj));
-                s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))),
-                                    _mm256_loadu_ps(xj + 8), s);
-                __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), _mm256_loadu_ps(xj + 16));
-                t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))),
-                                    _mm256_loadu_ps(xj + 24), t);
-                acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[8 * h + 2 * j]), s, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[8 * h + 2 * j + 1]), t, acc1);
+            __m256i pair = pair0;  /* scales 2 j and 2 j + 1 of this half, each over four lanes */
+            for (int j = 0; j < 4; j++, pair = _mm256_add_epi32(pair, two)) {
+                const float *xj = xl + 128 * h + 32 * j;
+#define TERM(k, o, xv) _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(q[j], k), o)), _mm256_loadu_ps(xv)
+                __m256 s = _mm256_mul_ps(TERM(k0, o0, xj));
+                s = _mm256_fmadd_ps(TERM(k1, o1, xj + 8), s);
+                s = _mm256_fmadd_ps(TERM(k2, o2, xj + 16), s);
+                s = _mm256_fmadd_ps(TERM(k3, o3, xj + 24), s);
+#undef TERM
+                __m256 scales = _mm256_permutevar8x32_ps(dsc[h], pair);
+                if (j & 1) acc1 = _mm256_fmadd_ps(scales, s, acc1);
+                else acc0 = _mm256_fmadd_ps(scales, s, acc0);
             }
         }
     }
@@ -180,14 +237,21 @@ static int exact_needs_sums(int type) {
     return type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
 }
 
+/* Whether the kernel of `type` takes x in lane order (x_lane_order) as well as x. */
+static int exact_needs_lanes(int type) {
+    return type == T_Q4_K || type == T_Q6_K;
+}
+
 /* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
  * (Q4_0 / Q4_1: the plain kernel above was as fast), 0 otherwise. */
-AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out) {
+AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
+                          float *out) {
     switch (type) {
     case T_Q5_0: *out = dot_q5_0_exact(row, x, k / QK); return 1;
     case T_Q5_1: *out = dot_q5_1_exact(row, x, xs, k / QK); return 1;
-    case T_Q4_K: case T_Q5_K: *out = dot_q45_k_exact(type, row, x, xs, k / QKK); return 1;
-    case T_Q6_K: *out = dot_q6_k_exact(row, x, k / QKK); return 1;
+    case T_Q4_K: *out = dot_q4_k_exact(row, xl, xs, k / QKK); return 1;
+    case T_Q5_K: *out = dot_q5_k_exact(row, x, xs, k / QKK); return 1;
+    case T_Q6_K: *out = dot_q6_k_exact(row, xl, k / QKK); return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;
     }
     return 0;

@@ -590,20 +590,24 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
 #ifdef G3N_X86
 /* gemv_f32.c */
 static int exact_needs_sums(int type);
+static int exact_needs_lanes(int type);
 static void block_sums32(const float *x, int64_t k, float *xs);
-static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, float *out);
+static void x_lane_order(int type, const float *x, int64_t k, float *xl);
+static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
+                     float *out);
 #endif
 
-/* One GGUF row times one activation row (`xs`: its per-block sums where exact_needs_sums, else NULL). The same
- * arithmetic for every activation row of every batch: a request computes the same bits alone as in the server's
- * continuous batch, whatever the other rows are. */
-static float gguf_row_dot(int type, const uint8_t *row, const float *x, const float *xs, int64_t k, int vec,
-                          float *buf) {
+/* One GGUF row times one activation row (`xs`: its per-block sums where exact_needs_sums, `xl`: it in lane order
+ * where exact_needs_lanes, else NULL). The same arithmetic for every activation row of every batch: a request
+ * computes the same bits alone as in the server's continuous batch, whatever the other rows are. */
+static float gguf_row_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
+                          int vec, float *buf) {
 #ifdef G3N_X86
     float out;
-    if (vec && exact_dot(type, row, x, xs, k, &out)) return out;
+    if (vec && exact_dot(type, row, x, xs, xl, k, &out)) return out;
 #else
     (void)xs;
+    (void)xl;
 #endif
     return gguf_dot(type, row, x, k, vec, buf);
 }
@@ -614,12 +618,20 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
     vec = vec && have_avx2();
-    float *xs = NULL;
+    float *xs = NULL, *xl = NULL;
 #ifdef G3N_X86
     if (vec && exact_needs_sums(type)) {
         xs = (float *)malloc(sizeof(float) * (size_t)(m * (k / 32)));
         if (!xs) return -2;
         for (int64_t i = 0; i < m; i++) block_sums32(x + i * k, k, xs + i * (k / 32));
+    }
+    if (vec && exact_needs_lanes(type)) {
+        xl = (float *)malloc(sizeof(float) * (size_t)(m * k));
+        if (!xl) {
+            free(xs);
+            return -2;
+        }
+        for (int64_t i = 0; i < m; i++) x_lane_order(type, x + i * k, k, xl + i * k);
     }
 #endif
     /* every activation row against the weight row, which stays in L1 after the first: the weights are read from
@@ -629,9 +641,11 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
         float buf[MAX_BLOCK];
         const uint8_t *row = w + (rows ? rows[r] : r) * rb;
         for (int64_t i = 0; i < m; i++)
-            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * (k / 32) : NULL, k, vec, buf);
+            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * (k / 32) : NULL,
+                                             xl ? xl + i * k : NULL, k, vec, buf);
     }
     free(xs);
+    free(xl);
     return 0;
 }
 

@@ -193,6 +193,24 @@ def test_real_270m_tensors(request):
     assert {Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K} <= seen
 
 
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_matmul_float_activations_of_any_magnitude(qt, code_path, precision):
+    """Each output within float32 summation error of the float64 product, measured against sum |w x| of its own
+    row, for activations from 2^-90 to 2^60: the kernels that meet weight bytes in place with x scaled by powers of
+    two must give the products of the weights' values, whatever the scale of x."""
+    precision("float32")
+    n, k = 16, 1024
+    raw = random_rows(qt, n, k, seed=5)
+    w = reference_weight(qt, raw, n, k)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, k, generator=g) * torch.exp2(torch.randint(-90, 61, (4, k), generator=g)).float()
+    x[1] = x[1].abs()  # one row of one sign: no cancellation to hide behind
+    y = kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x).double()
+    exact = x.double() @ w.T
+    bound = (x.double().abs() @ w.abs().T) * k * 2.0 ** -24
+    assert bool(((y - exact).abs() <= bound).all()), float(((y - exact).abs() / bound).max())
+
+
 def _assert_batch_invariant(product, k: int, max_rows: int = 16):
     """product(x) for x [m, k]: row 0 of every batch of 2..max_rows rows has the bits of row 0 alone, and so does
     every row of the largest batch (the server's continuous batch must not change a request's answer)."""
