@@ -6,7 +6,7 @@
  *   - the per-block sums of x (the minimums' factor) are computed once per call, not once per weight row;
  *   - the 6-bit K-quant scales and minimums of a super-block are unpacked eight at a time, in integer registers,
  *     and scaled as one vector;
- *   - Q4_K and Q6_K read x in "lane order" (x_lane_order below, once per call): a 32-byte register of weight bytes
+ *   - Q4_K, Q5_K and Q6_K read x in "lane order" (x_lane_order below, once per call): a 32-byte register of weight bytes
  *     is eight 32-bit lanes, and byte j of every lane is taken in place with one AND, as its value times 2^8j,
  *     against a copy of x scaled by 2^-8j. Scaling by a power of two is exact, so each product is the same float as
  *     the byte's value times x (for |x| >= 2^-98, below which x * 2^-28 would lose bits as a subnormal). This does
@@ -105,40 +105,10 @@ AVX2 static inline __m256 u8x8_to_ps(uint64_t v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v)));
 }
 
-/* Q5_K: per 32-value sub-block j, d*sc_j * sum(q x) - dmin*m_j * sum(x) */
-AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *x, const float *xs, int64_t nb) {
-    const __m256i low = _mm256_set1_epi32(0x0F), one = _mm256_set1_epi32(1);
-    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, row += 176, x += QKK, xs += 8) {
-        uint64_t sc, mn;
-        kquant_scales_mins8(row + 4, &sc, &mn);
-        float dsc[8];
-        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
-        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
-                               _mm256_loadu_ps(xs), macc);
-        const uint8_t *qs = row + 48, *qh = row + 16;
-        for (int line = 0; line < 176; line += 64) PREFETCH(row + line);
-        for (int c = 0; c < 4; c++) {
-            const float *xa = x + 64 * c, *xb = xa + 32;
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            for (int l = 0; l < 32; l += 8) {
-                __m256i bytes = load8_u8(qs + 32 * c + l), h = load8_u8(qh + l);
-                __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_srli_epi32(bytes, 4);
-                lo = _mm256_or_si256(lo, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c), one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(h, 2 * c + 1), one), 4));
-                s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(xa + l), s0);
-                s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(xb + l), s1);
-            }
-            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c]), s0, acc);
-            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c + 1]), s1, acc);
-        }
-    }
-    return hsum8(_mm256_sub_ps(acc, macc));
-}
-
 /* x in lane order, per group of 32: xl[8 j + i] = x[4 i + j] * 2^-8j, the value that meets byte j of lane i of a
  * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
- * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value. */
+ * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value (Q5_K
+ * shifts all its high nibbles down, to put the fifth bits above them). */
 AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl) {
     for (int64_t g = 0; g < k; g += 32) {
         int high_nibbles = type == T_Q4_K && (g / 32) % 2;
@@ -179,6 +149,51 @@ AVX2 static float dot_q4_k_exact(const uint8_t *row, const float *xl, const floa
             s0 = _mm256_fmadd_ps(TERM(_mm256_and_si256(v, l3), xa + 24), s0);
             /* in place, the top nibble would be the sign bit */
             s1 = _mm256_fmadd_ps(TERM(_mm256_srli_epi32(v, 28), xb + 24), s1);
+#undef TERM
+            acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c]), s0, acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c + 1]), s1, acc1);
+        }
+    }
+    return hsum8(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), macc));
+}
+
+/* Q5_K, x in lane order: as Q4_K, with the fifth bits (bit 2c of qh byte l for the low nibbles of chunk c, bit
+ * 2c + 1 for its high ones) placed above the nibbles as bytes first; the high nibbles are shifted down, so every
+ * byte is a 5-bit value masked in place */
+AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *xl, const float *xs, int64_t nb) {
+    const __m256i nib = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
+    const __m256i k0 = _mm256_set1_epi32(0x1F), k1 = _mm256_set1_epi32(0x1F00), k2 = _mm256_set1_epi32(0x1F0000);
+    const __m256i k3 = _mm256_set1_epi32(0x1F000000);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 176, xl += QKK, xs += 8) {
+        uint64_t sc, mn;
+        kquant_scales_mins8(row + 4, &sc, &mn);
+        float dsc[8];
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
+                               _mm256_loadu_ps(xs), macc);
+        const uint8_t *qs = row + 48;
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(row + 16));
+        /* bit b of every qh byte moved to bit 4 (16-bit shifts; what crosses into the next byte is masked off) */
+        const __m256i up4 = _mm256_slli_epi16(h, 4), up3 = _mm256_slli_epi16(h, 3), up2 = _mm256_slli_epi16(h, 2);
+        const __m256i up1 = _mm256_slli_epi16(h, 1), dn1 = _mm256_srli_epi16(h, 1), dn2 = _mm256_srli_epi16(h, 2);
+        const __m256i dn3 = _mm256_srli_epi16(h, 3);
+        const __m256i bits[8] = {up4, up3, up2, up1, h, dn1, dn2, dn3};
+        for (int line = 0; line < 176; line += 64) PREFETCH(row + line);
+        for (int c = 0; c < 4; c++) {
+            const float *xa = xl + 64 * c, *xb = xa + 32;
+            __m256i v = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(v, nib), _mm256_and_si256(bits[2 * c], fifth));
+            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), nib),
+                                         _mm256_and_si256(bits[2 * c + 1], fifth));
+#define TERM(q, k, xv) _mm256_cvtepi32_ps(_mm256_and_si256(q, k)), _mm256_loadu_ps(xv)
+            __m256 s0 = _mm256_mul_ps(TERM(lo, k0, xa)), s1 = _mm256_mul_ps(TERM(hi, k0, xb));
+            s0 = _mm256_fmadd_ps(TERM(lo, k1, xa + 8), s0);
+            s1 = _mm256_fmadd_ps(TERM(hi, k1, xb + 8), s1);
+            s0 = _mm256_fmadd_ps(TERM(lo, k2, xa + 16), s0);
+            s1 = _mm256_fmadd_ps(TERM(hi, k2, xb + 16), s1);
+            s0 = _mm256_fmadd_ps(TERM(lo, k3, xa + 24), s0);
+            s1 = _mm256_fmadd_ps(TERM(hi, k3, xb + 24), s1);
 #undef TERM
             acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c]), s0, acc0);
             acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(&dsc[2 * c + 1]), s1, acc1);
@@ -239,7 +254,7 @@ static int exact_needs_sums(int type) {
 
 /* Whether the kernel of `type` takes x in lane order (x_lane_order) as well as x. */
 static int exact_needs_lanes(int type) {
-    return type == T_Q4_K || type == T_Q6_K;
+    return type == T_Q4_K || type == T_Q5_K || type == T_Q6_K;
 }
 
 /* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
@@ -250,7 +265,7 @@ AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const fl
     case T_Q5_0: *out = dot_q5_0_exact(row, x, k / QK); return 1;
     case T_Q5_1: *out = dot_q5_1_exact(row, x, xs, k / QK); return 1;
     case T_Q4_K: *out = dot_q4_k_exact(row, xl, xs, k / QKK); return 1;
-    case T_Q5_K: *out = dot_q5_k_exact(row, x, xs, k / QKK); return 1;
+    case T_Q5_K: *out = dot_q5_k_exact(row, xl, xs, k / QKK); return 1;
     case T_Q6_K: *out = dot_q6_k_exact(row, xl, k / QKK); return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;
     }
