@@ -105,6 +105,15 @@ AVX2 static inline __m256 u8x8_to_ps(uint64_t v) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)v)));
 }
 
+/* A Q4_K / Q5_K super-block's header: d * sc_j into dsc[8]; returns macc plus dmin * m_j * (sum of x over sub-block
+ * j) for its eight sub-blocks */
+AVX2 static inline __m256 kquant_header(const uint8_t *row, const float *xs, float dsc[8], __m256 macc) {
+    uint64_t sc, mn;
+    kquant_scales_mins8(row + 4, &sc, &mn);
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
+    return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)), _mm256_loadu_ps(xs), macc);
+}
+
 /* x in lane order, per group of 32: xl[8 j + i] = x[4 i + j] * 2^-8j, the value that meets byte j of lane i of a
  * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
  * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value (Q5_K
@@ -128,12 +137,8 @@ AVX2 static float dot_q4_k_exact(const uint8_t *row, const float *xl, const floa
     const __m256i h2 = _mm256_set1_epi32(0xF00000);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, row += 144, xl += QKK, xs += 8) {
-        uint64_t sc, mn;
-        kquant_scales_mins8(row + 4, &sc, &mn);
         float dsc[8];
-        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
-        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
-                               _mm256_loadu_ps(xs), macc);
+        macc = kquant_header(row, xs, dsc, macc);
         const uint8_t *qs = row + 16;
         for (int line = 0; line < 144; line += 64) PREFETCH(row + line);
         for (int c = 0; c < 4; c++) {
@@ -166,12 +171,8 @@ AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *xl, const floa
     const __m256i k3 = _mm256_set1_epi32(0x1F000000);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, row += 176, xl += QKK, xs += 8) {
-        uint64_t sc, mn;
-        kquant_scales_mins8(row + 4, &sc, &mn);
         float dsc[8];
-        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
-        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)),
-                               _mm256_loadu_ps(xs), macc);
+        macc = kquant_header(row, xs, dsc, macc);
         const uint8_t *qs = row + 48;
         const __m256i h = _mm256_loadu_si256((const __m256i *)(row + 16));
         /* bit b of every qh byte moved to bit 4 (16-bit shifts; what crosses into the next byte is masked off) */
