@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .float16 import write_fp16
-from .int8 import write_q8
+from .int8 import register_quantized, write_q8
 
 SUFFIXES = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "q4": "_q4", "q4f16": "_q4f16"}
 SMALLEST_FIRST = ("q4", "q4f16", "q8", "fp16", "fp32")  # the default when a folder holds several (by file size)
@@ -82,7 +82,6 @@ GATHER_BLOCK_VALUES = 1 << 26  # float values of a table read at a time (256 MiB
 def quantize_gather_tables(float_path: Path, out_path: Path) -> Path | None:
     """Every Gather whose table is a float32 initializer -> Gather of a uint8 table + DequantizeLinear, written
     to `out_path` (other weights copied as they are); None when the graph has no such Gather."""
-    import numpy as np
     import onnx_ir as ir
     model = ir.load(str(float_path))
     graph = model.graph
@@ -95,13 +94,7 @@ def quantize_gather_tables(float_path: Path, out_path: Path) -> Path | None:
     for node in gathers:
         table = node.inputs[0]
         if table.name not in quantized:
-            q, scale, zero = _uint8_table(table.const_value.numpy())
-            values = (ir.Value(name=f"{table.name}_quantized", const_value=ir.tensor(q)),
-                      ir.Value(name=f"{table.name}_scale", const_value=ir.tensor(np.array(scale, np.float32))),
-                      ir.Value(name=f"{table.name}_zero_point", const_value=ir.tensor(np.array(zero, np.uint8))))
-            for v in values:
-                graph.register_initializer(v)
-            quantized[table.name] = values
+            quantized[table.name] = register_quantized(graph, table.name, *_uint8_table(table.const_value.numpy()))
         q_table, scale, zero = quantized[table.name]
         gather = ir.node("Gather", [q_table, node.inputs[1]], attributes={"axis": node.attributes.get_int("axis", 0)},
                          name=f"{node.name}_quantized")

@@ -88,12 +88,18 @@ def _quantizable(node) -> bool:
 
 
 def _register_int8_weight(graph, weight) -> tuple:
+    q, scale, zero = int8_weight(weight.const_value.numpy())
+    return register_quantized(graph, weight.name, q, scale, zero)
+
+
+def register_quantized(graph, name: str, q, scale, zero) -> tuple:
+    """`name`_quantized, _scale (float32) and _zero_point (q's dtype) as initializers of `graph`, onnxruntime's
+    names for a quantised weight; returns their values."""
     import numpy as np
     import onnx_ir as ir
-    q, scale, zero = int8_weight(weight.const_value.numpy())
-    values = (ir.Value(name=f"{weight.name}_quantized", const_value=ir.tensor(q)),
-              ir.Value(name=f"{weight.name}_scale", const_value=ir.tensor(np.array(scale, np.float32))),
-              ir.Value(name=f"{weight.name}_zero_point", const_value=ir.tensor(np.array(zero, np.int8))))
+    values = (ir.Value(name=f"{name}_quantized", const_value=ir.tensor(q)),
+              ir.Value(name=f"{name}_scale", const_value=ir.tensor(np.array(scale, np.float32))),
+              ir.Value(name=f"{name}_zero_point", const_value=ir.tensor(np.array(zero, q.dtype))))
     for value in values:
         graph.register_initializer(value)
     return values

@@ -70,3 +70,14 @@ def run_transformers_js(js_dir: Path, folder: Path, dtype: str, max_new_tokens: 
                              json.dumps(prompt)], capture_output=True, text=True, timeout=600, cwd=js_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stored_with_external_data(source: Path, folder: Path) -> Path:
+    """A copy of the session at `source` with its weights in `<file>_data` beside it, as E2B's sessions are
+    stored (the tiny ones are small enough to be inline)."""
+    import onnx
+    stored = folder / source.name
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load(str(source)), str(stored), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=stored.name + "_data", size_threshold=1024)
+    return stored

@@ -11,6 +11,8 @@ from onnxruntime.transformers.float16 import convert_float_to_float16, convert_n
 
 from gemma3n.onnx import float16
 
+from .conftest import stored_with_external_data
+
 pytestmark = pytest.mark.slow  # the `exported` fixture traces the tiny model's four graphs
 
 
@@ -28,12 +30,8 @@ def test_rounding_is_the_converters():
 @pytest.mark.parametrize("external", [True, False], ids=["external-data", "inline"])
 def test_fp16_session_equals_onnxruntime_converter(exported, tmp_path, monkeypatch, session, external):
     source = exported / "onnx" / f"{session}.onnx"
-    if external:  # the tiny session is small enough to be inline; store it as E2B's sessions are stored
-        stored = tmp_path / "float" / source.name
-        stored.parent.mkdir()
-        onnx.save_model(onnx.load(str(source)), str(stored), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=stored.name + "_data", size_threshold=1024)
-        source = stored
+    if external:
+        source = stored_with_external_data(source, tmp_path / "float")
         monkeypatch.setattr(float16, "BLOCK_VALUES", 1000)  # many blocks per tensor, partial last ones
     want = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
     out = float16.write_fp16(source, tmp_path / "fp16" / f"{session}_fp16.onnx")

@@ -12,6 +12,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from gemma3n.onnx import int8
 
+from .conftest import stored_with_external_data
+
 pytestmark = pytest.mark.slow  # the `exported` fixture traces the tiny model's four graphs
 
 
@@ -32,12 +34,8 @@ def _node(n):
 @pytest.mark.parametrize("external", [True, False], ids=["external-data", "inline"])
 def test_q8_session_equals_quantize_dynamic(exported, tmp_path, monkeypatch, session, external):
     source = exported / "onnx" / f"{session}.onnx"
-    if external:  # store the tiny session as E2B's sessions are stored, and write it back the same way
-        stored = tmp_path / "float" / source.name
-        stored.parent.mkdir()
-        onnx.save_model(onnx.load(str(source)), str(stored), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=stored.name + "_data", size_threshold=1024)
-        source = stored
+    if external:
+        source = stored_with_external_data(source, tmp_path / "float")
         monkeypatch.setattr(int8, "BLOCK_VALUES", 1000)  # many blocks per tensor, partial last ones
         monkeypatch.setattr(int8, "INLINE_LIMIT", 0)
     want = _quantize_dynamic(source, tmp_path / "reference" / f"{session}_quantized.onnx")
