@@ -22,8 +22,6 @@ from torch import Tensor, nn
 from .. import kernels
 from .modules import blockwise_matmul
 
-_BLOCK_BYTES = 1 << 20  # float32 bytes of weight dequantised at once on the dense path (stays in cache)
-
 
 def raw_rows(data: np.ndarray) -> Tensor:
     """A GGUF tensor's stored bytes as uint8 [rows, bytes per row], sharing memory with the file's map."""
@@ -70,8 +68,7 @@ class GGUFLinear(nn.Module):
         if flat.shape[0] <= kernels.MAX_ROWS or rows is not None:
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
         else:
-            step = max(64, _BLOCK_BYTES // (4 * self.in_features))  # a float32 block that stays in cache
-            out = blockwise_matmul(flat.float(), self.dequantize, self.out_features, step)
+            out = blockwise_matmul(flat.float(), self.dequantize, self.out_features)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:

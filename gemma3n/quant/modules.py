@@ -21,7 +21,9 @@ from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quant
 
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256
-_BLOCK_ROWS = 2048  # output rows dequantised at once on the dense path
+# float32 bytes of weight dequantised at once on the dense path: a block the GEMM reads back from the cache the
+# unpacking just wrote it to (a fixed row count made 64 MiB blocks of 16384-wide rows, read back from memory)
+DENSE_BLOCK_BYTES = 4 << 20
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
@@ -102,7 +104,7 @@ class Int4Linear(nn.Module):
         return out
 
     def dequantize(self, rows: slice = slice(None)) -> Tensor:
-        # row blocks are whole tiles (_BLOCK_ROWS is a multiple of 64), so the packed slice unpacks on its own
+        # row blocks are whole tiles (see cache_block_rows), so the packed slice unpacks on its own
         if kernels.native() is not None:  # the same float values, unpacked natively (PyTorch's unpack is slow)
             return kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows).t() \
                 .to(self.scales_and_zeros.dtype)
@@ -135,8 +137,9 @@ class Int4Linear(nn.Module):
         is: no transposed copy, no conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
         xs = flat.float()
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
-        for start in range(0, self.out_features, _BLOCK_ROWS):
-            rows = slice(start, min(start + _BLOCK_ROWS, self.out_features))
+        step = cache_block_rows(self.in_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, min(start + step, self.out_features))
             w_t = kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows)
             out[:, rows] = torch.mm(xs, w_t)
         return out
@@ -235,19 +238,23 @@ def _native(flat: Tensor) -> bool:
     return flat.shape[0] <= kernels.MAX_ROWS and flat.device.type == "cpu" and kernels.native() is not None
 
 
-def blockwise_matmul(x: Tensor, dequantize, out_features: int, block_rows: int = _BLOCK_ROWS) -> Tensor:
-    """x W^T, dequantising W `block_rows` output rows at a time.
+def cache_block_rows(in_features: int) -> int:
+    """Output rows dequantised at once on the dense path: a float32 block of about DENSE_BLOCK_BYTES, in whole int4
+    tiles (at least one)."""
+    return max(1, DENSE_BLOCK_BYTES // (4 * in_features * INT4_TILE)) * INT4_TILE
+
+
+def blockwise_matmul(x: Tensor, dequantize, out_features: int, block_rows: int | None = None) -> Tensor:
+    """x W^T, dequantising W `block_rows` output rows at a time (default: `cache_block_rows`).
 
     On the CPU a 16-bit product is computed in float32 and rounded once: the same products (exact in float32) and
     float32 sums that a bfloat16 GEMM makes, but CPUs without bfloat16 units (AVX2) run it many times faster."""
     wide = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
     xs = x.float() if wide else x
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
+    block_rows = block_rows or cache_block_rows(x.shape[-1])
     for start in range(0, out_features, block_rows):
         rows = slice(start, min(start + block_rows, out_features))
         w = dequantize(rows)
         out[:, rows] = F.linear(xs, w.float() if wide else w)
     return out
-
-
-assert _BLOCK_ROWS % INT4_TILE == 0

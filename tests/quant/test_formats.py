@@ -62,6 +62,29 @@ def test_linear_matches_float_and_paths_agree(kind, dtype):
     assert (out.float() - exact).norm() / exact.norm() < bound
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_long_prompts_in_cache_sized_blocks_equal_one_block(kind, monkeypatch):
+    """The dense path dequantises blocks of whole tiles sized by bytes; a partial last block, and however many
+    blocks, give the values of one block holding the whole weight (up to one bfloat16 rounding, should the GEMM
+    order its sums differently for a narrower block)."""
+    from gemma3n.quant import modules
+    w = _weight(320, 256).to(torch.bfloat16)  # 5 tiles of 64 rows
+    layer = Int8Linear.from_weight(w) if kind == "int8" else Int4Linear.from_weight(w, 64)
+    x = torch.randn(300, 256).to(torch.bfloat16)  # above both kernels' row limits
+    monkeypatch.setattr(modules, "DENSE_BLOCK_BYTES", 1 << 30)
+    assert modules.cache_block_rows(256) >= 320
+    whole = layer(x)
+    one_rounding = dict(rtol=2 ** -7, atol=1e-6)
+    monkeypatch.setattr(modules, "DENSE_BLOCK_BYTES", 2 * 64 * 256 * 4)  # two tiles a block: 2 + 2 + 1
+    assert modules.cache_block_rows(256) == 128
+    torch.testing.assert_close(layer(x), whole, **one_rounding)
+    monkeypatch.setattr(modules, "DENSE_BLOCK_BYTES", 1)  # never less than one tile
+    assert modules.cache_block_rows(256) == 64
+    torch.testing.assert_close(layer(x), whole, **one_rounding)
+    dense = x.float() @ layer.dequantize().float().t()
+    torch.testing.assert_close(whole.float(), dense, rtol=2e-2, atol=2e-2 * dense.abs().max().item())
+
+
 @pytest.mark.parametrize("cls", [Int8Embedding, Int4Embedding])
 def test_embedding_rows_and_tied_head(cls):
     table = _weight(256, 64)
