@@ -244,15 +244,15 @@ def cache_block_rows(in_features: int) -> int:
     return max(1, DENSE_BLOCK_BYTES // (4 * in_features * INT4_TILE)) * INT4_TILE
 
 
-def blockwise_matmul(x: Tensor, dequantize, out_features: int, block_rows: int | None = None) -> Tensor:
-    """x W^T, dequantising W `block_rows` output rows at a time (default: `cache_block_rows`).
+def blockwise_matmul(x: Tensor, dequantize, out_features: int) -> Tensor:
+    """x W^T, dequantising W `cache_block_rows` output rows at a time.
 
     On the CPU a 16-bit product is computed in float32 and rounded once: the same products (exact in float32) and
     float32 sums that a bfloat16 GEMM makes, but CPUs without bfloat16 units (AVX2) run it many times faster."""
     wide = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
     xs = x.float() if wide else x
     out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
-    block_rows = block_rows or cache_block_rows(x.shape[-1])
+    block_rows = cache_block_rows(x.shape[-1])
     for start in range(0, out_features, block_rows):
         rows = slice(start, min(start + block_rows, out_features))
         w = dequantize(rows)
