@@ -40,7 +40,7 @@ def write_q8(float_path: Path, out_path: Path) -> Path:
             activations[a.name] = tuple(dql.outputs)
             new_nodes.append(dql)
         if w.name not in weights:
-            weights[w.name] = _register_int8_weight(graph, w)
+            weights[w.name] = register_quantized(graph, w.name, *int8_weight(w.const_value.numpy()))
         a_q, a_scale, a_zero = activations[a.name]
         w_q, w_scale, w_zero = weights[w.name]
         out = node.outputs[0]
@@ -85,11 +85,6 @@ def _quantizable(node) -> bool:
     a, w = node.inputs[0], node.inputs[1]
     return (a is not None and w is not None and not a.is_initializer() and w.is_initializer()
             and w.const_value is not None and w.const_value.dtype == ir.DataType.FLOAT)
-
-
-def _register_int8_weight(graph, weight) -> tuple:
-    q, scale, zero = int8_weight(weight.const_value.numpy())
-    return register_quantized(graph, weight.name, q, scale, zero)
 
 
 def register_quantized(graph, name: str, q, scale, zero) -> tuple:
