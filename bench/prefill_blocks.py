@@ -5,8 +5,9 @@ Prompts longer than the native kernels' row limit multiply densely: a block of o
 `Int4Linear._native_blockwise`). A block the GEMM reads back from the cache the unpacking just wrote it to saves a
 round trip through memory; too small a block leaves the GEMM narrow. The block is `cache_block_rows(in_features)`,
 sized by `DENSE_BLOCK_BYTES`. This script loads each model once and prefills the same random prompts with several
-sizes, alternated within each round (the function is swapped before each measurement; the values computed are the
-same up to float32 summation order), and prints the median prefill rate per size.
+sizes, alternated within each round (`DENSE_BLOCK_BYTES`, or for a fixed row count the function itself, is set
+before each measurement; the values computed are the same up to float32 summation order), and prints the median
+prefill rate per size.
 
     python bench/prefill_blocks.py /work/e2b-int4 /work/e2b-Q4_K_M.gguf [--sizes rows:2048,1M,2M,4M,8M]
         [--prompt-lengths 128,512] [--rounds 4]
@@ -27,16 +28,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gemma3n  # noqa: E402
 from gemma3n.quant import modules  # noqa: E402
-from gemma3n.quant.formats import INT4_TILE  # noqa: E402
 
 
-def block_rule(size: str):
-    """'rows:N' -> N rows; '4M' / '512K' -> rows of a float32 block of that many bytes, whole tiles."""
+def use_size(size: str, default_rule) -> None:
+    """'rows:N' -> a fixed N rows (the block function swapped); '4M' / '512K' -> gemma3n's own rule with
+    DENSE_BLOCK_BYTES set to that many bytes."""
     if size.startswith("rows:"):
         rows = int(size[5:])
-        return lambda in_features: rows
-    budget = int(float(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1].upper()])
-    return lambda in_features: max(1, budget // (4 * in_features * INT4_TILE)) * INT4_TILE
+        modules.cache_block_rows = lambda in_features: rows
+    else:
+        modules.cache_block_rows = default_rule
+        modules.DENSE_BLOCK_BYTES = int(float(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1].upper()])
 
 
 def main():
@@ -48,7 +50,7 @@ def main():
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     lengths = [int(n) for n in args.prompt_lengths.split(",")]
-    default = modules.cache_block_rows
+    default_rule, default_bytes = modules.cache_block_rows, modules.DENSE_BLOCK_BYTES
     for path in args.models:
         lm = gemma3n.load(path).lm
         generator = torch.Generator().manual_seed(0)
@@ -67,11 +69,11 @@ def main():
         try:
             for _ in range(args.rounds):
                 for size in sizes:
-                    modules.cache_block_rows = block_rule(size)
+                    use_size(size, default_rule)
                     for n, ids in prompts.items():
                         seconds[size, n].append(prefill(ids))
         finally:
-            modules.cache_block_rows = default
+            modules.cache_block_rows, modules.DENSE_BLOCK_BYTES = default_rule, default_bytes
         for n in lengths:
             print(json.dumps({"model": path, "prompt_tokens": n, "default_bytes": modules.DENSE_BLOCK_BYTES,
                               "threads": torch.get_num_threads(), **{
