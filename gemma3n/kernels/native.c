@@ -694,6 +694,9 @@ EXPORT int g3n_int8_matmul(const int8_t *q, const void *scales, int scale_type, 
 /* every activation row (activation sparsity), which gives the dense result while reading only their bytes.      */
 
 #define TILE 64
+/* Software prefetch distance in a tile's bytes (64 columns ahead): the hardware prefetcher alone left the tile
+ * kernel short of the read bandwidth with both cores streaming. */
+#define TILE_PREFETCH_BYTES 2048
 
 /* The columns of one group: [*c, end) of `cols`, or the group's whole range when cols is NULL. Advances *c. */
 static inline int64_t group_span(const int32_t *cols, int64_t n_cols, int64_t g, int64_t *c, int64_t *grp) {
@@ -740,33 +743,56 @@ static void int4_tile_plain(const uint8_t *tile, const void *sz, int st, int64_t
 }
 
 #ifdef G3N_X86
+/* 8 rows' (scale, zero) pairs from `at` on, as two vectors. A bf16 pair is one 32-bit lane (scale in the low half),
+ * so shifting the lane left by 16 bits gives the scale and masking its low half off the zero: no stores, no
+ * gathers. */
 AVX2 static inline void scales_zeros8(const void *sz, int st, int64_t at, __m256 *s, __m256 *z) {
-    /* 8 consecutive (scale, zero) pairs starting at element `at` -> two vectors */
-    float tmp[16];
     if (st == S_BF16) {
-        __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at)));
-        __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at + 8)));
-        _mm256_storeu_ps(tmp, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)));
-        _mm256_storeu_ps(tmp + 8, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
-    } else if (st == S_F16) {
-        _mm256_storeu_ps(tmp, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at))));
-        _mm256_storeu_ps(tmp + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at + 8))));
-    } else {
-        memcpy(tmp, (const float *)sz + at, sizeof tmp);
+        __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + at));
+        *s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        *z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+        return;
     }
-    *s = _mm256_setr_ps(tmp[0], tmp[2], tmp[4], tmp[6], tmp[8], tmp[10], tmp[12], tmp[14]);
-    *z = _mm256_setr_ps(tmp[1], tmp[3], tmp[5], tmp[7], tmp[9], tmp[11], tmp[13], tmp[15]);
+    __m256 a, b;  /* pairs 0-3 and 4-7 as (s, z, s, z, ...) */
+    if (st == S_F16) {
+        a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at)));
+        b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)sz + at + 8)));
+    } else {
+        a = _mm256_loadu_ps((const float *)sz + at);
+        b = _mm256_loadu_ps((const float *)sz + at + 8);
+    }
+    /* shuffle_ps picks (a0 a2 b0 b2 | a4 a6 b4 b6): pairs 0 1 4 5 | 2 3 6 7; the lane permute restores 0..7 */
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    *s = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0x88), order);
+    *z = _mm256_permutevar8x32_ps(_mm256_shuffle_ps(a, b, 0xDD), order);
 }
 
-/* Each column's 32 bytes are widened to 32-bit lanes straight from memory, 8 bytes at a time: `& 15` gives rows
- * j (low nibbles), `>> 4` rows j + 32 (high ones). The earlier form unpacked the nibbles as bytes, spread them
- * to 32 bits with shuffles (two extracts and four byte shifts a column) and kept its eight sums in an array; this
- * one has neither and ran 1.6x as fast (bench/decode_profile.py --kernels). Same products, same order. */
+/* Four vectors whose lane L holds row 4 L + b of a 32-row half tile (b = 0..3, one vector each) -> the same
+ * values in row order, 8 rows a vector. */
+AVX2 static inline void rows_in_order(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 *r) {
+    __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);  /* L = 0 | 4, 1 | 5 */
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);  /* L = 2 | 6, 3 | 7 */
+    r[0] = _mm256_permute2f128_ps(u0, u1, 0x20);
+    r[1] = _mm256_permute2f128_ps(u2, u3, 0x20);
+    r[2] = _mm256_permute2f128_ps(u0, u1, 0x31);
+    r[3] = _mm256_permute2f128_ps(u2, u3, 0x31);
+}
+
+/* A column's 32 bytes are read as one vector and each nibble is masked where it lies: in 32-bit lane L, byte b
+ * holds row 4 L + b (low nibble) and row 4 L + b + 32 (high nibble). Masking the upper half-lane after a 16-bit
+ * shift, a nibble converts to q * 2^s with s in {0, 4, 8, 12}; its sum is 2^s times the sum of q x (a power of two
+ * is exact, and 2^12 cannot overflow unless |x| nears 2^100) and is scaled back at the group's end, where the
+ * rows are put back in order. Against widening each 8 bytes to lanes (a shuffle per 8 weights) this saves the
+ * shuffles; the products and their order per row are the same. */
 AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
                                 int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m,
                                 float *y) {
-    const __m256i m15 = _mm256_set1_epi32(15);
-    const __m256 eight = _mm256_set1_ps(8.0f);
+    const __m256i m0 = _mm256_set1_epi32(0x000F), m4 = _mm256_set1_epi32(0x00F0);
+    const __m256i m8 = _mm256_set1_epi32(0x0F00), m12 = _mm256_set1_epi32(0xF000);
+    const __m256 back4 = _mm256_set1_ps(0x1p-4f), back8 = _mm256_set1_ps(0x1p-8f);
+    const __m256 back12 = _mm256_set1_ps(0x1p-12f), eight = _mm256_set1_ps(8.0f);
     for (int64_t i = 0; i < m; i++) {
         const float *xi = x + i * k;
         __m256 out[8];
@@ -774,26 +800,33 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
         int64_t c = 0, grp, total = cols ? n_cols : k;
         while (c < total) {
             int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
-            /* rows 8 v .. 8 v + 7 of the tile, kept in registers (not an array) for the whole group */
             __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
             float xsum = 0.0f;
+            {   /* the next group's scales lie n pairs further on, a stride no hardware prefetcher follows */
+                const char *next = (const char *)sz + ((grp + 1) * n + row0) * 2 * (st == S_F32 ? 4 : 2);
+                for (int l = 0; l < (st == S_F32 ? 512 : 256); l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+            }
             for (int64_t e = 0; e < span; e++) {
                 int64_t col = cols ? cols[first + e] : first + e;
-                const uint8_t *b = tile + col * 32;
+                _mm_prefetch((const char *)(tile + col * 32) + TILE_PREFETCH_BYTES, _MM_HINT_T0);
+                __m256i lo = _mm256_loadu_si256((const __m256i *)(tile + col * 32));
+                __m256i hi = _mm256_srli_epi32(lo, 16);
                 float xv = xi[col];
                 xsum += xv;
                 __m256 bx = _mm256_set1_ps(xv);
-                __m256i a0 = load8_u8(b), a1 = load8_u8(b + 8), a2 = load8_u8(b + 16), a3 = load8_u8(b + 24);
-                p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a0, m15)), bx, p0);
-                p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a1, m15)), bx, p1);
-                p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a2, m15)), bx, p2);
-                p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(a3, m15)), bx, p3);
-                p4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a0, 4)), bx, p4);
-                p5 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a1, 4)), bx, p5);
-                p6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a2, 4)), bx, p6);
-                p7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(a3, 4)), bx, p7);
+                p0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, m0)), bx, p0);   /* 4L,      2^0  */
+                p1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, m4)), bx, p1);   /* 4L + 32, 2^4  */
+                p2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, m8)), bx, p2);   /* 4L + 1,  2^8  */
+                p3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, m12)), bx, p3);  /* 4L + 33, 2^12 */
+                p4 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m0)), bx, p4);   /* 4L + 2,  2^0  */
+                p5 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m4)), bx, p5);   /* 4L + 34, 2^4  */
+                p6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m8)), bx, p6);   /* 4L + 3,  2^8  */
+                p7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m12)), bx, p7);  /* 4L + 35, 2^12 */
             }
-            __m256 part[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
+            __m256 part[8];
+            rows_in_order(p0, _mm256_mul_ps(p2, back8), p4, _mm256_mul_ps(p6, back8), part);
+            rows_in_order(_mm256_mul_ps(p1, back4), _mm256_mul_ps(p3, back12), _mm256_mul_ps(p5, back4),
+                          _mm256_mul_ps(p7, back12), part + 4);
             __m256 xs = _mm256_set1_ps(xsum);
             for (int v = 0; v < 8; v++) {
                 __m256 s, z;

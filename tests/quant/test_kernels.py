@@ -135,7 +135,7 @@ def test_int8_rows(activations, scale_dtype, code_path, precision):
 
 @pytest.mark.parametrize("activations", ["float32", "int8"])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int4_tiles(activations, group_size, scale_dtype, code_path, precision):
     precision(activations)
     w = torch.randn(192, 512, generator=torch.Generator().manual_seed(5)) * 0.05
@@ -208,6 +208,25 @@ def test_gguf_matmul_float_activations_of_any_magnitude(qt, code_path, precision
     y = kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x).double()
     exact = x.double() @ w.T
     bound = (x.double().abs() @ w.abs().T) * k * 2.0 ** -24
+    assert bool(((y - exact).abs() <= bound).all()), float(((y - exact).abs() / bound).max())
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_tiles_float_activations_of_any_magnitude(scale_dtype, code_path, precision):
+    """As for GGUF: within float32 summation error of the float64 product for activations from 2^-90 to 2^60 (the
+    tile kernel sums each nibble where it lies, as q 2^s, and scales the sums back by 2^-s)."""
+    precision("float32")
+    n, k, group_size = 128, 1024, 64
+    g = torch.Generator().manual_seed(9)
+    packed, sz = int4_quantize(torch.randn(n, k, generator=g) * 0.05, group_size, scale_dtype)
+    w = int4_dequantize(packed, sz, group_size, torch.float32).double()
+    x = torch.randn(4, k, generator=g) * torch.exp2(torch.randint(-90, 61, (4, k), generator=g)).float()
+    x[1] = x[1].abs()
+    y = kernels.int4_matmul(packed, sz, group_size, x).double()
+    exact = x.double() @ w.T
+    # the kernel sums q x per group and applies scale and zero after: bound by the terms it adds
+    q_bound = 16.0 * (x.double().abs() @ sz[:, :, 0].double().abs().repeat_interleave(group_size, 0))
+    bound = (x.double().abs() @ w.abs().T + q_bound) * k * 2.0 ** -24
     assert bool(((y - exact).abs() <= bound).all()), float(((y - exact).abs() / bound).max())
 
 
