@@ -21,12 +21,12 @@
 #ifdef G3N_X86
 /* PREFETCH (native.c): weights are read ahead of use, non-temporally, so that they do not push x out of L1. */
 
-/* sums of x per block of 32 (the factor of a block's minimum) */
-AVX2 static void block_sums32(const float *x, int64_t k, float *xs) {
-    for (int64_t b = 0; b < k / 32; b++) {
-        const float *p = x + 32 * b;
-        __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
-                                 _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24)));
+/* sums of x per block of `block` values (the factor of a block's minimum or offset; block a multiple of 8) */
+AVX2 static void block_sums(const float *x, int64_t k, int block, float *xs) {
+    for (int64_t b = 0; b < k / block; b++) {
+        const float *p = x + block * b;
+        __m256 s = _mm256_loadu_ps(p);
+        for (int i = 8; i < block; i += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(p + i));
         xs[b] = hsum8(s);
     }
 }
@@ -204,23 +204,25 @@ AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *xl, const floa
 }
 
 /* Q6_K, x in lane order: 16 values share a signed 8-bit scale. The 6-bit values are assembled as bytes, 32 values
- * (two sub-blocks: lanes 0-3 and 4-7) per register; each byte is masked in place and 32 * 2^8j subtracted in
- * integers, and the sums of the two sub-blocks meet their scales as one vector. */
-AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, int64_t nb) {
+ * (two sub-blocks: lanes 0-3 and 4-7) per register; each byte is masked in place and the sums of the two
+ * sub-blocks meet their scales as one vector. The values' offset of 32 is factored out, as Q4_K's minimums are:
+ * sum (q - 32) x = sum q x - 32 sum x per 16 values (xs16), a vector per half super-block, instead of one integer
+ * subtraction per 8 weights. */
+AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, const float *xs16, int64_t nb) {
     const __m256i low = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
     const __m256i k0 = _mm256_set1_epi32(0xFF), k1 = _mm256_set1_epi32(0xFF00), k2 = _mm256_set1_epi32(0xFF0000);
-    const __m256i k3 = _mm256_set1_epi32((int)0xFF000000u);
-    const __m256i o0 = _mm256_set1_epi32(32), o1 = _mm256_set1_epi32(32 << 8), o2 = _mm256_set1_epi32(32 << 16);
-    const __m256i o3 = _mm256_set1_epi32(32 << 24);
+    const __m256i k3 = _mm256_set1_epi32((int)0xFF000000u);  /* a top byte of at most 63: positive in place */
     const __m256i pair0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), two = _mm256_set1_epi32(2);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, row += 210, xl += QKK) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 210, xl += QKK, xs16 += 16) {
         const uint8_t *ql = row, *qh = row + 128;
         for (int line = 0; line < 210; line += 64) PREFETCH(row + line);
         __m256 d = _mm256_set1_ps(h2f(rd16(row + 208)));
         __m128i scb = _mm_loadu_si128((const __m128i *)(row + 192));
         __m256 dsc[2] = {_mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(scb))),
                          _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8))))};
+        offsets = _mm256_fmadd_ps(dsc[0], _mm256_loadu_ps(xs16), offsets);
+        offsets = _mm256_fmadd_ps(dsc[1], _mm256_loadu_ps(xs16 + 8), offsets);
         for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
             __m256i a = _mm256_loadu_si256((const __m256i *)ql), b = _mm256_loadu_si256((const __m256i *)(ql + 32));
             __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
@@ -233,11 +235,11 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, int64_t nb
             __m256i pair = pair0;  /* scales 2 j and 2 j + 1 of this half, each over four lanes */
             for (int j = 0; j < 4; j++, pair = _mm256_add_epi32(pair, two)) {
                 const float *xj = xl + 128 * h + 32 * j;
-#define TERM(k, o, xv) _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(q[j], k), o)), _mm256_loadu_ps(xv)
-                __m256 s = _mm256_mul_ps(TERM(k0, o0, xj));
-                s = _mm256_fmadd_ps(TERM(k1, o1, xj + 8), s);
-                s = _mm256_fmadd_ps(TERM(k2, o2, xj + 16), s);
-                s = _mm256_fmadd_ps(TERM(k3, o3, xj + 24), s);
+#define TERM(k, xv) _mm256_cvtepi32_ps(_mm256_and_si256(q[j], k)), _mm256_loadu_ps(xv)
+                __m256 s = _mm256_mul_ps(TERM(k0, xj));
+                s = _mm256_fmadd_ps(TERM(k1, xj + 8), s);
+                s = _mm256_fmadd_ps(TERM(k2, xj + 16), s);
+                s = _mm256_fmadd_ps(TERM(k3, xj + 24), s);
 #undef TERM
                 __m256 scales = _mm256_permutevar8x32_ps(dsc[h], pair);
                 if (j & 1) acc1 = _mm256_fmadd_ps(scales, s, acc1);
@@ -245,12 +247,13 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, int64_t nb
             }
         }
     }
-    return hsum8(_mm256_add_ps(acc0, acc1));
+    return hsum8(_mm256_fnmadd_ps(_mm256_set1_ps(32.0f), offsets, _mm256_add_ps(acc0, acc1)));
 }
 
-/* Whether the kernel of `type` takes the per-block sums of x (block_sums32). */
-static int exact_needs_sums(int type) {
-    return type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K;
+/* The block of the per-block sums of x (block_sums) that the kernel of `type` takes, or 0 for none. */
+static int exact_sum_block(int type) {
+    if (type == T_Q6_K) return 16;
+    return type == T_Q5_1 || type == T_Q4_K || type == T_Q5_K ? 32 : 0;
 }
 
 /* Whether the kernel of `type` takes x in lane order (x_lane_order) as well as x. */
@@ -267,7 +270,7 @@ AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const fl
     case T_Q5_1: *out = dot_q5_1_exact(row, x, xs, k / QK); return 1;
     case T_Q4_K: *out = dot_q4_k_exact(row, xl, xs, k / QKK); return 1;
     case T_Q5_K: *out = dot_q5_k_exact(row, xl, xs, k / QKK); return 1;
-    case T_Q6_K: *out = dot_q6_k_exact(row, xl, k / QKK); return 1;
+    case T_Q6_K: *out = dot_q6_k_exact(row, xl, xs, k / QKK); return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;
     }
     return 0;

@@ -589,15 +589,15 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
 
 #ifdef G3N_X86
 /* gemv_f32.c */
-static int exact_needs_sums(int type);
+static int exact_sum_block(int type);
 static int exact_needs_lanes(int type);
-static void block_sums32(const float *x, int64_t k, float *xs);
+static void block_sums(const float *x, int64_t k, int block, float *xs);
 static void x_lane_order(int type, const float *x, int64_t k, float *xl);
 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
                      float *out);
 #endif
 
-/* One GGUF row times one activation row (`xs`: its per-block sums where exact_needs_sums, `xl`: it in lane order
+/* One GGUF row times one activation row (`xs`: its per-block sums where exact_sum_block, `xl`: it in lane order
  * where exact_needs_lanes, else NULL). The same arithmetic for every activation row of every batch: a request
  * computes the same bits alone as in the server's continuous batch, whatever the other rows are. */
 static float gguf_row_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
@@ -619,11 +619,14 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
     if (rb == 0) return -1;
     vec = vec && have_avx2();
     float *xs = NULL, *xl = NULL;
+    int64_t n_sums = 0;  /* per activation row */
 #ifdef G3N_X86
-    if (vec && exact_needs_sums(type)) {
-        xs = (float *)malloc(sizeof(float) * (size_t)(m * (k / 32)));
+    int sum_block = vec ? exact_sum_block(type) : 0;
+    if (sum_block) {
+        n_sums = k / sum_block;
+        xs = (float *)malloc(sizeof(float) * (size_t)(m * n_sums));
         if (!xs) return -2;
-        for (int64_t i = 0; i < m; i++) block_sums32(x + i * k, k, xs + i * (k / 32));
+        for (int64_t i = 0; i < m; i++) block_sums(x + i * k, k, sum_block, xs + i * n_sums);
     }
     if (vec && exact_needs_lanes(type)) {
         xl = (float *)malloc(sizeof(float) * (size_t)(m * k));
@@ -641,7 +644,7 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
         float buf[MAX_BLOCK];
         const uint8_t *row = w + (rows ? rows[r] : r) * rb;
         for (int64_t i = 0; i < m; i++)
-            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * (k / 32) : NULL,
+            y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * n_sums : NULL,
                                              xl ? xl + i * k : NULL, k, vec, buf);
     }
     free(xs);
