@@ -217,13 +217,44 @@ static void kv_store(void *base, int type, int64_t at, const float *src, int64_t
         memcpy((float *)base + at, src, (size_t)n * sizeof(float));
 }
 
+/* q . (cache cells at .. at + hd - 1). A bfloat16 cell is widened exactly, so both cache types give the same bits
+ * for the same values (dot_bf16 and dot_f32 add in the same order). */
 static float kv_dot(const float *q, const void *base, int type, int64_t at, int64_t hd, int vec) {
 #ifdef G3N_X86
-    if (vec && type == S_F32 && have_avx2() && hd % 16 == 0) return dot_f32((const float *)base + at, q, hd);
+    if (vec && have_avx2() && hd % 16 == 0) {
+        if (type == S_F32) return dot_f32((const float *)base + at, q, hd);
+        return dot_bf16((const uint8_t *)((const uint16_t *)base + at), q, hd);
+    }
 #endif
     float s = 0.0f;
     for (int64_t i = 0; i < hd; i++) s += q[i] * kv_at(base, type, at + i);
     return s;
+}
+
+#ifdef G3N_X86
+/* o += p * (cache cells at .. at + hd - 1), 8 at a time: a multiply then an add per element, as the portable loop
+ * below rounds them (no fused multiply-add), so the vector and portable paths give the same bits. */
+AVX2 static void kv_axpy_avx2(float *o, float p, const void *base, int type, int64_t at, int64_t hd) {
+    __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= hd; i += 8) {
+        __m256 v = type == S_F32 ? _mm256_loadu_ps((const float *)base + at + i)
+                                 : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
+                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)base + at + i))), 16));
+        _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(pv, v)));
+    }
+    for (; i < hd; i++) o[i] += p * kv_at(base, type, at + i);
+}
+#endif
+
+static void kv_axpy(float *o, float p, const void *base, int type, int64_t at, int64_t hd, int vec) {
+#ifdef G3N_X86
+    if (vec && have_avx2()) {
+        kv_axpy_avx2(o, p, base, type, at, hd);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < hd; i++) o[i] += p * kv_at(base, type, at + i);
 }
 
 /* Attention of one query row per (row, head) over the visible keys of a slot; out [B][H * hd]. */
@@ -259,14 +290,7 @@ static int attend(const g3n_step *S, int64_t H, int64_t Hkv, int64_t hd, float s
             memset(o, 0, (size_t)hd * sizeof(float));
             for (int64_t j = 0; j < tk; j++) {
                 if (p[j] == 0.0f) continue;
-                float pj = p[j] / sum;
-                int64_t at = base + j * hd;
-                if (type == S_F32) {
-                    const float *vr = (const float *)V + at;
-                    for (int64_t i = 0; i < hd; i++) o[i] += pj * vr[i];
-                } else {
-                    for (int64_t i = 0; i < hd; i++) o[i] += pj * kv_at(V, type, at + i);
-                }
+                kv_axpy(o, p[j] / sum, V, type, base + j * hd, hd, S->vec);
             }
         }
     }
