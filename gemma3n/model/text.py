@@ -136,8 +136,11 @@ class AltUp(nn.Module):
         """x (S, B, T, D) -> predictions P_q = X_q + sum_p c[S*q + p] X_p."""
         r = self.route(x[0])
         coefs = self.prediction_coefs(r).unflatten(-1, (self.streams, self.streams))  # (B, T, q, p)
-        mixed = torch.matmul(x.permute(1, 2, 3, 0), coefs.transpose(-1, -2))  # (B, T, D, q)
-        return mixed.permute(3, 0, 1, 2) + x  # already x's dtype
+        # (B, T, q, p) @ (B, T, p, D) in float32, rounded once to x's dtype: what the reference's bfloat16 matmul
+        # computes (float32 sums, one rounding), as one batched float32 GEMM rather than torch's slow bfloat16
+        # path for (D, p) @ (p, q) matrices
+        mixed = torch.matmul(coefs.float(), x.permute(1, 2, 0, 3).float()).to(x.dtype)  # (B, T, q, D)
+        return mixed.permute(2, 0, 1, 3) + x
 
     def correct(self, predictions: Tensor, activated: Tensor) -> Tensor:
         """C_q = P_q + (k_q + 1) * (activated - P_0), k from the router on the layer output."""
