@@ -232,29 +232,27 @@ static float kv_dot(const float *q, const void *base, int type, int64_t at, int6
 }
 
 #ifdef G3N_X86
-/* o += p * (cache cells at .. at + hd - 1), 8 at a time: a multiply then an add per element, as the portable loop
- * below rounds them (no fused multiply-add), so the vector and portable paths give the same bits. */
-AVX2 static void kv_axpy_avx2(float *o, float p, const void *base, int type, int64_t at, int64_t hd) {
+/* o += p * (cache cells at .. at + hd - 1) for the largest multiple of 8 elements, which it returns: a multiply then
+ * an add per element, as the portable loop of kv_axpy rounds them (no fused multiply-add), so both give the same
+ * bits. */
+AVX2 static int64_t kv_axpy_avx2(float *o, float p, const void *base, int type, int64_t at, int64_t hd) {
     __m256 pv = _mm256_set1_ps(p);
     int64_t i = 0;
     for (; i + 8 <= hd; i += 8) {
         __m256 v = type == S_F32 ? _mm256_loadu_ps((const float *)base + at + i)
-                                 : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(
-                                       _mm_loadu_si128((const __m128i *)((const uint16_t *)base + at + i))), 16));
+                                 : load8_bf16((const uint16_t *)base + at + i);
         _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_mul_ps(pv, v)));
     }
-    for (; i < hd; i++) o[i] += p * kv_at(base, type, at + i);
+    return i;
 }
 #endif
 
 static void kv_axpy(float *o, float p, const void *base, int type, int64_t at, int64_t hd, int vec) {
+    int64_t i = 0;
 #ifdef G3N_X86
-    if (vec && have_avx2()) {
-        kv_axpy_avx2(o, p, base, type, at, hd);
-        return;
-    }
+    if (vec && have_avx2()) i = kv_axpy_avx2(o, p, base, type, at, hd);
 #endif
-    for (int64_t i = 0; i < hd; i++) o[i] += p * kv_at(base, type, at + i);
+    for (; i < hd; i++) o[i] += p * kv_at(base, type, at + i);
 }
 
 /* Attention of one query row per (row, head) over the visible keys of a slot; out [B][H * hd]. */

@@ -238,6 +238,10 @@ AVX2 static inline __m256i load8_u8(const uint8_t *p) {  /* 8 bytes -> 8 int32 (
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
 }
 
+AVX2 static inline __m256 load8_bf16(const void *p) {  /* 8 bfloat16 -> 8 floats (exact: the top half of each) */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 AVX2 static inline __m256i load8_i8(const uint8_t *p) {  /* 8 bytes -> 8 int32 (sign-extended) */
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
 }
@@ -401,10 +405,8 @@ AVX2 static float dot_bf16(const uint8_t *w, const float *x, int64_t k) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= k; i += 16) {
-        __m256i u0 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i))), 16);
-        __m256i u1 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i + 16))), 16);
-        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(u0), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(u1), _mm256_loadu_ps(x + i + 8), a1);
+        a0 = _mm256_fmadd_ps(load8_bf16(w + 2 * i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(load8_bf16(w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
     }
     float s = hsum8(_mm256_add_ps(a0, a1));
     for (; i < k; i++) s += bf16_to_float(rd16(w + 2 * i)) * x[i];
