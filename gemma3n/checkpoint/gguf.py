@@ -202,6 +202,9 @@ class GGUFTensors(Mapping[str, Tensor]):
         t = self._source["model.embed_tokens.weight"][0]
         return int(t.shape[-1])
 
+    def __contains__(self, name) -> bool:  # (Mapping's would dequantise the tensor: the per-layer table is GBs)
+        return name in self._source
+
     def __getitem__(self, name: str) -> Tensor:
         if name == PLE_NAME and self._rows is not None:
             return self._rows.materialise()

@@ -146,6 +146,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                 raise CheckpointError(f"{self.folder / shard}: tensor '{name}' listed in {INDEX_NAME} is missing")
         return list(files.values())
 
+    def __contains__(self, name) -> bool:  # (Mapping's would read the tensor)
+        return name in self._file_of
+
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._file_of[name].tensor(name)
 

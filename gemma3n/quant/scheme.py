@@ -163,6 +163,9 @@ class _Deferred(Mapping):
             return torch.empty(self.tensors.shape(name), device="meta")
         return self.tensors[name]
 
+    def __contains__(self, name) -> bool:  # (Mapping's would produce the tensor)
+        return name in self.tensors
+
     def __iter__(self):
         return iter(self.tensors)
 
