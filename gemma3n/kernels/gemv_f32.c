@@ -106,13 +106,23 @@ AVX2 static inline __m256 u8x8_to_ps(uint64_t v) {
 }
 
 /* A Q4_K / Q5_K super-block's header: d * sc_j into dsc[8]; returns macc plus dmin * m_j * (sum of x over sub-block
- * j) for its eight sub-blocks */
+ * j) for its eight sub-blocks. d and dmin are converted together, as the two halves of one 32-bit load. */
 AVX2 static inline __m256 kquant_header(const uint8_t *row, const float *xs, float dsc[8], __m256 macc) {
     uint64_t sc, mn;
     kquant_scales_mins8(row + 4, &sc, &mn);
-    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row))), u8x8_to_ps(sc)));
-    return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(rd16(row + 2))), u8x8_to_ps(mn)), _mm256_loadu_ps(xs), macc);
+    __m128 d_dmin = _mm_cvtph_ps(_mm_cvtsi32_si128((int)rd32(row)));
+    __m256 d = _mm256_broadcastss_ps(d_dmin), dmin = _mm256_broadcastss_ps(_mm_movehdup_ps(d_dmin));
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(d, u8x8_to_ps(sc)));
+    return _mm256_fmadd_ps(_mm256_mul_ps(dmin, u8x8_to_ps(mn)), _mm256_loadu_ps(xs), macc);
 }
+
+/* The Q4_K / Q5_K kernels read super-block i's scales while the header of i + 1 is worked out into the other half of
+ * a double buffer: broadcasting a scale from the store just made stalled the sums that wait on it. */
+#define KQUANT_HEADER_AHEAD(row, bytes, xs, i, nb, dsc, macc) \
+    do { \
+        if ((i) == 0) (macc) = kquant_header(row, xs, (dsc)[0], macc); \
+        if ((i) + 1 < (nb)) (macc) = kquant_header((row) + (bytes), (xs) + 8, (dsc)[((i) + 1) & 1], macc); \
+    } while (0)
 
 /* x in lane order, per group of 32: xl[8 j + i] = x[4 i + j] * 2^-8j, the value that meets byte j of lane i of a
  * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
@@ -136,9 +146,10 @@ AVX2 static float dot_q4_k_exact(const uint8_t *row, const float *xl, const floa
     const __m256i l3 = _mm256_set1_epi32(0x0F000000), h0 = _mm256_set1_epi32(0xF0), h1 = _mm256_set1_epi32(0xF000);
     const __m256i h2 = _mm256_set1_epi32(0xF00000);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    float scales[2][8];
     for (int64_t i = 0; i < nb; i++, row += 144, xl += QKK, xs += 8) {
-        float dsc[8];
-        macc = kquant_header(row, xs, dsc, macc);
+        KQUANT_HEADER_AHEAD(row, 144, xs, i, nb, scales, macc);
+        const float *dsc = scales[i & 1];
         const uint8_t *qs = row + 16;
         for (int line = 0; line < 144; line += 64) PREFETCH(row + line);
         for (int c = 0; c < 4; c++) {
@@ -170,9 +181,10 @@ AVX2 static float dot_q5_k_exact(const uint8_t *row, const float *xl, const floa
     const __m256i k0 = _mm256_set1_epi32(0x1F), k1 = _mm256_set1_epi32(0x1F00), k2 = _mm256_set1_epi32(0x1F0000);
     const __m256i k3 = _mm256_set1_epi32(0x1F000000);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    float scales[2][8];
     for (int64_t i = 0; i < nb; i++, row += 176, xl += QKK, xs += 8) {
-        float dsc[8];
-        macc = kquant_header(row, xs, dsc, macc);
+        KQUANT_HEADER_AHEAD(row, 176, xs, i, nb, scales, macc);
+        const float *dsc = scales[i & 1];
         const uint8_t *qs = row + 48;
         const __m256i h = _mm256_loadu_si256((const __m256i *)(row + 16));
         /* bit b of every qh byte moved to bit 4 (16-bit shifts; what crosses into the next byte is masked off) */
