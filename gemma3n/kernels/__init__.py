@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 _SOURCE = Path(__file__).with_name("native.c")
 # native.c includes the others
-_SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in ("gemv_f32.c", "decode_blocks.c", "channel_norm.c")))
+_SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in ("gemv_f32.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -136,6 +136,8 @@ def _declare(lib) -> None:
     lib.g3n_round_activations.argtypes = [p, i64, i64, p]
     lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.restype = i32
+    lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
+    lib.g3n_gguf_gemm.argtypes, lib.g3n_gguf_gemm.restype = [i32, p, i64, i64, p, i64, p, i32], i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
@@ -287,6 +289,41 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
                                         (stop - start) // 64, out.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc if start % 64 == 0 and (stop - start) % 64 == 0 else -1, "int4 dequantize")
     return out
+
+
+def int4_gemm(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor) -> Tensor | None:
+    """x [M, K] W^T -> [M, N] float32 for many rows of x (long prompts): W unpacked tile by tile into the GEMM's own
+    panels, the values of `int4_dequantize_t` (gemm_f32.c). None where the library cannot (no AVX2): the caller
+    then unpacks W and multiplies with PyTorch."""
+    n, half = qweight.shape
+    k = 2 * half
+    if not VECTORISED:
+        return None
+    x = _rows_f32(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = native().g3n_int4_gemm(qweight.data_ptr(), scales_and_zeros.data_ptr(), SCALE_TYPES[scales_and_zeros.dtype],
+                                n, k, group_size, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        return None
+    _check(rc, "int4 GEMM")
+    return y
+
+
+def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
+    """x [M, K] W^T -> [M, N] float32 for many rows of x, W the GGUF rows `raw` (uint8 [N, bytes per row]) decoded
+    into the GEMM's own panels, the values of `gguf_dequantize` (gemm_f32.c). None where the library cannot (no
+    AVX2, or a row width it does not take): the caller then dequantises W and multiplies with PyTorch."""
+    if not VECTORISED:
+        return None
+    x = _rows_f32(x, k)
+    raw = raw.contiguous()
+    y = torch.empty(x.shape[0], raw.shape[0], dtype=torch.float32)
+    rc = native().g3n_gguf_gemm(ggml_type, raw.data_ptr(), raw.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                torch.get_num_threads())
+    if rc == -1:
+        return None
+    _check(rc, "GGUF GEMM")
+    return y
 
 
 def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:

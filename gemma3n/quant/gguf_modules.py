@@ -4,8 +4,8 @@ eight times larger.
 
 The weight is the file's own bytes (a view of the memory map, [out_features, bytes per row]); the activations
 stay float32. Decode and short prompts (up to kernels.MAX_ROWS rows) run the native kernels, which decode the blocks
-in registers; longer prompts dequantise a block of output rows at a time into a cache-sized float32 buffer and
-multiply densely. Either way the result is the float32 product of the dequantised weight (the values
+in registers; longer prompts run the library's GEMM, which decodes 64 rows at a time into its own panels (without
+AVX2: a block of output rows dequantised into a cache-sized float32 buffer and multiplied densely). Either way the result is the float32 product of the dequantised weight (the values
 `gguf.quants.dequantize` gives, bit for bit) with x, up to the order of the additions.
 
 Used only when the native library is present (gemma3n.kernels); without it the loader dequantises the file once,
@@ -67,8 +67,10 @@ class GGUFLinear(nn.Module):
         n = self.out_features if rows is None else rows.numel()
         if flat.shape[0] <= kernels.MAX_ROWS or rows is not None:
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
-        else:
-            out = blockwise_matmul(flat.float(), self.dequantize, self.out_features)
+        else:  # the library's GEMM, decoding the blocks into its panels; else dequantise blocks for PyTorch's
+            out = kernels.gguf_gemm(self.ggml_type, self.raw, self.in_features, flat)
+            if out is None:
+                out = blockwise_matmul(flat.float(), self.dequantize, self.out_features)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:

@@ -132,10 +132,14 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _native_blockwise(self, flat: Tensor) -> Tensor:
-        """Long prompts: x W^T a cache-sized block of rows at a time, the block unpacked natively straight into
-        float32 W^T (values exactly those of `dequantize`, rounded to the scale dtype), so the GEMM reads it as it
-        is: no transposed copy, no conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
+        """Long prompts: the library's own GEMM, which unpacks W tile by tile into its panels (values exactly those
+        of `dequantize`, rounded to the scale dtype); without AVX2, x W^T a cache-sized block of rows at a time,
+        the block unpacked natively straight into float32 W^T for PyTorch's GEMM: no transposed copy, no
+        conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
         xs = flat.float()
+        fused = kernels.int4_gemm(self.qweight, self.scales_and_zeros, self.group_size, xs)
+        if fused is not None:  # unpacked straight into the GEMM's panels (gemm_f32.c): the same values
+            return fused.to(flat.dtype)
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
         step = cache_block_rows(self.in_features)
         for start in range(0, self.out_features, step):

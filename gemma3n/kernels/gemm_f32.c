@@ -1,0 +1,216 @@
+/* Long prompts over quantised weights: y = x W^T as one float32 GEMM that unpacks W as it goes (included by
+ * native.c), for the project's int4 tiles and for GGUF blocks.
+ *
+ * The dense path used to unpack a 4 MB block of W^T to float32 and hand it to PyTorch's GEMM, which packed it
+ * again into its own panels. Here W is unpacked straight into those panels: for each 64 output rows and each run of
+ * GEMM_KC inputs, W's values (exactly those of int4_dequantize_t / g3n_gguf_dequantize) are written as four strips
+ * of 16 output columns, each GEMM_KC x 16 floats, small enough to stay in L1 while every 6-row panel of x passes
+ * over it (gemm_block: 6 x 16 sums in 12 registers, one FMA per product). No float32 copy of W reaches memory.
+ *
+ * Each output is summed in one fixed order: over k within a run of GEMM_KC inputs, one FMA after another, then the
+ * runs added in order. That order depends on neither the number of rows of x nor the threads, so a prompt's outputs
+ * are the same bits however it is batched or split; they differ from PyTorch's GEMM only in the order of the
+ * float32 additions.
+ */
+#ifdef G3N_X86
+
+#define GEMM_KC 512  /* inputs per packed strip: 16 KB of floats, held in L1 while x's rows stream past */
+#define GEMM_MC 96   /* rows of x per pass over a tile's strips (a multiple of 6): 96 KB of x, held in L2 */
+#define GEMM_ROWS 64  /* output rows packed at once: four strips (one int4 tile) */
+#define GEMM_STRIPS (GEMM_ROWS / 16)
+
+/* c[i][j] (+)= sum_p a[p][i] * b[p][j] for i < mr (mr <= 6) and j < nc (nc <= 16): a a packed panel of x (6
+ * floats a p, rows past the end of x zero), b a packed strip (16 floats a p), c's rows `ldc` apart; `accumulate`
+ * adds to what c holds (the earlier runs of k), else overwrites it. Named accumulators, not arrays: GCC kept
+ * arrays of vectors in memory as well, a store per FMA. */
+AVX2 static void gemm_block(int mr, int nc, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
+                            int accumulate) {
+    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0, h4 = l0,
+           l5 = l0, h5 = l0;
+    for (int64_t p = 0; p < kc; p++, a += 6, b += 16) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), ai;
+#define GEMM_ROW(i)                                                                                                  \
+        ai = _mm256_broadcast_ss(a + i);                                                                            \
+        l##i = _mm256_fmadd_ps(ai, b0, l##i);                                                                       \
+        h##i = _mm256_fmadd_ps(ai, b1, h##i);
+        GEMM_ROW(0) GEMM_ROW(1) GEMM_ROW(2) GEMM_ROW(3) GEMM_ROW(4) GEMM_ROW(5)
+#undef GEMM_ROW
+    }
+    __m256 lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
+    for (int i = 0; i < mr; i++) {
+        float *ci = c + i * ldc;
+        if (nc < 16) {  /* the last strip of a weight whose rows are not a multiple of 16 */
+            float sums[16];
+            _mm256_storeu_ps(sums, lo[i]);
+            _mm256_storeu_ps(sums + 8, hi[i]);
+            for (int j = 0; j < nc; j++) ci[j] = accumulate ? ci[j] + sums[j] : sums[j];
+            continue;
+        }
+        if (accumulate) {
+            lo[i] = _mm256_add_ps(_mm256_loadu_ps(ci), lo[i]);
+            hi[i] = _mm256_add_ps(_mm256_loadu_ps(ci + 8), hi[i]);
+        }
+        _mm256_storeu_ps(ci, lo[i]);
+        _mm256_storeu_ps(ci + 8, hi[i]);
+    }
+}
+
+/* x [m, k] -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i; rows past m zero): the GEMM reads
+ * six rows' values at each k from one cache line, where six rows of x lie k floats apart (with k a multiple of 1024
+ * they all fall in the same L1 sets). */
+static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels) {
+    for (int64_t ip = 0; ip < (m + 5) / 6; ip++) {
+        float *out = panels + ip * k * 6;
+        for (int i = 0; i < 6; i++) {
+            int64_t r = 6 * ip + i;
+            if (r < m)
+                for (int64_t p = 0; p < k; p++) out[p * 6 + i] = x[r * k + p];
+            else
+                for (int64_t p = 0; p < k; p++) out[p * 6 + i] = 0.0f;
+        }
+    }
+}
+
+/* A source of W for the GEMM: writes W[row0 .. row0 + 63, c0 .. c1 - 1] as four strips (strip s: rows 16 s ..
+ * 16 s + 15, 16 floats per input, c1 - c0 inputs a strip; rows past the weight's end zero), using `scratch`
+ * (GEMM_ROWS * GEMM_KC floats) as it likes. */
+typedef struct {
+    void (*pack)(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips, float *scratch);
+    const void *source;
+} gemm_weights;
+
+typedef struct { const uint8_t *q; const void *sz; int st; int64_t n, k, g; } int4_source;
+
+/* int4 tiles: in a tile, row r < 32 is the low nibble of byte r of each input's 32 bytes and row r + 32 its high
+ * nibble (formats.py), so each strip is one half of 16 consecutive bytes. */
+AVX2 static void int4_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                  float *scratch) {
+    const int4_source *w = source;
+    const uint8_t *tile = w->q + row0 / 2 * w->k;
+    const int64_t kc = c1 - c0;
+    (void)scratch;
+    for (int64_t col = c0; col < c1;) {
+        int64_t grp = col / w->g, end = (grp + 1) * w->g < c1 ? (grp + 1) * w->g : c1;
+        float s[TILE], z[TILE];
+        for (int j = 0; j < TILE; j++) {
+            s[j] = scale_at(w->sz, w->st, (grp * w->n + row0 + j) * 2);
+            z[j] = scale_at(w->sz, w->st, (grp * w->n + row0 + j) * 2 + 1);
+        }
+        __m256 sv[8], zv[8];
+        for (int v = 0; v < 8; v++) { sv[v] = _mm256_loadu_ps(s + 8 * v); zv[v] = _mm256_loadu_ps(z + 8 * v); }
+        const int finite = int4_group_finite(s, z);
+        for (; col < end; col++) {
+            __m256 rows[8];  /* rows 8 v .. 8 v + 7 */
+            int4_column_values(tile + col * 32, sv, zv, w->st, finite, rows);
+            float *o = strips + (col - c0) * 16;
+            for (int v = 0; v < 8; v++) _mm256_store_ps(o + (v / 2) * kc * 16 + (v % 2) * 8, rows[v]);
+        }
+    }
+}
+
+typedef struct { int type; const uint8_t *w; int64_t n, k, row_bytes; } gguf_source;
+
+/* 8 rows of 8 floats (rows `ld` apart) -> 8 columns, each 8 floats, `out_ld` apart */
+AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int64_t out_ld) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(in + i * ld);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(out + i * out_ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(out + (i + 4) * out_ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
+/* GGUF rows: each row's blocks for these inputs decoded as g3n_gguf_dequantize decodes them, into scratch, then
+ * turned into strips 8 x 8 at a time. c0 and c1 are whole blocks (GEMM_KC is a multiple of every block size). */
+AVX2 static void gguf_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                  float *scratch) {
+    const gguf_source *w = source;
+    const int64_t kc = c1 - c0, values = block_values(w->type), bytes = block_bytes(w->type);
+    const int64_t skip = values == 1 ? c0 * bytes : c0 / values * bytes;  /* float rows: a value a "block" */
+    for (int64_t r = 0; r < GEMM_ROWS; r++) {
+        if (row0 + r < w->n) decode_row(w->type, w->w + (row0 + r) * w->row_bytes + skip, kc, scratch + r * kc, 1);
+        else memset(scratch + r * kc, 0, sizeof(float) * (size_t)kc);
+    }
+    for (int64_t r = 0; r < GEMM_ROWS; r += 8)
+        for (int64_t p = 0; p < kc; p += 8)
+            transpose8(scratch + r * kc + p, kc, strips + (r / 16) * kc * 16 + p * 16 + r % 16, 16);
+}
+
+/* y [m, n] = x [m, k] W^T, W from `weights`; 0, or -2: out of memory */
+AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                            int threads) {
+    float *panels = aligned_alloc(64, sizeof(float) * (size_t)((m + 5) / 6 * 6 * k));
+    if (!panels) return -2;
+    pack_rows_of_six(x, m, k, panels);
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *strips = aligned_alloc(64, sizeof(float) * GEMM_ROWS * GEMM_KC * 2);  /* strips, then scratch */
+        if (!strips) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(dynamic)
+        for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
+            if (!strips) continue;
+            for (int64_t pc = 0; pc < k; pc += GEMM_KC) {
+                int64_t kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
+                weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
+                for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
+                    int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
+                    for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
+                        int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
+                        for (int64_t ir = ic; ir < ic + mc; ir += 6)
+                            gemm_block(m - ir < 6 ? (int)(m - ir) : 6, nc, kc, panels + (ir * k + pc * 6),
+                                       strips + s * kc * 16, y + ir * n + row0 + 16 * s, n, pc > 0);
+                    }
+                }
+            }
+        }
+        free(strips);
+    }
+    free(panels);
+    return failed ? -2 : 0;
+}
+
+/* y [m, n] = x [m, k] W^T for W in int4 tiles (n a multiple of 64, k of g); -1: not done here (no AVX2, or a shape
+ * it does not take; the caller has its own path), -2: out of memory. */
+EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const float *x,
+                         int64_t m, float *y, int threads) {
+    if (!have_avx2() || n % TILE || g <= 0 || k % g || m <= 0) return -1;
+    int4_source source = {q, sz, st, n, k, g};
+    return gemm_packed((gemm_weights){int4_pack_strips, &source}, n, k, x, m, y, threads);
+}
+
+/* y [m, n] = x [m, k] W^T for W the n GGUF rows at w (k a multiple of 8 and of the type's block): as above. */
+EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                         int threads) {
+    int64_t row_bytes = g3n_gguf_row_bytes(type, k);
+    if (!have_avx2() || row_bytes == 0 || k % 8 || GEMM_KC % block_values(type) || m <= 0 || n <= 0) return -1;
+    gguf_source source = {type, w, n, k, row_bytes};
+    return gemm_packed((gemm_weights){gguf_pack_strips, &source}, n, k, x, m, y, threads);
+}
+
+#else
+EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const float *x,
+                         int64_t m, float *y, int threads) {
+    (void)q; (void)sz; (void)st; (void)n; (void)k; (void)g; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                         int threads) {
+    (void)type; (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+}
+#endif

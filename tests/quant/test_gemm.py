@@ -1,0 +1,107 @@
+"""The library's GEMM for long prompts (gemma3n/kernels/gemm_f32.c) against independent references.
+
+It unpacks int4 tiles / GGUF blocks straight into its panels. The weights it multiplies must be the reference's bit for
+bit (PyTorch's int4 unpacking, `gguf.quants.dequantize`): multiplying the identity shows them. Its sums must be the
+float64 product to float32 rounding, whatever the shape (rows of x that are not a multiple of its 6-row panels or
+its 96-row blocks, inputs that end inside a 512-input run, output rows that end inside a 16-column strip), and each
+output must be the same bits however many rows come with it and however many threads run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gemma3n import kernels
+from gemma3n.quant.formats import int4_dequantize, int4_quantize
+
+from .test_kernels import GGUF_TYPES, Q, random_rows, reference_weight
+
+pytestmark = pytest.mark.skipif(kernels.native() is None or not kernels.native().g3n_vectorised(),
+                                reason="the GEMM is AVX2 code")
+
+
+def assert_float32_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y = x w^T to float32 rounding: each output within a few ulps of the sum of |x||w| it adds up."""
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    k = x.shape[1]
+    worst = float(((y.double() - ref).abs() / scale.clamp_min(1e-30)).max())
+    assert worst < 4 * k ** 0.5 * 2.0 ** -24, f"error {worst:.3g} of the sum of |x w| (k = {k})"
+
+
+def identity_columns(k: int) -> torch.Tensor:
+    return torch.eye(k, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group_size, k", [(32, 320), (64, 1536), (128, 1152)])
+def test_int4_gemm_multiplies_pytorchs_int4_weights(scale_dtype, group_size, k):
+    n = 192
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k)) * 0.05
+    packed, sz = int4_quantize(w, group_size, scale_dtype)
+    ref_w = int4_dequantize(packed, sz, group_size, scale_dtype).float()
+    # the identity picks each weight out alone: the packed panels hold PyTorch's values exactly
+    assert torch.equal(kernels.int4_gemm(packed, sz, group_size, identity_columns(k)), ref_w.T)
+    for m in (1, 7, 97):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        assert_float32_product(kernels.int4_gemm(packed, sz, group_size, x), x, ref_w)
+
+
+@pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
+def test_gguf_gemm_multiplies_the_files_weights(qt):
+    n = 72  # a 64-row block and one that ends inside its first strip
+    k = 1280 if qt in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1056  # two full runs of 512 inputs and a short one
+    raw = random_rows(qt, n, k, seed=2)
+    w = reference_weight(qt, raw, n, k).float()
+    y = kernels.gguf_gemm(qt, torch.from_numpy(raw), k, identity_columns(k))
+    assert torch.equal(y, w.T)
+    for m in (5, 97):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        assert_float32_product(kernels.gguf_gemm(qt, torch.from_numpy(raw), k, x), x, w)
+
+
+def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
+    k, n = 1088, 128
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
+    packed, sz = int4_quantize(w, 64, torch.bfloat16)
+    raw = torch.from_numpy(random_rows(Q.Q8_0, n, k, seed=4))
+    x = torch.randn(103, k, generator=torch.Generator().manual_seed(5))
+    products = [lambda x: kernels.int4_gemm(packed, sz, 64, x), lambda x: kernels.gguf_gemm(Q.Q8_0, raw, k, x)]
+    threads = torch.get_num_threads()
+    for product in products:
+        full = product(x)
+        for rows in (slice(0, 1), slice(5, 6), slice(2, 9), slice(40, 103)):
+            assert torch.equal(product(x[rows]), full[rows])
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(product(x), full)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_without_avx2_the_callers_fall_back(monkeypatch):
+    """Both return None on the portable path, and the layers then dequantise for PyTorch's GEMM: same products."""
+    from gemma3n.quant.gguf_modules import GGUFLinear
+    from gemma3n.quant.modules import Int4Linear
+    k, n = 512, 128
+    layer = Int4Linear.from_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.05, 64)
+    gguf_layer = GGUFLinear(torch.from_numpy(random_rows(Q.Q4_K, n, k, seed=7)), int(Q.Q4_K), k, torch.float32)
+    x = torch.randn(300, k, generator=torch.Generator().manual_seed(8))  # more rows than any matrix-vector kernel takes
+    fast = [layer(x.bfloat16()).float(), gguf_layer(x)]
+    monkeypatch.setattr(kernels, "VECTORISED", False)
+    assert kernels.int4_gemm(layer.qweight, layer.scales_and_zeros, 64, x) is None
+    assert kernels.gguf_gemm(int(Q.Q4_K), gguf_layer.raw, k, x) is None
+    plain = [layer(x.bfloat16()).float(), gguf_layer(x)]
+    ref_w = [layer.dequantize().float(), gguf_layer.dequantize()]
+    for y, y_plain, w in zip(fast, plain, ref_w):
+        assert_float32_product(y, x.bfloat16().float() if y is fast[0] else x, w)
+        torch.testing.assert_close(y, y_plain, rtol=1e-2, atol=1e-2)  # bfloat16 outputs for the int4 layer
+
+
+def test_bad_shapes_are_left_to_the_caller():
+    w = torch.randn(64, 96) * 0.05
+    packed, sz = int4_quantize(w, 32, torch.bfloat16)
+    assert kernels.int4_gemm(packed, sz, 64, torch.randn(20, 96)) is None  # the group does not divide k
+    raw = torch.from_numpy(random_rows(Q.F32, 16, 20))
+    assert kernels.gguf_gemm(int(Q.F32), raw, 20, torch.randn(20, 20)) is None  # k not a multiple of 8
+    assert np.array_equal(raw.numpy(), random_rows(Q.F32, 16, 20))  # nothing written into the weights
