@@ -10,12 +10,15 @@ sparse layers (`activation_sparsity_pattern`, 0.95 in E2B's first 10) zero that 
 activations on average, so the down projection there needs only the rest of its inputs; it is counted at that
 share. Attention over the prompt and the element-wise work come on top, so the figure below is an upper bound.
 
-The best float32 matrix product rate on this machine is measured with torch's GEMM (oneDNN / MKL: at or near the
-CPU's peak float32 rate) on the prefill's own shapes: a `--tokens` x K activation block times each distinct K x N
-weight shape of the checkpoint, the weight as stored (F.linear) and transposed (torch.mm), best of `--trials`.
-The ceiling is that rate / the operations per token. A peer's measured prefill (e.g. llama.cpp's, from
-bench/speed.py, whose integer kernels multiply 8-bit activations) can be set beside it with `--peer
-NAME=TOK_PER_S`: a goal of k x the peer is reachable by an exact prefill only if k x peer <= ceiling.
+The best float32 matrix product rate on this machine is measured on the prefill's own shapes: a `--tokens` x K
+activation block times each distinct K x N weight shape of the checkpoint, with torch's GEMM (oneDNN / MKL; the
+weight as stored, through F.linear, and transposed, through torch.mm) and with the library's own GEMM
+(gemma3n/kernels/gemm_f32.c, which unpacks int4 weights into its panels as it goes; random int4 weights of that
+shape), best of `--trials`; each shape counts at the faster of the two. On AVX2 machines MKL ran these shapes well
+below the CPU's peak, so the torch-only rate is reported too. The ceiling is the best rate / the operations per
+token. A peer's measured prefill (e.g. llama.cpp's, from bench/speed.py, whose integer kernels multiply 8-bit
+activations) can be set beside it with `--peer NAME=TOK_PER_S`: a goal of k x the peer is reachable by an exact
+prefill only if k x peer <= ceiling.
 
     python bench/prefill_ceiling.py /work/e2b [--tokens 512] [--threads 2] [--peer llama.cpp=15.2]
 
@@ -81,19 +84,35 @@ def product_weights(folder: Path) -> list[tuple[list[int], float]]:
     return products
 
 
-def gemm_rate(shapes: Counter, tokens: int, trials: int) -> float:
-    """FLOP/s of torch's float32 GEMM over the prefill's shapes, each at its best of `trials` (weighted by use)."""
-    flops = seconds = 0.0
+def gemm_rates(shapes: Counter, tokens: int, trials: int) -> tuple[float, float]:
+    """FLOP/s over the prefill's shapes (each at its best of `trials`, weighted by use): torch's float32 GEMM alone,
+    and the faster of it and the library's int4 GEMM per shape."""
+    flops = torch_seconds = best_seconds = 0.0
     for (n, k), uses in shapes.items():
         # both layouts of the weight (as stored, [n, k], through F.linear, and transposed, [k, n]): the faster counts
         x, w = torch.randn(tokens, k), torch.randn(n, k)
         w_t = w.t().contiguous()
         torch.nn.functional.linear(x, w), torch.mm(x, w_t)
-        best = min(min(_timed(lambda: torch.nn.functional.linear(x, w)), _timed(lambda: torch.mm(x, w_t)))
-                   for _ in range(trials))
+        torch_best = min(min(_timed(lambda: torch.nn.functional.linear(x, w)), _timed(lambda: torch.mm(x, w_t)))
+                         for _ in range(trials))
+        ours = _library_gemm(w * 0.02, x, trials)
         flops += uses * 2.0 * tokens * n * k
-        seconds += uses * best
-    return flops / seconds
+        torch_seconds += uses * torch_best
+        best_seconds += uses * min(torch_best, ours)
+    return flops / torch_seconds, flops / best_seconds
+
+
+def _library_gemm(w: torch.Tensor, x: torch.Tensor, trials: int) -> float:
+    """Best time of the library's GEMM over int4 weights of w's shape (inf where it does not take the shape)."""
+    from gemma3n import kernels
+    from gemma3n.quant.formats import int4_quantize, int4_supported
+    n, k = w.shape
+    if kernels.native() is None or not int4_supported(n, k, 64):
+        return float("inf")
+    packed, sz = int4_quantize(w, 64, torch.bfloat16)
+    if kernels.int4_gemm(packed, sz, 64, x) is None:
+        return float("inf")
+    return min(_timed(lambda: kernels.int4_gemm(packed, sz, 64, x)) for _ in range(trials))
 
 
 def _timed(fn) -> float:
@@ -114,11 +133,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     products = product_weights(args.folder) if args.part == "text" else audio_weights(args.folder)
     macs = sum(n * k * needed for (n, k), needed in products)
-    rate = gemm_rate(Counter(tuple(shape) for shape, _ in products), args.tokens, args.trials)
+    torch_rate, rate = gemm_rates(Counter(tuple(shape) for shape, _ in products), args.tokens, args.trials)
     ceiling = rate / (2.0 * macs)
     result = {"folder": str(args.folder), "part": args.part, "tokens": args.tokens, "threads": args.threads,
               "torch": torch.__version__, "weights_multiplied_per_token": int(macs),
-              "gemm_gflops": round(rate / 1e9, 2), "exact_prefill_ceiling_tok_s": round(ceiling, 2),
+              "gemm_gflops": round(rate / 1e9, 2), "torch_gemm_gflops": round(torch_rate / 1e9, 2),
+              "exact_prefill_ceiling_tok_s": round(ceiling, 2),
               "floor_s": round(args.tokens / ceiling, 3)}
     for peer in args.peer:
         name, tok_s = peer.split("=")

@@ -58,7 +58,8 @@ AVX2 static void gemm_block(int mr, int nc, int64_t kc, const float *a, const fl
 /* x [m, k] -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i; rows past m zero): the GEMM reads
  * six rows' values at each k from one cache line, where six rows of x lie k floats apart (with k a multiple of 1024
  * they all fall in the same L1 sets). */
-static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels) {
+static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ip = 0; ip < (m + 5) / 6; ip++) {
         float *out = panels + ip * k * 6;
         for (int i = 0; i < 6; i++) {
@@ -91,17 +92,11 @@ AVX2 static void int4_pack_strips(const void *source, int64_t row0, int64_t c0, 
     (void)scratch;
     for (int64_t col = c0; col < c1;) {
         int64_t grp = col / w->g, end = (grp + 1) * w->g < c1 ? (grp + 1) * w->g : c1;
-        float s[TILE], z[TILE];
-        for (int j = 0; j < TILE; j++) {
-            s[j] = scale_at(w->sz, w->st, (grp * w->n + row0 + j) * 2);
-            z[j] = scale_at(w->sz, w->st, (grp * w->n + row0 + j) * 2 + 1);
-        }
         __m256 sv[8], zv[8];
-        for (int v = 0; v < 8; v++) { sv[v] = _mm256_loadu_ps(s + 8 * v); zv[v] = _mm256_loadu_ps(z + 8 * v); }
-        const int finite = int4_group_finite(s, z);
+        for (int v = 0; v < 8; v++) scales_zeros8(w->sz, w->st, (grp * w->n + row0 + 8 * v) * 2, &sv[v], &zv[v]);
         for (; col < end; col++) {
             __m256 rows[8];  /* rows 8 v .. 8 v + 7 */
-            int4_column_values(tile + col * 32, sv, zv, w->st, finite, rows);
+            int4_column_values(tile + col * 32, sv, zv, w->st, rows);
             float *o = strips + (col - c0) * 16;
             for (int v = 0; v < 8; v++) _mm256_store_ps(o + (v / 2) * kc * 16 + (v % 2) * 8, rows[v]);
         }
@@ -151,7 +146,7 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
                             int threads) {
     float *panels = aligned_alloc(64, sizeof(float) * (size_t)((m + 5) / 6 * 6 * k));
     if (!panels) return -2;
-    pack_rows_of_six(x, m, k, panels);
+    pack_rows_of_six(x, m, k, panels, threads);
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {

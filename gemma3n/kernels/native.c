@@ -1165,46 +1165,34 @@ EXPORT int g3n_int4_matmul_q8(const uint8_t *q, const void *sz, int scale_type, 
 /* out [k][n_tiles * 64]: column k of tiles tile0 .. tile0 + n_tiles - 1, i.e. W[rows, :]^T for those rows.       */
 
 #ifdef G3N_X86
-/* v rounded to the scale dtype (nearest even), 8 at a time: round_as. `finite`: v holds no NaN (an infinity
- * rounds to itself either way), so bfloat16 needs no guard against carrying a NaN's payload into an infinity. */
-AVX2 static inline __m256 round_as8(int type, __m256 v, int finite) {
+/* v rounded to the scale dtype (nearest even), 8 at a time: round_as. For bfloat16 this needs no guard for NaN (whose
+ * payload a carry out of the low half could turn into an infinity): v is always a product or sum of bfloat16
+ * values and small integers, so a NaN in it is one of theirs or the CPU's default NaN, both with a zero low half,
+ * and an infinity has one too. */
+AVX2 static inline __m256 round_as8(int type, __m256 v) {
     if (type == S_BF16) {
         __m256i u = _mm256_castps_si256(v);
         __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
         __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
-        if (!finite) {
-            __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7F800000)),
-                                                 _mm256_set1_epi32(0x7F800000));  /* inf / NaN: not rounded */
-            r = _mm256_blendv_epi8(r, u, special);
-        }
         return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xFFFF0000u)));
     }
     if (type == S_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     return v;
 }
 
-/* Whether a group's 64 scales and zeros are all finite: then (q - 8) s + z is never NaN (inf - inf needs an
- * infinite zero), and round_as8 may skip its guard. */
-static int int4_group_finite(const float *s, const float *z) {
-    int finite = 1;
-    for (int j = 0; j < TILE; j++) finite &= isfinite(s[j]) && isfinite(z[j]);
-    return finite;
-}
-
 /* One input's 32 bytes of a 64-row tile -> rows[v] = W[8 v .. 8 v + 7] at that input, with this group's scales sv
- * and zeros zv (8 rows a vector; `finite`: int4_group_finite of them): the operations of formats.int4_dequantize,
- * each rounded to the scale dtype */
-AVX2 static inline void int4_column_values(const uint8_t *b, const __m256 *sv, const __m256 *zv, int st, int finite,
+ * and zeros zv (8 rows a vector): the operations of formats.int4_dequantize, each rounded to the scale dtype */
+AVX2 static inline void int4_column_values(const uint8_t *b, const __m256 *sv, const __m256 *zv, int st,
                                            __m256 *rows) {
     const __m256i low = _mm256_set1_epi32(0x0F), eight = _mm256_set1_epi32(8);
     for (int part = 0; part < 4; part++) {  /* bytes 8 part .. 8 part + 7: rows 8 part.. (low) and 32 + .. */
         __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 8 * part)));
         __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(bytes, low), eight));
         __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bytes, 4), eight));
-        lo = round_as8(st, _mm256_mul_ps(lo, sv[part]), finite);
-        hi = round_as8(st, _mm256_mul_ps(hi, sv[part + 4]), finite);
-        rows[part] = round_as8(st, _mm256_add_ps(lo, zv[part]), finite);
-        rows[part + 4] = round_as8(st, _mm256_add_ps(hi, zv[part + 4]), finite);
+        lo = round_as8(st, _mm256_mul_ps(lo, sv[part]));
+        hi = round_as8(st, _mm256_mul_ps(hi, sv[part + 4]));
+        rows[part] = round_as8(st, _mm256_add_ps(lo, zv[part]));
+        rows[part + 4] = round_as8(st, _mm256_add_ps(hi, zv[part + 4]));
     }
 }
 
@@ -1213,10 +1201,9 @@ AVX2 static void int4_dequantize_cols_avx2(const uint8_t *tile, const float *s, 
                                            int64_t c1, float *out, int64_t width) {
     __m256 sv[8], zv[8];
     for (int v = 0; v < 8; v++) { sv[v] = _mm256_loadu_ps(s + 8 * v); zv[v] = _mm256_loadu_ps(z + 8 * v); }
-    const int finite = int4_group_finite(s, z);
     for (int64_t col = c0; col < c1; col++) {
         __m256 rows[8];
-        int4_column_values(tile + col * 32, sv, zv, st, finite, rows);
+        int4_column_values(tile + col * 32, sv, zv, st, rows);
         for (int v = 0; v < 8; v++) _mm256_storeu_ps(out + col * width + 8 * v, rows[v]);
     }
 }

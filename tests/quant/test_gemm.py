@@ -105,3 +105,20 @@ def test_bad_shapes_are_left_to_the_caller():
     raw = torch.from_numpy(random_rows(Q.F32, 16, 20))
     assert kernels.gguf_gemm(int(Q.F32), raw, 20, torch.randn(20, 20)) is None  # k not a multiple of 8
     assert np.array_equal(raw.numpy(), random_rows(Q.F32, 16, 20))  # nothing written into the weights
+
+
+def test_groups_with_infinite_or_nan_scales_still_unpack_as_pytorch_does():
+    """The bfloat16 rounding has no NaN guard (native.c, round_as8, says why): infinities and NaNs still come out as
+    PyTorch's unpacking gives them."""
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(9)) * 0.05
+    packed, sz = int4_quantize(w, 64, torch.bfloat16)
+    sz[0, 3, 1] = float("inf")
+    sz[1, 70, 0] = float("nan")
+    sz[2, 100, 1] = -float("inf")
+    ours = kernels.int4_dequantize_t(packed, sz, 64, slice(None)).t().to(torch.bfloat16)
+    torch.testing.assert_close(ours, int4_dequantize(packed, sz, 64, torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    # rows with a non-finite value turn every output of theirs NaN or infinite; the others are the finite product
+    y = kernels.int4_gemm(packed, sz, 64, identity_columns(256))
+    clean = [r for r in range(128) if r not in (3, 70, 100)]
+    assert torch.equal(y[:, clean], ours.float().T[:, clean])
+    assert not torch.isfinite(y[:, [3, 70, 100]]).any()
