@@ -138,6 +138,7 @@ def _declare(lib) -> None:
     lib.g3n_int4_dequantize_t.restype = i32
     lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
     lib.g3n_gguf_gemm.argtypes, lib.g3n_gguf_gemm.restype = [i32, p, i64, i64, p, i64, p, i32], i32
+    lib.g3n_int8_gemm.argtypes, lib.g3n_int8_gemm.restype = [p, p, i32, i64, i64, p, i64, p, i32], i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
@@ -306,6 +307,23 @@ def int4_gemm(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Ten
     if rc == -1:
         return None
     _check(rc, "int4 GEMM")
+    return y
+
+
+def int8_gemm(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor | None:
+    """x [M, K] W^T -> [M, N] float32 for many rows of x, W int8 rows with one scale each, decoded into the GEMM's own
+    panels: the values of formats.int8_dequantize (gemm_f32.c). None where the library cannot (no AVX2, or K not a
+    multiple of 8): the caller then dequantises W and multiplies with PyTorch."""
+    if not VECTORISED:
+        return None
+    n, k = qweight.shape
+    x = _rows_f32(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = native().g3n_int8_gemm(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k,
+                                x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+    if rc == -1:
+        return None
+    _check(rc, "int8 GEMM")
     return y
 
 

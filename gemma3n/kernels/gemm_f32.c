@@ -1,11 +1,12 @@
 /* Long prompts over quantised weights: y = x W^T as one float32 GEMM that unpacks W as it goes (included by
- * native.c), for the project's int4 tiles and for GGUF blocks.
+ * native.c), for the project's int4 tiles and int8 rows and for GGUF blocks.
  *
  * The dense path used to unpack a 4 MB block of W^T to float32 and hand it to PyTorch's GEMM, which packed it
  * again into its own panels. Here W is unpacked straight into those panels: for each 64 output rows and each run of
- * GEMM_KC inputs, W's values (exactly those of int4_dequantize_t / g3n_gguf_dequantize) are written as four strips
- * of 16 output columns, each GEMM_KC x 16 floats, small enough to stay in L1 while every 6-row panel of x passes
- * over it (gemm_block: 6 x 16 sums in 12 registers, one FMA per product). No float32 copy of W reaches memory.
+ * GEMM_KC inputs, W's values (exactly those of int4_dequantize_t / formats.int8_dequantize / g3n_gguf_dequantize)
+ * are written as four strips of 16 output columns, each GEMM_KC x 16 floats, small enough to stay in L1 while every
+ * 6-row panel of x passes over it (gemm_block: 6 x 16 sums in 12 registers, one FMA per product). No float32 copy of
+ * W reaches memory.
  *
  * Each output is summed in one fixed order: over k within a run of GEMM_KC inputs, one FMA after another, then the
  * runs added in order. That order depends on neither the number of rows of x nor the threads, so a prompt's outputs
@@ -103,7 +104,34 @@ AVX2 static void int4_pack_strips(const void *source, int64_t row0, int64_t c0, 
     }
 }
 
-typedef struct { int type; const uint8_t *w; int64_t n, k, row_bytes; } gguf_source;
+/* Weights stored a row at a time (GGUF blocks, int8 rows): `decode` writes row r's values for inputs c0 .. c0 + kc - 1
+ * to out, as the format's dequantisation gives them. */
+typedef struct {
+    void (*decode)(const void *format, int64_t r, int64_t c0, int64_t kc, float *out);
+    const void *format;
+    int64_t n;
+} row_source;
+
+typedef struct { int type; const uint8_t *w; int64_t row_bytes; } gguf_rows;
+
+/* c0 and kc are whole blocks (GEMM_KC is a multiple of every block size): g3n_gguf_dequantize's decoding */
+AVX2 static void gguf_decode(const void *format, int64_t r, int64_t c0, int64_t kc, float *out) {
+    const gguf_rows *w = format;
+    const int64_t values = block_values(w->type), bytes = block_bytes(w->type);
+    const int64_t skip = values == 1 ? c0 * bytes : c0 / values * bytes;  /* float rows: a value a "block" */
+    decode_row(w->type, w->w + r * w->row_bytes + skip, kc, out, 1);
+}
+
+typedef struct { const int8_t *q; const void *scales; int st; int64_t k; } int8_rows;
+
+/* q * s rounded to the scale dtype: formats.int8_dequantize (kc a multiple of 8) */
+AVX2 static void int8_decode(const void *format, int64_t r, int64_t c0, int64_t kc, float *out) {
+    const int8_rows *w = format;
+    const __m256 s = _mm256_set1_ps(scale_at(w->scales, w->st, r));
+    const uint8_t *q = (const uint8_t *)(w->q + r * w->k + c0);
+    for (int64_t c = 0; c < kc; c += 8)
+        _mm256_storeu_ps(out + c, round_as8(w->st, _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + c)), s)));
+}
 
 /* 8 rows of 8 floats (rows `ld` apart) -> 8 columns, each 8 floats, `out_ld` apart */
 AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int64_t out_ld) {
@@ -125,15 +153,14 @@ AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int6
     }
 }
 
-/* GGUF rows: each row's blocks for these inputs decoded as g3n_gguf_dequantize decodes them, into scratch, then
- * turned into strips 8 x 8 at a time. c0 and c1 are whole blocks (GEMM_KC is a multiple of every block size). */
-AVX2 static void gguf_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+/* Row-stored weights (a row_source): each row's values for these inputs decoded into scratch, then turned into
+ * strips 8 x 8 at a time. */
+AVX2 static void rows_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
                                   float *scratch) {
-    const gguf_source *w = source;
-    const int64_t kc = c1 - c0, values = block_values(w->type), bytes = block_bytes(w->type);
-    const int64_t skip = values == 1 ? c0 * bytes : c0 / values * bytes;  /* float rows: a value a "block" */
+    const row_source *rows = source;
+    const int64_t kc = c1 - c0;
     for (int64_t r = 0; r < GEMM_ROWS; r++) {
-        if (row0 + r < w->n) decode_row(w->type, w->w + (row0 + r) * w->row_bytes + skip, kc, scratch + r * kc, 1);
+        if (row0 + r < rows->n) rows->decode(rows->format, row0 + r, c0, kc, scratch + r * kc);
         else memset(scratch + r * kc, 0, sizeof(float) * (size_t)kc);
     }
     for (int64_t r = 0; r < GEMM_ROWS; r += 8)
@@ -192,8 +219,18 @@ EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const
                          int threads) {
     int64_t row_bytes = g3n_gguf_row_bytes(type, k);
     if (!have_avx2() || row_bytes == 0 || k % 8 || GEMM_KC % block_values(type) || m <= 0 || n <= 0) return -1;
-    gguf_source source = {type, w, n, k, row_bytes};
-    return gemm_packed((gemm_weights){gguf_pack_strips, &source}, n, k, x, m, y, threads);
+    gguf_rows format = {type, w, row_bytes};
+    row_source rows = {gguf_decode, &format, n};
+    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, m, y, threads);
+}
+
+/* y [m, n] = x [m, k] W^T for W int8 rows [n, k] with one scale per row (k a multiple of 8): as above. */
+EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const float *x,
+                         int64_t m, float *y, int threads) {
+    if (!have_avx2() || k % 8 || k <= 0 || m <= 0 || n <= 0) return -1;
+    int8_rows format = {q, scales, st, k};
+    row_source rows = {int8_decode, &format, n};
+    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, m, y, threads);
 }
 
 #else
@@ -206,6 +243,12 @@ EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, in
 EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                          int threads) {
     (void)type; (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const float *x,
+                         int64_t m, float *y, int threads) {
+    (void)q; (void)scales; (void)st; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
     return -1;
 }
 #endif

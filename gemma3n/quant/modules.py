@@ -69,8 +69,17 @@ class Int8Linear(nn.Module):
         elif flat.shape[0] <= INT8_KERNEL_MAX_ROWS and _HAS_INT8 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int8pack_mm(flat.to(self.scales.dtype), self.qweight, self.scales)
         else:
-            out = blockwise_matmul(flat.to(self.scales.dtype), self.dequantize, self.out_features)
+            out = self._long(flat.to(self.scales.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _long(self, flat: Tensor) -> Tensor:
+        """Long prompts: the library's GEMM, decoding the rows into its panels (the values of `dequantize`); else
+        cache-sized blocks dequantised for PyTorch's GEMM."""
+        if flat.device.type == "cpu" and kernels.native() is not None:
+            fused = kernels.int8_gemm(self.qweight, self.scales, flat.float())
+            if fused is not None:
+                return fused.to(flat.dtype)
+        return blockwise_matmul(flat, self.dequantize, self.out_features)
 
     def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
         """Only the output features `rows` (int64), reading only their weights: sparse MLPs' active units."""

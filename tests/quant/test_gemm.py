@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gemma3n import kernels
-from gemma3n.quant.formats import int4_dequantize, int4_quantize
+from gemma3n.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
 
 from .test_kernels import GGUF_TYPES, Q, random_rows, reference_weight
 
@@ -47,6 +47,17 @@ def test_int4_gemm_multiplies_pytorchs_int4_weights(scale_dtype, group_size, k):
         assert_float32_product(kernels.int4_gemm(packed, sz, group_size, x), x, ref_w)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_gemm_multiplies_pytorchs_int8_weights(scale_dtype):
+    n, k = 72, 1064  # a 64-row block and one that ends inside its first strip; a short last run of inputs
+    q, scales = int8_quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(1)) * 0.05, scale_dtype)
+    ref_w = int8_dequantize(q, scales, scale_dtype).float()
+    assert torch.equal(kernels.int8_gemm(q, scales, identity_columns(k)), ref_w.T)
+    for m in (5, 97):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        assert_float32_product(kernels.int8_gemm(q, scales, x), x, ref_w)
+
+
 @pytest.mark.parametrize("qt", GGUF_TYPES, ids=lambda t: t.name)
 def test_gguf_gemm_multiplies_the_files_weights(qt):
     n = 72  # a 64-row block and one that ends inside its first strip
@@ -65,8 +76,10 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
     packed, sz = int4_quantize(w, 64, torch.bfloat16)
     raw = torch.from_numpy(random_rows(Q.Q8_0, n, k, seed=4))
+    q8, scales = int8_quantize(w, torch.bfloat16)
     x = torch.randn(103, k, generator=torch.Generator().manual_seed(5))
-    products = [lambda x: kernels.int4_gemm(packed, sz, 64, x), lambda x: kernels.gguf_gemm(Q.Q8_0, raw, k, x)]
+    products = [lambda x: kernels.int4_gemm(packed, sz, 64, x), lambda x: kernels.gguf_gemm(Q.Q8_0, raw, k, x),
+                lambda x: kernels.int8_gemm(q8, scales, x)]
     threads = torch.get_num_threads()
     for product in products:
         full = product(x)
@@ -80,22 +93,30 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
 
 
 def test_without_avx2_the_callers_fall_back(monkeypatch):
-    """Both return None on the portable path, and the layers then dequantise for PyTorch's GEMM: same products."""
+    """The entry points return None on the portable path, and the layers then dequantise for PyTorch's GEMM."""
     from gemma3n.quant.gguf_modules import GGUFLinear
-    from gemma3n.quant.modules import Int4Linear
+    from gemma3n.quant.modules import Int4Linear, Int8Linear
     k, n = 512, 128
-    layer = Int4Linear.from_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.05, 64)
-    gguf_layer = GGUFLinear(torch.from_numpy(random_rows(Q.Q4_K, n, k, seed=7)), int(Q.Q4_K), k, torch.float32)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.05
+    layers = [Int4Linear.from_weight(w.bfloat16(), 64), Int8Linear.from_weight(w.bfloat16()),
+              GGUFLinear(torch.from_numpy(random_rows(Q.Q4_K, n, k, seed=7)), int(Q.Q4_K), k, torch.float32)]
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(8))  # more rows than any matrix-vector kernel takes
-    fast = [layer(x.bfloat16()).float(), gguf_layer(x)]
+    inputs = [x.bfloat16(), x.bfloat16(), x]  # the quantised layers of a bfloat16 model take and give bfloat16
+    fast = [layer(xi) for layer, xi in zip(layers, inputs)]
     monkeypatch.setattr(kernels, "VECTORISED", False)
-    assert kernels.int4_gemm(layer.qweight, layer.scales_and_zeros, 64, x) is None
-    assert kernels.gguf_gemm(int(Q.Q4_K), gguf_layer.raw, k, x) is None
-    plain = [layer(x.bfloat16()).float(), gguf_layer(x)]
-    ref_w = [layer.dequantize().float(), gguf_layer.dequantize()]
-    for y, y_plain, w in zip(fast, plain, ref_w):
-        assert_float32_product(y, x.bfloat16().float() if y is fast[0] else x, w)
-        torch.testing.assert_close(y, y_plain, rtol=1e-2, atol=1e-2)  # bfloat16 outputs for the int4 layer
+    assert kernels.int4_gemm(layers[0].qweight, layers[0].scales_and_zeros, 64, x) is None
+    assert kernels.int8_gemm(layers[1].qweight, layers[1].scales, x) is None
+    assert kernels.gguf_gemm(int(Q.Q4_K), layers[2].raw, k, x) is None
+    plain = [layer(xi) for layer, xi in zip(layers, inputs)]
+    for layer, xi, y, y_plain in zip(layers, inputs, fast, plain):
+        w = layer.dequantize().float()
+        if y.dtype == torch.float32:
+            assert_float32_product(y, xi, w)
+            assert_float32_product(y_plain, xi, w)
+        else:  # both the float32 product rounded to bfloat16: at most one bfloat16 rounding apart
+            ref = xi.double() @ w.double().T
+            for out in (y, y_plain):
+                assert float(((out.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max()) < 2.0 ** -7
 
 
 def test_bad_shapes_are_left_to_the_caller():
