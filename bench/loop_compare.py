@@ -4,7 +4,7 @@ alternated over 3 rounds of 2 answers each; prints the median decode tok/s and t
 whether both trees gave the same tokens.
 
 Run: python bench/loop_compare.py BEFORE_TREE AFTER_TREE"""
-import json, os, subprocess, sys, time
+import json, subprocess, sys
 CODE = r'''
 import sys, time, json, torch
 sys.path.insert(0, sys.argv[1])
