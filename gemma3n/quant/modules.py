@@ -1,12 +1,13 @@
 """Quantised replacements for nn.Linear and the tied embedding / LM head.
 
 Decode and short prompts (up to kernels.MAX_ROWS rows) run the native kernels (gemma3n.kernels), which read the packed
-weights directly at close to memory speed; without the native library they run PyTorch's own weight-only kernels
-(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), as do prompts a little longer. Their cost grows with the rows of
-input (measured on this machine, [8192, 2048]: 128 rows take 3.7 ms in bf16, 40 ms int8, 29 ms int4), so long
-prompts dequantise the weight a block of output rows at a time and multiply densely; the temporary is one block,
-never the whole matrix. Dequantising is cheap for int8 (a cast and a multiply) and dear for int4 (unpacking
-nibbles in PyTorch costs about as much as 250 rows through the kernel), hence the two thresholds.
+weights directly at close to memory speed. Longer prompts run the library's float32 GEMM, which unpacks the weights
+straight into its own panels (gemm_f32.c), except int8 up to INT8_KERNEL_MAX_ROWS and int4 below INT4_GEMM_MIN_ROWS
+rows, where PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) were
+measured faster. Without the library (or AVX2), those PyTorch kernels take decode and short prompts, and long ones
+dequantise the weight a block of output rows at a time and multiply densely (the temporary is one block, never the
+whole matrix); dequantising int4 in PyTorch costs about as much as 250 rows through its kernel, hence
+INT4_KERNEL_MAX_ROWS.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quant
 
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256
+# Beside the library's GEMM (gemm_f32.c), which unpacks int4 into its own panels, PyTorch's int4 kernel wins only
+# for short prompts: on AVX2 machines the two cross between 48 and 64 rows (bench/RESULTS.md, issue 21).
+INT4_GEMM_MIN_ROWS = 49
 # float32 bytes of weight dequantised at once on the dense path: a block the GEMM reads back from the cache the
 # unpacking just wrote it to (a fixed row count made 64 MiB blocks of 16384-wide rows, read back from memory)
 DENSE_BLOCK_BYTES = 4 << 20
@@ -129,7 +133,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if _native(flat):
+        fused = self._library_gemm(flat) if flat.shape[0] >= INT4_GEMM_MIN_ROWS else None
+        if fused is not None:
+            out = fused
+        elif _native(flat):
             out = kernels.int4_matmul(self.qweight, self.scales_and_zeros, self.group_size, flat).to(flat.dtype)
         elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS and _HAS_INT4 and x.device.type == "cpu":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size,
@@ -145,10 +152,10 @@ class Int4Linear(nn.Module):
         of `dequantize`, rounded to the scale dtype); without AVX2, x W^T a cache-sized block of rows at a time,
         the block unpacked natively straight into float32 W^T for PyTorch's GEMM: no transposed copy, no
         conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
+        fused = self._library_gemm(flat)
+        if fused is not None:
+            return fused
         xs = flat.float()
-        fused = kernels.int4_gemm(self.qweight, self.scales_and_zeros, self.group_size, xs)
-        if fused is not None:  # unpacked straight into the GEMM's panels (gemm_f32.c): the same values
-            return fused.to(flat.dtype)
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
         step = cache_block_rows(self.in_features)
         for start in range(0, self.out_features, step):
@@ -156,6 +163,14 @@ class Int4Linear(nn.Module):
             w_t = kernels.int4_dequantize_t(self.qweight, self.scales_and_zeros, self.group_size, rows)
             out[:, rows] = torch.mm(xs, w_t)
         return out
+
+    def _library_gemm(self, flat: Tensor) -> Tensor | None:
+        """x W^T through the library's GEMM, W unpacked straight into its panels (gemm_f32.c): the values of
+        `dequantize`. None where it cannot run (no library, no AVX2, not on the CPU)."""
+        if flat.device.type != "cpu" or kernels.native() is None:
+            return None
+        fused = kernels.int4_gemm(self.qweight, self.scales_and_zeros, self.group_size, flat.float())
+        return None if fused is None else fused.to(flat.dtype)
 
     def forward_sparse_inputs(self, x: Tensor, cols: Tensor) -> Tensor:
         """x whose only non-zero input features are `cols` (int64, ascending) -> x W^T, reading only those

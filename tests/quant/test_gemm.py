@@ -119,6 +119,39 @@ def test_without_avx2_the_callers_fall_back(monkeypatch):
                 assert float(((out.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max()) < 2.0 ** -7
 
 
+def test_layers_hand_prompts_to_the_gemm_from_their_thresholds_on():
+    """From INT4_GEMM_MIN_ROWS / past INT8_KERNEL_MAX_ROWS / past kernels.MAX_ROWS rows, each quantised layer's
+    output is the GEMM's, rounded to the layer's dtype; below, it is not the GEMM that answers (PyTorch's kernels or
+    the matrix-vector ones), so the thresholds, not only the entry points, are what this tests."""
+    from gemma3n.quant import modules
+    from gemma3n.quant.gguf_modules import GGUFLinear
+    k, n = 512, 128
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(9)) * 0.05
+    int4 = modules.Int4Linear.from_weight(w.bfloat16(), 64)
+    int8 = modules.Int8Linear.from_weight(w.bfloat16())
+    gguf = GGUFLinear(torch.from_numpy(random_rows(Q.Q4_K, n, k, seed=10)), int(Q.Q4_K), k, torch.float32)
+    cases = [
+        (int4, modules.INT4_GEMM_MIN_ROWS, torch.bfloat16,
+         lambda x: kernels.int4_gemm(int4.qweight, int4.scales_and_zeros, 64, x)),
+        (int8, modules.INT8_KERNEL_MAX_ROWS + 1, torch.bfloat16,
+         lambda x: kernels.int8_gemm(int8.qweight, int8.scales, x)),
+        (gguf, kernels.MAX_ROWS + 1, torch.float32, lambda x: kernels.gguf_gemm(int(Q.Q4_K), gguf.raw, k, x)),
+    ]
+    for layer, first, dtype, gemm in cases:
+        for rows in (first, first + 7, 150):
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            assert torch.equal(layer(x), gemm(x.float()).to(dtype)), (type(layer).__name__, rows)
+        x = torch.randn(first - 1, k, generator=torch.Generator().manual_seed(11)).to(dtype)
+        y, by_gemm = layer(x), gemm(x.float()).to(dtype)
+        assert not torch.equal(y, by_gemm), (type(layer).__name__, first - 1)  # another kernel: other roundings
+        w_ref = layer.dequantize().float()
+        if dtype == torch.float32:
+            assert_float32_product(y, x, w_ref)
+        else:  # the float32 product rounded once to bfloat16: within 2^-9 of it, relative to the sum of |x w|
+            err = (y.double() - x.double() @ w_ref.double().T).abs() / (x.double().abs() @ w_ref.double().abs().T)
+            assert float(err.max()) < 2.0 ** -8, (type(layer).__name__, float(err.max()))
+
+
 def test_bad_shapes_are_left_to_the_caller():
     w = torch.randn(64, 96) * 0.05
     packed, sz = int4_quantize(w, 32, torch.bfloat16)
