@@ -23,7 +23,7 @@ from .formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quant
 INT8_KERNEL_MAX_ROWS = 32  # up to this many input rows the integer kernels win; above, blockwise dequantisation
 INT4_KERNEL_MAX_ROWS = 256
 # Beside the library's GEMM (gemm_f32.c), which unpacks int4 into its own panels, PyTorch's int4 kernel wins only
-# for short prompts: on AVX2 machines the two cross between 48 and 64 rows (bench/RESULTS.md, issue 21).
+# for short prompts: on an AMD EPYC (Zen 4, AVX2 code) the two crossed between 48 and 64 rows (bench/RESULTS.md).
 INT4_GEMM_MIN_ROWS = 49
 # float32 bytes of weight dequantised at once on the dense path: a block the GEMM reads back from the cache the
 # unpacking just wrote it to (a fixed row count made 64 MiB blocks of 16384-wide rows, read back from memory)
