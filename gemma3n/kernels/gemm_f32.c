@@ -12,6 +12,12 @@
  * runs added in order. That order depends on neither the number of rows of x nor the threads, so a prompt's outputs
  * are the same bits however it is batched or split; they differ from PyTorch's GEMM only in the order of the
  * float32 additions.
+ *
+ * Inputs that are zero in all six rows of a panel are skipped (their products are zeros, which add nothing): Gemma
+ * 3n's sparse MLP layers keep 5% of the down projection's inputs per token, so about three quarters of each panel's
+ * inputs drop out there. A skipped input could change a sum only from -0 to +0, or hide 0 x inf = NaN; so inputs are
+ * skipped only where the run's packed weights are all finite, and the test for sameness across batches and threads
+ * compares values (-0 == +0).
  */
 #ifdef G3N_X86
 
@@ -22,21 +28,28 @@
 
 /* c[i][j] (+)= sum_p a[p][i] * b[p][j] for i < mr (mr <= 6) and j < nc (nc <= 16): a a packed panel of x (6
  * floats a p, rows past the end of x zero), b a packed strip (16 floats a p), c's rows `ldc` apart; `accumulate`
- * adds to what c holds (the earlier runs of k), else overwrites it. Named accumulators, not arrays: GCC kept
- * arrays of vectors in memory as well, a store per FMA. */
-AVX2 static void gemm_block(int mr, int nc, int64_t kc, const float *a, const float *b, float *c, int64_t ldc,
-                            int accumulate) {
+ * adds to what c holds (the earlier runs of k), else overwrites it. With `live`, p runs over its kc entries (in
+ * ascending order) instead of 0 .. kc - 1. Named accumulators, not arrays: GCC kept arrays of vectors in memory as
+ * well, a store per FMA. */
+AVX2 static void gemm_block(int mr, int nc, int64_t kc, const uint16_t *live, const float *a, const float *b,
+                            float *c, int64_t ldc, int accumulate) {
     __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0, h4 = l0,
            l5 = l0, h5 = l0;
-    for (int64_t p = 0; p < kc; p++, a += 6, b += 16) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8), ai;
-#define GEMM_ROW(i)                                                                                                  \
-        ai = _mm256_broadcast_ss(a + i);                                                                            \
+#define GEMM_STEP(ap, bp)                                                                                            \
+    do {                                                                                                             \
+        __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps((bp) + 8), ai;                                          \
+        GEMM_ROW(ap, 0) GEMM_ROW(ap, 1) GEMM_ROW(ap, 2) GEMM_ROW(ap, 3) GEMM_ROW(ap, 4) GEMM_ROW(ap, 5)              \
+    } while (0)
+#define GEMM_ROW(ap, i)                                                                                              \
+        ai = _mm256_broadcast_ss((ap) + i);                                                                         \
         l##i = _mm256_fmadd_ps(ai, b0, l##i);                                                                       \
         h##i = _mm256_fmadd_ps(ai, b1, h##i);
-        GEMM_ROW(0) GEMM_ROW(1) GEMM_ROW(2) GEMM_ROW(3) GEMM_ROW(4) GEMM_ROW(5)
+    if (live)
+        for (int64_t j = 0; j < kc; j++) GEMM_STEP(a + 6 * live[j], b + 16 * live[j]);
+    else
+        for (int64_t p = 0; p < kc; p++) GEMM_STEP(a + 6 * p, b + 16 * p);
 #undef GEMM_ROW
-    }
+#undef GEMM_STEP
     __m256 lo[6] = {l0, l1, l2, l3, l4, l5}, hi[6] = {h0, h1, h2, h3, h4, h5};
     for (int i = 0; i < mr; i++) {
         float *ci = c + i * ldc;
@@ -58,8 +71,12 @@ AVX2 static void gemm_block(int mr, int nc, int64_t kc, const float *a, const fl
 
 /* x [m, k] -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i; rows past m zero): the GEMM reads
  * six rows' values at each k from one cache line, where six rows of x lie k floats apart (with k a multiple of 1024
- * they all fall in the same L1 sets). */
-static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels, int threads) {
+ * they all fall in the same L1 sets). For each panel and each run of GEMM_KC inputs, the inputs (from the run's
+ * start) at which some row is non-zero go to live[ip * k + run start ...], their count to live_count[ip * runs +
+ * run]. */
+static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels, uint16_t *live, int *live_count,
+                             int threads) {
+    const int64_t runs = (k + GEMM_KC - 1) / GEMM_KC;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ip = 0; ip < (m + 5) / 6; ip++) {
         float *out = panels + ip * k * 6;
@@ -70,7 +87,29 @@ static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels
             else
                 for (int64_t p = 0; p < k; p++) out[p * 6 + i] = 0.0f;
         }
+        for (int64_t run = 0; run < runs; run++) {
+            int64_t pc = run * GEMM_KC, kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
+            uint16_t *list = live + ip * k + pc;
+            int count = 0;
+            for (int64_t p = 0; p < kc; p++) {
+                const float *v = out + (pc + p) * 6;
+                if (v[0] != 0.0f || v[1] != 0.0f || v[2] != 0.0f || v[3] != 0.0f || v[4] != 0.0f || v[5] != 0.0f)
+                    list[count++] = (uint16_t)p;
+            }
+            live_count[ip * runs + run] = count;
+        }
     }
+}
+
+/* whether n floats (n a multiple of 8) are all finite: skipping a zero input is exact only then */
+AVX2 static int all_finite(const float *v, int64_t n) {
+    const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+    __m256i seen = _mm256_setzero_si256();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256i e = _mm256_and_si256(_mm256_castps_si256(_mm256_load_ps(v + i)), exponent);
+        seen = _mm256_or_si256(seen, _mm256_cmpeq_epi32(e, exponent));
+    }
+    return _mm256_testz_si256(seen, seen);
 }
 
 /* A source of W for the GEMM: writes W[row0 .. row0 + 63, c0 .. c1 - 1] as four strips (strip s: rows 16 s ..
@@ -171,9 +210,15 @@ AVX2 static void rows_pack_strips(const void *source, int64_t row0, int64_t c0, 
 /* y [m, n] = x [m, k] W^T, W from `weights`; 0, or -2: out of memory */
 AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                             int threads) {
-    float *panels = aligned_alloc(64, sizeof(float) * (size_t)((m + 5) / 6 * 6 * k));
-    if (!panels) return -2;
-    pack_rows_of_six(x, m, k, panels, threads);
+    const int64_t n_panels = (m + 5) / 6, runs = (k + GEMM_KC - 1) / GEMM_KC;
+    float *panels = aligned_alloc(64, sizeof(float) * (size_t)(n_panels * 6 * k));
+    uint16_t *live = malloc(sizeof(uint16_t) * (size_t)(n_panels * k));
+    int *live_count = malloc(sizeof(int) * (size_t)(n_panels * runs));
+    if (!panels || !live || !live_count) {
+        free(panels); free(live); free(live_count);
+        return -2;
+    }
+    pack_rows_of_six(x, m, k, panels, live, live_count, threads);
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -185,16 +230,23 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
         #pragma omp for schedule(dynamic)
         for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
             if (!strips) continue;
-            for (int64_t pc = 0; pc < k; pc += GEMM_KC) {
+            for (int64_t pc = 0, run = 0; pc < k; pc += GEMM_KC, run++) {
                 int64_t kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
                 weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
+                int sparse = 0;  /* some panel has inputs to skip in this run */
+                for (int64_t ip = 0; ip < n_panels && !sparse; ip++) sparse = live_count[ip * runs + run] < kc;
+                const int may_skip = sparse && all_finite(strips, GEMM_ROWS * kc);
                 for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
                     int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
                     for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
                         int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
-                        for (int64_t ir = ic; ir < ic + mc; ir += 6)
-                            gemm_block(m - ir < 6 ? (int)(m - ir) : 6, nc, kc, panels + (ir * k + pc * 6),
-                                       strips + s * kc * 16, y + ir * n + row0 + 16 * s, n, pc > 0);
+                        for (int64_t ir = ic; ir < ic + mc; ir += 6) {
+                            int64_t ip = ir / 6, count = live_count[ip * runs + run];
+                            const uint16_t *list = may_skip && count < kc ? live + ip * k + pc : NULL;
+                            gemm_block(m - ir < 6 ? (int)(m - ir) : 6, nc, list ? count : kc, list,
+                                       panels + (ir * k + pc * 6), strips + s * kc * 16, y + ir * n + row0 + 16 * s,
+                                       n, pc > 0);
+                        }
                     }
                 }
             }
@@ -202,6 +254,8 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
         free(strips);
     }
     free(panels);
+    free(live);
+    free(live_count);
     return failed ? -2 : 0;
 }
 

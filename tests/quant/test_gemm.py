@@ -92,6 +92,31 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
             torch.set_num_threads(threads)
 
 
+def test_inputs_zero_across_a_panel_are_skipped_exactly():
+    """x as a sparse MLP's down projection gets it (about 5% of each row non-zero, zeros of both signs): the GEMM
+    skips inputs that are zero in all six rows of a panel, and each output is still the float32 product and the same
+    value whichever rows share its panel (alone, among these rows, or beside dense rows that leave nothing to skip)."""
+    k, n = 1088, 128
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(12)) * 0.05
+    packed, sz = int4_quantize(w, 64, torch.bfloat16)
+    raw = torch.from_numpy(random_rows(Q.Q4_K, n, 1280, seed=13))
+    q8, scales = int8_quantize(w, torch.bfloat16)
+    cases = [(lambda x: kernels.int4_gemm(packed, sz, 64, x), int4_dequantize(packed, sz, 64, torch.bfloat16), k),
+             (lambda x: kernels.gguf_gemm(Q.Q4_K, raw, 1280, x), reference_weight(Q.Q4_K, raw.numpy(), n, 1280), 1280),
+             (lambda x: kernels.int8_gemm(q8, scales, x), int8_dequantize(q8, scales, torch.bfloat16), k)]
+    for product, ref_w, width in cases:
+        g = torch.Generator().manual_seed(width)
+        dense = torch.randn(103, width, generator=g)
+        x = torch.where(torch.rand(103, width, generator=g) < 0.05, dense, torch.zeros(()))
+        x[::2] = x[::2] * torch.where(dense[::2] < 0, -1.0, 1.0)  # and -0.0 where the sign flips a zero
+        full = product(x)
+        assert_float32_product(full, x, ref_w.float())
+        for rows in (slice(0, 1), slice(7, 8), slice(2, 9), slice(40, 103)):
+            assert torch.equal(product(x[rows]), full[rows])
+        beside_dense = torch.stack([x, dense], 1).reshape(-1, width)  # each panel: three rows of x, three dense
+        assert torch.equal(product(beside_dense)[::2], full)
+
+
 def test_without_avx2_the_callers_fall_back(monkeypatch):
     """The entry points return None on the portable path, and the layers then dequantise for PyTorch's GEMM."""
     from gemma3n.quant.gguf_modules import GGUFLinear
