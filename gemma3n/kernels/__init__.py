@@ -292,56 +292,45 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
     return out
 
 
-def int4_gemm(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor) -> Tensor | None:
-    """x [M, K] W^T -> [M, N] float32 for many rows of x (long prompts): W unpacked tile by tile into the GEMM's own
-    panels, the values of `int4_dequantize_t` (gemm_f32.c). None where the library cannot (no AVX2): the caller
-    then unpacks W and multiplies with PyTorch."""
-    n, half = qweight.shape
-    k = 2 * half
+def _gemm(entry: str, weights: tuple, n: int, k: int, x: Tensor, what: str) -> Tensor | None:
+    """The GEMM entry points' shared call: native `entry`(*weights, x, M, y, threads) -> y [M, n] float32, or None
+    where the library does not take it (no AVX2, or a shape it returns -1 for)."""
     if not VECTORISED:
         return None
     x = _rows_f32(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    rc = native().g3n_int4_gemm(qweight.data_ptr(), scales_and_zeros.data_ptr(), SCALE_TYPES[scales_and_zeros.dtype],
-                                n, k, group_size, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+    rc = getattr(native(), entry)(*weights, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
     if rc == -1:
         return None
-    _check(rc, "int4 GEMM")
+    _check(rc, what)
     return y
+
+
+def int4_gemm(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor) -> Tensor | None:
+    """x [M, K] W^T -> [M, N] float32 for many rows of x (long prompts): W unpacked tile by tile into the GEMM's own
+    panels, the values of `int4_dequantize_t` (gemm_f32.c). None where the library cannot (no AVX2): the caller
+    then unpacks W and multiplies with PyTorch."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    weights = (qweight.data_ptr(), scales_and_zeros.data_ptr(), SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size)
+    return _gemm("g3n_int4_gemm", weights, n, k, x, "int4 GEMM")
 
 
 def int8_gemm(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor | None:
     """x [M, K] W^T -> [M, N] float32 for many rows of x, W int8 rows with one scale each, decoded into the GEMM's own
     panels: the values of formats.int8_dequantize (gemm_f32.c). None where the library cannot (no AVX2, or K not a
     multiple of 8): the caller then dequantises W and multiplies with PyTorch."""
-    if not VECTORISED:
-        return None
     n, k = qweight.shape
-    x = _rows_f32(x, k)
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    rc = native().g3n_int8_gemm(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k,
-                                x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
-    if rc == -1:
-        return None
-    _check(rc, "int8 GEMM")
-    return y
+    weights = (qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k)
+    return _gemm("g3n_int8_gemm", weights, n, k, x, "int8 GEMM")
 
 
 def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
     """x [M, K] W^T -> [M, N] float32 for many rows of x, W the GGUF rows `raw` (uint8 [N, bytes per row]) decoded
     into the GEMM's own panels, the values of `gguf_dequantize` (gemm_f32.c). None where the library cannot (no
     AVX2, or a row width it does not take): the caller then dequantises W and multiplies with PyTorch."""
-    if not VECTORISED:
-        return None
-    x = _rows_f32(x, k)
     raw = raw.contiguous()
-    y = torch.empty(x.shape[0], raw.shape[0], dtype=torch.float32)
-    rc = native().g3n_gguf_gemm(ggml_type, raw.data_ptr(), raw.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr(),
-                                torch.get_num_threads())
-    if rc == -1:
-        return None
-    _check(rc, "GGUF GEMM")
-    return y
+    n = raw.shape[0]
+    return _gemm("g3n_gguf_gemm", (ggml_type, raw.data_ptr(), n, k), n, k, x, "GGUF GEMM")
 
 
 def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:

@@ -5,8 +5,9 @@ eight times larger.
 The weight is the file's own bytes (a view of the memory map, [out_features, bytes per row]); the activations
 stay float32. Decode and short prompts (up to kernels.MAX_ROWS rows) run the native kernels, which decode the blocks
 in registers; longer prompts run the library's GEMM, which decodes 64 rows at a time into its own panels (without
-AVX2: a block of output rows dequantised into a cache-sized float32 buffer and multiplied densely). Either way the result is the float32 product of the dequantised weight (the values
-`gguf.quants.dequantize` gives, bit for bit) with x, up to the order of the additions.
+AVX2: a block of output rows dequantised into a cache-sized float32 buffer and multiplied densely). Either way the
+result is the float32 product of the dequantised weight (the values `gguf.quants.dequantize` gives, bit for bit)
+with x, up to the order of the additions.
 
 Used only when the native library is present (gemma3n.kernels); without it the loader dequantises the file once,
 the plain path these modules are tested against.

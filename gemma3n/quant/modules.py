@@ -148,13 +148,10 @@ class Int4Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _native_blockwise(self, flat: Tensor) -> Tensor:
-        """Long prompts: the library's own GEMM, which unpacks W tile by tile into its panels (values exactly those
-        of `dequantize`, rounded to the scale dtype); without AVX2, x W^T a cache-sized block of rows at a time,
-        the block unpacked natively straight into float32 W^T for PyTorch's GEMM: no transposed copy, no
-        conversion to the scale dtype and back (as `blockwise_matmul` would do)."""
-        fused = self._library_gemm(flat)
-        if fused is not None:
-            return fused
+        """Long prompts where the library's GEMM does not run (no AVX2): x W^T a cache-sized block of rows at a time,
+        the block unpacked natively straight into float32 W^T (values exactly those of `dequantize`, rounded to the
+        scale dtype), so PyTorch's GEMM reads it as it is: no transposed copy, no conversion to the scale dtype and
+        back (as `blockwise_matmul` would do)."""
         xs = flat.float()
         out = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype)
         step = cache_block_rows(self.in_features)
