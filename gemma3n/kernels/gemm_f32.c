@@ -214,11 +214,19 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
     float *panels = aligned_alloc(64, sizeof(float) * (size_t)(n_panels * 6 * k));
     uint16_t *live = malloc(sizeof(uint16_t) * (size_t)(n_panels * k));
     int *live_count = malloc(sizeof(int) * (size_t)(n_panels * runs));
-    if (!panels || !live || !live_count) {
-        free(panels); free(live); free(live_count);
+    char *run_sparse = malloc((size_t)runs);
+    if (!panels || !live || !live_count || !run_sparse) {
+        free(panels); free(live); free(live_count); free(run_sparse);
         return -2;
     }
     pack_rows_of_six(x, m, k, panels, live, live_count, threads);
+    /* a run is sparse where some panel has inputs to skip in it; worked out once, not per tile of W */
+    for (int64_t run = 0; run < runs; run++) {
+        int64_t kc = k - run * GEMM_KC < GEMM_KC ? k - run * GEMM_KC : GEMM_KC;
+        int sparse = 0;
+        for (int64_t ip = 0; ip < n_panels && !sparse; ip++) sparse = live_count[ip * runs + run] < kc;
+        run_sparse[run] = (char)sparse;
+    }
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -233,9 +241,7 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
             for (int64_t pc = 0, run = 0; pc < k; pc += GEMM_KC, run++) {
                 int64_t kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
                 weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
-                int sparse = 0;  /* some panel has inputs to skip in this run */
-                for (int64_t ip = 0; ip < n_panels && !sparse; ip++) sparse = live_count[ip * runs + run] < kc;
-                const int may_skip = sparse && all_finite(strips, GEMM_ROWS * kc);
+                const int may_skip = run_sparse[run] && all_finite(strips, GEMM_ROWS * kc);
                 for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
                     int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
                     for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
@@ -256,6 +262,7 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
     free(panels);
     free(live);
     free(live_count);
+    free(run_sparse);
     return failed ? -2 : 0;
 }
 

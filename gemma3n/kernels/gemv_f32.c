@@ -10,8 +10,8 @@
  *     register of weight bytes is eight 32-bit lanes, and byte j of every lane is taken in place with one AND, as its
  *     value times 2^8j, against a copy of x scaled by 2^-8j. Scaling by a power of two is exact, so each product is
  *     the same float as the byte's value times x (for |x| >= 2^-98, below which x * 2^-28 would lose bits as a
- *     subnormal). This does without the shuffles and shifts that spread bytes to 32-bit lanes, which were the bottleneck on AMD Zen 3
- *     (two of its four vector pipes do all shuffles and shifts);
+ *     subnormal). This does without the shuffles and shifts that spread bytes to 32-bit lanes, which were the
+ *     bottleneck on AMD Zen 3 (two of its four vector pipes do all shuffles and shifts);
  *   - the weights are prefetched ahead of use (below).
  * Weight rows are read one after another, each from start to end: on the AMD machines this was measured on, four
  * rows read in interleaved blocks (to share the loads of x) streamed from memory two to three times slower than
