@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 _SOURCE = Path(__file__).with_name("native.c")
-# native.c includes the others
-_SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in ("gemv_f32.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")))
+# the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
+INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")
+_SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in INCLUDED_SOURCES))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
 SCALE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -134,6 +135,8 @@ def _declare(lib) -> None:
     lib.g3n_int8_matmul.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32, i32]
     lib.g3n_int4_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
     lib.g3n_round_activations.argtypes = [p, i64, i64, p]
+    lib.g3n_int4_rows_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
+    lib.g3n_int4_tiles_to_rows.argtypes = [p, p, i32, i64, i64, i64, p, p, i32]
     lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.restype = i32
     lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
@@ -148,7 +151,7 @@ def _declare(lib) -> None:
     lib.g3n_channel_rms_norm.restype = i32
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
-              lib.g3n_int4_matmul_q8):
+              lib.g3n_int4_matmul_q8, lib.g3n_int4_rows_matmul, lib.g3n_int4_tiles_to_rows):
         f.restype = i32
 
 
@@ -276,6 +279,36 @@ def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: T
                                   SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, _ptr(cols), n_cols,
                                   x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc, "int4 matmul")
+    return y
+
+
+def int4_rows(qweight: Tensor, scales_and_zeros: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """The int4 tile-layout weights as rows, for products that read only some rows (a sparse MLP's up projection):
+    (qrows uint8 [N, K/2], srows [N, K/g, 2] in the scales' dtype), the layout of int4_rows.c. Same values."""
+    n, half = qweight.shape
+    k = 2 * half
+    qrows = torch.empty(n, half, dtype=torch.uint8)
+    srows = torch.empty(n, k // group_size, 2, dtype=scales_and_zeros.dtype)
+    rc = native().g3n_int4_tiles_to_rows(qweight.data_ptr(), scales_and_zeros.contiguous().data_ptr(),
+                                         SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, qrows.data_ptr(),
+                                         srows.data_ptr(), torch.get_num_threads())
+    _check(rc, "int4 rows")
+    return qrows, srows
+
+
+def int4_rows_matmul(qrows: Tensor, srows: Tensor, group_size: int, x: Tensor, rows: Tensor | None = None) -> Tensor:
+    """x [M, K] -> [M, R] float32 with W the int4 rows of `int4_rows`; `rows` (int64) picks R of them (all when
+    None)."""
+    n, half = qrows.shape
+    k = 2 * half
+    x = _rows_f32(x, k)
+    _check_rows(rows, n)
+    r = n if rows is None else rows.numel()
+    y = torch.empty(x.shape[0], r, dtype=torch.float32)
+    rc = native().g3n_int4_rows_matmul(qrows.data_ptr(), srows.data_ptr(), SCALE_TYPES[srows.dtype], n, k,
+                                       group_size, _ptr(rows), r, x.data_ptr(), x.shape[0], y.data_ptr(),
+                                       torch.get_num_threads(), VECTORISED)
+    _check(rc, "int4 rows matmul")
     return y
 
 

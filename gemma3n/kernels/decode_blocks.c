@@ -25,6 +25,7 @@ typedef struct {
     const void *w, *s;   /* weights; int8 scales / int4 scales_and_zeros */
     int64_t n, k, g;     /* out features, in features, int4 group size */
     int32_t group;       /* the profile counter its time adds to (g3n_step.prof) */
+    const void *rows_w, *rows_s;  /* int4: NULL, or the same weights as rows (int4_rows.c), to read some rows */
 } g3n_lin;
 
 typedef struct g3n_op g3n_op;
@@ -92,7 +93,10 @@ static int lin_run(const g3n_lin *L, const float *x, int64_t m, float *y, const 
         }
         return g3n_int8_matmul((const int8_t *)L->w, L->s, L->type, n, L->k, rows, x, m, y, threads, vec);
     case L_INT4:
-        if (rows) return -1;
+        if (rows)
+            return L->rows_w ? g3n_int4_rows_matmul((const uint8_t *)L->rows_w, L->rows_s, L->type, L->n, L->k, L->g,
+                                                    rows, n_rows, x, m, y, threads, vec)
+                             : -1;
         if (q8 && L->k % XB == 0) {
             rc = g3n_int4_matmul_q8((const uint8_t *)L->w, L->s, L->type, L->n, L->k, L->g, x, m, y, threads);
             if (rc != -1) return rc;
@@ -434,6 +438,13 @@ EXPORT int g3n_block_mlp(const g3n_op *op, const g3n_ctx *C) {
     /* up: only the active rows where the format can read rows; else all, then keep the active ones */
     if (Lup->kind == L_GGUF || Lup->kind == L_INT8) {
         if ((rc = lin_apply(Lup, h, B, up, rows, n_active, S))) return rc;
+    } else if (Lup->kind == L_INT4 && Lup->rows_w) {
+        const float *xin = h;
+        if (S->q8 && Lup->k % XB == 0) {  /* the rounded activations, as the dense int8-activation product uses */
+            if ((rc = g3n_round_activations(h, B, Lup->k, C->scratch[3]))) return rc;
+            xin = C->scratch[3];
+        }
+        if ((rc = lin_apply(Lup, xin, B, up, rows, n_active, S))) return rc;
     } else {
         if ((rc = lin_apply(Lup, h, B, hidden, NULL, 0, S))) return rc;
         for (int64_t b = 0; b < B; b++)
@@ -452,7 +463,7 @@ EXPORT int g3n_block_mlp(const g3n_op *op, const g3n_ctx *C) {
         }
         double t0 = S->prof ? omp_get_wtime() : 0.0;
         rc = g3n_int4_matmul((const uint8_t *)Ldown->w, Ldown->s, Ldown->type, D, F, Ldown->g, cols, n_active, xin,
-                             B, out, S->threads, 1);
+                             B, out, S->threads, S->vec);
         if (S->prof) S->prof[Ldown->group] += omp_get_wtime() - t0;
         return rc;
     }

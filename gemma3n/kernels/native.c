@@ -22,7 +22,7 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define G3N_ABI_VERSION 8
+#define G3N_ABI_VERSION 9
 
 /* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,
@@ -1247,6 +1247,7 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
 /* ------------------------------------------------------------------------------------------------------------ */
 /* exact matrix-vector products for decode, and a whole decode step (their own files, for size)               */
 #include "gemv_f32.c"
+#include "int4_rows.c"
 #include "gemm_f32.c"
 #include "decode_blocks.c"
 #include "channel_norm.c"

@@ -8,6 +8,7 @@ float, int8, int4 and GGUF weights. Where it does not apply, the eager layers mu
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import numpy as np
 import pytest
@@ -85,6 +86,7 @@ def assert_native_equals_eager(lm, batch: int = 1, rtol: float = RTOL):
     err = ((got - expected).abs().max() / expected.abs().max()).item()
     assert err < rtol, f"max relative difference {err:.2e}"
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    return cache.native_decoder[1]
 
 
 @pytest.mark.parametrize("name", ["mixed", "four_to_one"])
@@ -143,7 +145,12 @@ def test_quantised_weights(kind, precision):
     enable_sparse_decode(lm)  # sparse up rows (int8) and down columns (int4) in the native step too
     # int8 activations round x per block of 32: a float32-rounding difference in x may move one value by a whole
     # step of its block, so the two paths agree to that step (~1e-2 of the largest logit in this chaotic model)
-    assert_native_equals_eager(lm, batch=2, rtol=RTOL if precision == "float32" else 2e-2)
+    decoder = assert_native_equals_eager(lm, batch=2, rtol=RTOL if precision == "float32" else 2e-2)
+    if kind == "int4":  # the sparse layers' int4 up projections are read as rows (a copy: int4_rows.c)
+        mlp = ctypes.cast(kernels.native().g3n_block_mlp, ctypes.c_void_p).value
+        ups = [(op.opt[0], bool(op.lin[1].rows_w)) for op in decoder.ops
+               if op.run == mlp and op.lin[1].kind == native_decode.L_INT4]
+        assert ups and all(sparse == rows for sparse, rows in ups) and any(rows for _, rows in ups), ups
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])

@@ -7,6 +7,9 @@ definition (int8 per block of 32, ties to even) is checked against a PyTorch rew
 portable C code run."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -154,6 +157,32 @@ def test_int4_tiles(activations, group_size, scale_dtype, code_path, precision):
     assert rel_err(sparse, dense.double()) < TOL
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_rows(group_size, scale_dtype, code_path):
+    """The row copy of int4 tiles (for sparse MLPs' up projections) holds the same weights: any rows of it, in any
+    order and repeated, times x are the float64 product of PyTorch's dequantised rows, to float32 summation."""
+    n, k = 192, 512
+    g = torch.Generator().manual_seed(11)
+    packed, sz = int4_quantize(torch.randn(n, k, generator=g) * 0.05, group_size, scale_dtype)
+    w = int4_dequantize(packed, sz, group_size, torch.float32).double()
+    qrows, srows = kernels.int4_rows(packed, sz, group_size)
+    assert qrows.shape == (n, k // 2) and srows.shape == (n, k // group_size, 2) and srows.dtype == scale_dtype
+    x = torch.randn(3, k, generator=g)
+    rows = torch.tensor([191, 0, 64, 63, 64, 127, 5])
+    y = kernels.int4_rows_matmul(qrows, srows, group_size, x, rows).double()
+    exact = x.double() @ w[rows].T
+    # the kernel sums q x per group and applies scale and zero after: bound by the terms it adds
+    q_abs = 16.0 * sz[:, rows, 0].double().abs().repeat_interleave(group_size, 0)
+    bound = (x.double().abs() @ w[rows].abs().T + x.double().abs() @ q_abs) * k * 2.0 ** -24
+    assert bool(((y - exact).abs() <= bound).all()), float(((y - exact).abs() / bound).max())
+    everything = kernels.int4_rows_matmul(qrows, srows, group_size, x)
+    assert torch.equal(everything[:, rows], y.float())
+    _assert_batch_invariant(lambda xb: kernels.int4_rows_matmul(qrows, srows, group_size, xb, rows), k)
+    with pytest.raises(IndexError):
+        kernels.int4_rows_matmul(qrows, srows, group_size, x, torch.tensor([n]))
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int4_native_dequantize_is_the_pytorch_one(scale_dtype, code_path):
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(8))
@@ -260,3 +289,13 @@ def test_int8_and_int4_rows_compute_the_same_bits_in_any_batch(activations, code
     _assert_batch_invariant(lambda x: kernels.int8_matmul(q, s, x), 256)
     packed, sz = int4_quantize(w, 64, torch.bfloat16)
     _assert_batch_invariant(lambda x: kernels.int4_matmul(packed, sz, 64, x), 256)
+
+
+def test_every_included_source_is_listed():
+    """The cache build's hash, the staleness check and setup.py's depends must know every file native.c includes:
+    one left out would keep an old build after that file changed."""
+    root = Path(__file__).resolve().parents[2]
+    included = re.findall(r'^#include "([^"]+)"', (root / "gemma3n/kernels/native.c").read_text(), flags=re.M)
+    assert tuple(included) == kernels.INCLUDED_SOURCES
+    setup = (root / "setup.py").read_text()
+    assert all(f'"{name}"' in setup for name in included)
