@@ -116,7 +116,8 @@ def build_revision(rev: str) -> Path:
 
 
 def _kernel_cases(path: str):
-    """(label, weights, call(lib, x, y, q8)) for one tensor of each GGUF type in the file, plus int8 / int4."""
+    """(label, n, k, bytes, call(lib, x, y, q8), has an int8-activation kernel) for one tensor of each GGUF type in
+    the file, plus int8 / int4."""
     import ctypes
     import gguf
     import numpy as np
@@ -135,7 +136,8 @@ def _kernel_cases(path: str):
             if q8:
                 return lib.g3n_gguf_matmul_q8(qt, raw.data_ptr(), n, k, None, x.data_ptr(), 1, y.data_ptr(), 1)
             return lib.g3n_gguf_matmul(qt, raw.data_ptr(), n, k, None, x.data_ptr(), 1, y.data_ptr(), 1, 1)
-        cases.append((f"{qt.name} {n}x{k} ({t.name})", n, k, raw.numel(), call))
+        cases.append((f"{qt.name} {n}x{k} ({t.name})", n, k, raw.numel(), call,
+                      qt not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)))
     n, k = 16384, 8192  # larger than the caches (int4: 64 MB), as a decode step's weights are
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
     q8w, s8 = int8_quantize(w, torch.bfloat16)
@@ -145,12 +147,12 @@ def _kernel_cases(path: str):
                   lambda lib, x, y, q8: (lib.g3n_int8_matmul_q8(q8w.data_ptr(), s8.data_ptr(), bf16, n, k, None,
                                                                  x.data_ptr(), 1, y.data_ptr(), 1) if q8 else
                                          lib.g3n_int8_matmul(q8w.data_ptr(), s8.data_ptr(), bf16, n, k, None,
-                                                             x.data_ptr(), 1, y.data_ptr(), 1, 1))))
+                                                             x.data_ptr(), 1, y.data_ptr(), 1, 1)), True))
     cases.append((f"int4 tiles g64 {n}x{k}", n, k, q4w.numel() + sz4.numel() * 2,
                   lambda lib, x, y, q8: (lib.g3n_int4_matmul_q8(q4w.data_ptr(), sz4.data_ptr(), bf16, n, k, 64,
                                                                  x.data_ptr(), 1, y.data_ptr(), 1) if q8 else
                                          lib.g3n_int4_matmul(q4w.data_ptr(), sz4.data_ptr(), bf16, n, k, 64, None, 0,
-                                                             x.data_ptr(), 1, y.data_ptr(), 1, 1))))
+                                                             x.data_ptr(), 1, y.data_ptr(), 1, 1)), True))
     del ctypes
     return cases
 
@@ -167,9 +169,9 @@ def kernel_rates(path: str, baseline: str | None, trials: int) -> dict:
     torch.set_num_threads(1)
     reader = ReadBandwidth(0.5)  # one core, sampled beside every kernel (the machine's load changes)
     rows, reads = [], []
-    for label, n, k, nbytes, call in _kernel_cases(path):
+    for label, n, k, nbytes, call, q8_kernel in _kernel_cases(path):
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
-        for q8 in (False, True):
+        for q8 in (False, True) if q8_kernel else (False,):
             times = {name: [] for name in libs}
             outs = {}
             for trial in range(trials):
