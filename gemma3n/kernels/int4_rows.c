@@ -78,7 +78,7 @@ EXPORT int g3n_int4_rows_matmul(const uint8_t *qrows, const void *srows, int sca
 /* qrows / srows (layout above) from int4 tiles q [n/64][k][32 bytes] with scales_and_zeros [k/g][n][2]. */
 EXPORT int g3n_int4_tiles_to_rows(const uint8_t *q, const void *sz, int scale_type, int64_t n, int64_t k, int64_t g,
                                   uint8_t *qrows, void *srows, int threads) {
-    if (n % TILE || k % 32 || g <= 0 || k % g) return -1;
+    if (n % TILE || g <= 0 || g % 32 || k % g) return -1;
     int64_t n_groups = k / g;
     size_t esize = scale_type == S_F32 ? 4 : 2;
     #pragma omp parallel for num_threads(threads) schedule(static)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -83,20 +82,6 @@ class _Step(ctypes.Structure):  # g3n_step
                 ("k", _c_void_p), ("v", _c_void_p), ("cap", _c_void_p),
                 ("cache_type", ctypes.c_int32), ("threads", ctypes.c_int32), ("q8", ctypes.c_int32),
                 ("vec", ctypes.c_int32), ("prof", _c_void_p)]
-
-
-# int4 weights copied as rows (kernels.int4_rows), per module, for the sparse MLPs' up projections: made once, kept
-# while the module lives, and made again if its weights were replaced or changed in place
-_INT4_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _int4_rows(m: Int4Linear) -> tuple[Tensor, Tensor]:
-    key = tuple((t.data_ptr(), t._version) for t in (m.qweight, m.scales_and_zeros))
-    held = _INT4_ROWS.get(m)
-    if held is None or held[0] != key:
-        held = (key, *kernels.int4_rows(m.qweight, m.scales_and_zeros, m.group_size))
-        _INT4_ROWS[m] = held
-    return held[1], held[2]
 
 
 class Unsupported(Exception):
@@ -333,11 +318,10 @@ def _describe_mlp(dec: NativeDecoder, op: _Op, mlp: nn.Module, block: Block) -> 
     sparse = mlp.sparsity > 0
     if op.lin[2].kind == L_FLOAT_T and not (sparse and mlp.sparse_decode):
         raise Unsupported("a transposed down projection outside a sparse MLP")
-    if sparse and mlp.sparse_decode and op.lin[1].kind == L_INT4:
-        # the tiles interleave 64 rows, so reading the active units' rows would read them all: a row copy
-        # lets the step read only those (about 5% in Gemma 3n), for 1 / 2 byte per weight more memory
+    if sparse and mlp.sparse_decode and op.lin[1].kind == L_INT4 and op.lin[1].g % 32 == 0:
+        # the tiles interleave 64 rows: a row copy lets the step read only the active units' rows (about 5%)
         up = mlp.up_proj.native_stand_in if getattr(mlp.up_proj, "native_stand_in", None) is not None else mlp.up_proj
-        qrows, srows = _int4_rows(up)
+        qrows, srows = up.rows_layout()
         op.lin[1].rows_w, op.lin[1].rows_s = dec._hold(qrows), dec._hold(srows)
     op.opt[0], op.opt[1] = int(sparse), mlp.SPARSE_MAX_TOKENS if sparse and mlp.sparse_decode else 0
     op.val[0] = dec._model_dtype(mlp.z)

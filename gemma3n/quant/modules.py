@@ -109,6 +109,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros",
                              torch.empty(in_features // group_size, out_features, 2, dtype=scale_dtype))
+        self._rows: tuple | None = None  # (the tensors it was made from, qrows, srows): see rows_layout
 
     @classmethod
     def from_weight(cls, weight: Tensor, group_size: int) -> "Int4Linear":
@@ -123,6 +124,20 @@ class Int4Linear(nn.Module):
                 .to(self.scales_and_zeros.dtype)
         sz = self.scales_and_zeros[:, rows]
         return int4_dequantize(self.qweight[rows], sz, self.group_size, sz.dtype)
+
+    def rows_layout(self) -> tuple[Tensor, Tensor]:
+        """The weights one output row after another (kernels.int4_rows: the same values), for products that read
+        only some rows: the tiles interleave 64 rows, so reading one reads them all (the native decode step uses
+        this for sparse MLPs' up projections). Made on first use and kept, 1/2 byte per weight more memory; made
+        again once the weights are replaced or loaded (load_state_dict)."""
+        sources = (self.qweight, self.scales_and_zeros)
+        if self._rows is None or any(a is not b for a, b in zip(self._rows[0], sources)):
+            self._rows = (sources, *kernels.int4_rows(self.qweight, self.scales_and_zeros, self.group_size))
+        return self._rows[1], self._rows[2]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._rows = None  # the buffers are written in place: a row copy would be stale
+        super()._load_from_state_dict(*args, **kwargs)
 
     def dequantize_float(self, rows: slice = slice(None)) -> Tensor:
         """dequantize(rows) as float32 (the same values): with the library loaded, a transposed view of the natively

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gemma3n import kernels
+from gemma3n.quant import Int4Linear
 from gemma3n.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
 
 gguf = pytest.importorskip("gguf")
@@ -181,6 +182,23 @@ def test_int4_rows(group_size, scale_dtype, code_path):
     _assert_batch_invariant(lambda xb: kernels.int4_rows_matmul(qrows, srows, group_size, xb, rows), k)
     with pytest.raises(IndexError):
         kernels.int4_rows_matmul(qrows, srows, group_size, x, torch.tensor([n]))
+
+
+def test_int4_linear_row_copy_follows_its_weights():
+    """Int4Linear.rows_layout: kept while the weights stay, made again once they are loaded or replaced."""
+    g = torch.Generator().manual_seed(12)
+    first, second = (Int4Linear.from_weight(torch.randn(128, 256, generator=g) * 0.05, 64) for _ in range(2))
+    x, rows = torch.randn(2, 256, generator=g), torch.tensor([3, 100, 64])
+
+    def rows_product(lin):
+        qrows, srows = lin.rows_layout()
+        return kernels.int4_rows_matmul(qrows, srows, 64, x, rows)
+    assert rel_err(rows_product(first), first(x)[:, rows].double()) < TOL
+    assert first.rows_layout()[0] is first.rows_layout()[0]
+    first.load_state_dict(second.state_dict())  # written in place
+    assert rel_err(rows_product(first), second(x)[:, rows].double()) < TOL
+    first.qweight = torch.zeros_like(first.qweight)  # replaced
+    assert torch.equal(first.rows_layout()[0], torch.zeros(128, 128, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
