@@ -121,6 +121,7 @@ def _kernel_cases(path: str):
     import ctypes
     import gguf
     import numpy as np
+    from gemma3n import kernels
     from gemma3n.quant.formats import int4_quantize, int8_quantize
     reader = gguf.GGUFReader(path)
     largest = {}
@@ -137,7 +138,7 @@ def _kernel_cases(path: str):
                 return lib.g3n_gguf_matmul_q8(qt, raw.data_ptr(), n, k, None, x.data_ptr(), 1, y.data_ptr(), 1)
             return lib.g3n_gguf_matmul(qt, raw.data_ptr(), n, k, None, x.data_ptr(), 1, y.data_ptr(), 1, 1)
         cases.append((f"{qt.name} {n}x{k} ({t.name})", n, k, raw.numel(), call,
-                      qt not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)))
+                      bool(kernels.native().g3n_q8_supported(int(qt)))))
     n, k = 16384, 8192  # larger than the caches (int4: 64 MB), as a decode step's weights are
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02
     q8w, s8 = int8_quantize(w, torch.bfloat16)

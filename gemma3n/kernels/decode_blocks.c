@@ -395,6 +395,16 @@ EXPORT int g3n_block_attention(const g3n_op *op, const g3n_ctx *C) {
     return lin_apply(&op->lin[3], attn, B, OUT, NULL, 0, S);
 }
 
+/* The x a float-activation kernel multiplies where the dense product would take int8 activations (S->q8): x
+ * rounded as that product rounds it, into `scratch`, so that the sparse paths compute what it computes; else x. */
+static int int8_activations_as_floats(const g3n_step *S, const float *x, int64_t B, int64_t k, float *scratch,
+                                      const float **out) {
+    *out = x;
+    if (!S->q8 || k % XB) return 0;
+    *out = scratch;
+    return g3n_round_activations(x, B, k, scratch);
+}
+
 /* mlp: out = down(gelu(gate(in)) * up(in)); a sparse MLP first applies Gaussian top-k to the gate (ReLU(g - (mean
  * + z * population std)) per row), and up to opt[1] rows computes only the up rows / down columns of the units some
  * row activates (text.MLP.sparse_forward, when at most half are active).
@@ -439,11 +449,8 @@ EXPORT int g3n_block_mlp(const g3n_op *op, const g3n_ctx *C) {
     if (Lup->kind == L_GGUF || Lup->kind == L_INT8) {
         if ((rc = lin_apply(Lup, h, B, up, rows, n_active, S))) return rc;
     } else if (Lup->kind == L_INT4 && Lup->rows_w) {
-        const float *xin = h;
-        if (S->q8 && Lup->k % XB == 0) {  /* the rounded activations, as the dense int8-activation product uses */
-            if ((rc = g3n_round_activations(h, B, Lup->k, C->scratch[3]))) return rc;
-            xin = C->scratch[3];
-        }
+        const float *xin;
+        if ((rc = int8_activations_as_floats(S, h, B, Lup->k, C->scratch[3], &xin))) return rc;
         if ((rc = lin_apply(Lup, xin, B, up, rows, n_active, S))) return rc;
     } else {
         if ((rc = lin_apply(Lup, h, B, hidden, NULL, 0, S))) return rc;
@@ -456,11 +463,8 @@ EXPORT int g3n_block_mlp(const g3n_op *op, const g3n_ctx *C) {
         for (int64_t j = 0; j < n_active; j++)
             hidden[b * F + rows[j]] = gate[b * F + rows[j]] * up[b * n_active + j];
     if (Ldown->kind == L_INT4) {  /* read only the active columns (int4_matmul's cols) */
-        const float *xin = hidden;
-        if (S->q8 && F % XB == 0) {  /* the rounded activations, as the dense int8-activation product uses */
-            if ((rc = g3n_round_activations(hidden, B, F, gate))) return rc;
-            xin = gate;
-        }
+        const float *xin;
+        if ((rc = int8_activations_as_floats(S, hidden, B, F, gate, &xin))) return rc;
         double t0 = S->prof ? omp_get_wtime() : 0.0;
         rc = g3n_int4_matmul((const uint8_t *)Ldown->w, Ldown->s, Ldown->type, D, F, Ldown->g, cols, n_active, xin,
                              B, out, S->threads, S->vec);

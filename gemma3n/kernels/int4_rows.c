@@ -2,7 +2,8 @@
  *
  * The int4 tile layout (native.c) interleaves 64 output rows column by column, so reading one row reads its
  * whole tile. A sparse MLP's up projection needs only the rows of the units its gate activates (about 5% in
- * Gemma 3n's first layers), so for it the decode plan keeps a copy of the weights one row after another:
+ * Gemma 3n's first layers), so for it the decode step reads a copy of the weights one row after another
+ * (Int4Linear.rows_layout makes and keeps it):
  *   qrows [n][k / 2]: per 32 columns, 16 bytes; byte i holds column i (low nibble) and column 16 + i (high);
  *   srows [n][k / g][2]: each row's (scale, zero) pairs, in the tiles' scale dtype;
  * with the same values: w = (q - 8) * scale + zero, so a group contributes scale * sum(q x) + (zero - 8 * scale)

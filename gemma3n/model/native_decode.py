@@ -162,11 +162,17 @@ class NativeDecoder:
         self.keep.append(t)
         return t.data_ptr()
 
-    def _lin(self, m: nn.Module) -> _Lin:
+    def _described(self, m: nn.Module) -> nn.Module:
+        """The module the plan describes for `m`: m, or the linear a wrapper that may stand aside puts in its place
+        (multi-LoRA serving), whose guard is then registered (see `guards`)."""
         stand_in = getattr(m, "native_stand_in", None)
-        if stand_in is not None:  # a wrapper that may stand aside (multi-LoRA serving): see `guards`
-            self.guards[id(m.native_guard)] = m.native_guard
-            m = stand_in
+        if stand_in is None:
+            return m
+        self.guards[id(m.native_guard)] = m.native_guard
+        return stand_in
+
+    def _lin(self, m: nn.Module) -> _Lin:
+        m = self._described(m)
         if type(m) is nn.Linear and m.bias is None and m.weight.dtype in _FLOAT_TYPES:
             w = m.weight
             n, k = w.shape
@@ -320,8 +326,7 @@ def _describe_mlp(dec: NativeDecoder, op: _Op, mlp: nn.Module, block: Block) -> 
         raise Unsupported("a transposed down projection outside a sparse MLP")
     if sparse and mlp.sparse_decode and op.lin[1].kind == L_INT4 and op.lin[1].g % 32 == 0:
         # the tiles interleave 64 rows: a row copy lets the step read only the active units' rows (about 5%)
-        up = mlp.up_proj.native_stand_in if getattr(mlp.up_proj, "native_stand_in", None) is not None else mlp.up_proj
-        qrows, srows = up.rows_layout()
+        qrows, srows = dec._described(mlp.up_proj).rows_layout()
         op.lin[1].rows_w, op.lin[1].rows_s = dec._hold(qrows), dec._hold(srows)
     op.opt[0], op.opt[1] = int(sparse), mlp.SPARSE_MAX_TOKENS if sparse and mlp.sparse_decode else 0
     op.val[0] = dec._model_dtype(mlp.z)
