@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
 INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")
@@ -137,6 +137,10 @@ def _declare(lib) -> None:
     lib.g3n_round_activations.argtypes = [p, i64, i64, p]
     lib.g3n_int4_rows_matmul.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i64, p, i32, i32]
     lib.g3n_int4_tiles_to_rows.argtypes = [p, p, i32, i64, i64, i64, p, p, i32]
+    lib.g3n_gguf_matmul_pairs.argtypes = [i32, p, i64, i64, p, i64, p, p, i64, p, i32, i32]
+    lib.g3n_int8_matmul_pairs.argtypes = [p, p, i32, i64, i64, p, i64, p, p, i64, p, i32, i32]
+    lib.g3n_int4_rows_matmul_pairs.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, p, i64, p, i32, i32]
+    lib.g3n_int4_matmul_cols_per_row.argtypes = [p, p, i32, i64, i64, i64, p, p, p, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.restype = i32
     lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
@@ -151,7 +155,8 @@ def _declare(lib) -> None:
     lib.g3n_channel_rms_norm.restype = i32
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
-              lib.g3n_int4_matmul_q8, lib.g3n_int4_rows_matmul, lib.g3n_int4_tiles_to_rows):
+              lib.g3n_int4_matmul_q8, lib.g3n_int4_rows_matmul, lib.g3n_int4_tiles_to_rows, lib.g3n_gguf_matmul_pairs,
+              lib.g3n_int8_matmul_pairs, lib.g3n_int4_rows_matmul_pairs, lib.g3n_int4_matmul_cols_per_row):
         f.restype = i32
 
 
@@ -184,6 +189,18 @@ def _q8_type(lib, ggml_type: int) -> bool:
 def _check_rows(rows: Tensor | None, n: int) -> None:
     if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise IndexError(f"row index out of range for {n} rows")
+
+
+def _pairs(x: Tensor, k: int, xrows: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Checked arguments of the *_pairs products: x as float32 rows, xrows / rows as int64, and the output."""
+    x = _rows_f32(x, k)
+    xrows, rows = xrows.to(torch.int64).contiguous(), rows.to(torch.int64).contiguous()
+    if xrows.shape != rows.shape or rows.dim() != 1:
+        raise ValueError(f"pairs need two 1-d index tensors of one length, got {tuple(xrows.shape)} and "
+                         f"{tuple(rows.shape)}")
+    _check_rows(rows, n)
+    _check_rows(xrows, x.shape[0])
+    return x, xrows, rows, torch.empty(rows.numel(), dtype=torch.float32)
 
 
 def round_activations(x: Tensor) -> Tensor:
@@ -225,6 +242,19 @@ def gguf_matmul(ggml_type: int, raw: Tensor, k: int, x: Tensor, rows: Tensor | N
     return y
 
 
+def gguf_matmul_pairs(ggml_type: int, raw: Tensor, k: int, x: Tensor, xrows: Tensor, rows: Tensor) -> Tensor:
+    """y[e] = W[rows[e]] . x[xrows[e]] (float32 [E]) with W the GGUF rows `raw`: each activation row against its own
+    rows of W, as a sparse MLP's up projection needs over a prompt (each token's active units). float32 activations
+    always: the exact products of `gguf_matmul`, whatever the activation precision (the callers use this where the
+    dense product would be float32 too)."""
+    x, xrows, rows, y = _pairs(x, k, xrows, rows, raw.shape[0])
+    rc = native().g3n_gguf_matmul_pairs(int(ggml_type), raw.data_ptr(), raw.shape[0], k, x.data_ptr(), x.shape[0],
+                                        xrows.data_ptr(), rows.data_ptr(), rows.numel(), y.data_ptr(),
+                                        torch.get_num_threads(), VECTORISED)
+    _check(rc, "GGUF pairs matmul")
+    return y
+
+
 def gguf_dequantize(ggml_type: int, raw: Tensor, k: int, rows: Tensor | None = None) -> Tensor:
     """GGUF rows (all, or the int64 `rows`) -> float32 [R, K]."""
     _check_rows(rows, raw.shape[0])
@@ -255,6 +285,17 @@ def int8_matmul(qweight: Tensor, scales: Tensor, x: Tensor, rows: Tensor | None 
     return y
 
 
+def int8_matmul_pairs(qweight: Tensor, scales: Tensor, x: Tensor, xrows: Tensor, rows: Tensor) -> Tensor:
+    """gguf_matmul_pairs for int8 rows [N, K] with one scale per row (float32 activations always)."""
+    n, k = qweight.shape
+    x, xrows, rows, y = _pairs(x, k, xrows, rows, n)
+    rc = native().g3n_int8_matmul_pairs(qweight.data_ptr(), scales.data_ptr(), SCALE_TYPES[scales.dtype], n, k,
+                                        x.data_ptr(), x.shape[0], xrows.data_ptr(), rows.data_ptr(), rows.numel(),
+                                        y.data_ptr(), torch.get_num_threads(), VECTORISED)
+    _check(rc, "int8 pairs matmul")
+    return y
+
+
 def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor,
                 cols: Tensor | None = None) -> Tensor:
     """x [M, K] -> [M, N] float32 for int4 in torch's CPU tile layout (gemma3n.quant.formats). `cols` (int32,
@@ -279,6 +320,30 @@ def int4_matmul(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: T
                                   SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size, _ptr(cols), n_cols,
                                   x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads(), VECTORISED)
     _check(rc, "int4 matmul")
+    return y
+
+
+def int4_matmul_cols_per_row(qweight: Tensor, scales_and_zeros: Tensor, group_size: int, x: Tensor, offsets: Tensor,
+                             cols: Tensor) -> Tensor:
+    """x [M, K] -> [M, N] float32 for int4 in the tile layout, where row i of x is zero outside the input columns
+    cols[offsets[i]:offsets[i + 1]] (ascending; offsets int64 [M + 1]): each row reads only its own columns (a sparse
+    MLP's down projection over a prompt). float32 activations always; each row as `int4_matmul` computes it alone
+    with those cols."""
+    n, half = qweight.shape
+    k = 2 * half
+    x = _rows_f32(x, k)
+    offsets, cols = offsets.to(torch.int64).contiguous(), cols.to(torch.int32).contiguous()
+    if offsets.shape != (x.shape[0] + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != cols.numel() \
+            or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"offsets must rise from 0 to {cols.numel()} over {x.shape[0] + 1} entries")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= k):
+        raise IndexError(f"column index out of range for {k} columns")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    rc = native().g3n_int4_matmul_cols_per_row(qweight.data_ptr(), scales_and_zeros.data_ptr(),
+                                               SCALE_TYPES[scales_and_zeros.dtype], n, k, group_size,
+                                               offsets.data_ptr(), cols.data_ptr(), x.data_ptr(), x.shape[0],
+                                               y.data_ptr(), torch.get_num_threads(), VECTORISED)
+    _check(rc, "int4 per-row columns matmul")
     return y
 
 
@@ -309,6 +374,19 @@ def int4_rows_matmul(qrows: Tensor, srows: Tensor, group_size: int, x: Tensor, r
                                        group_size, _ptr(rows), r, x.data_ptr(), x.shape[0], y.data_ptr(),
                                        torch.get_num_threads(), VECTORISED)
     _check(rc, "int4 rows matmul")
+    return y
+
+
+def int4_rows_matmul_pairs(qrows: Tensor, srows: Tensor, group_size: int, x: Tensor, xrows: Tensor,
+                           rows: Tensor) -> Tensor:
+    """gguf_matmul_pairs for the int4 rows of `int4_rows` (float32 activations always)."""
+    n, half = qrows.shape
+    k = 2 * half
+    x, xrows, rows, y = _pairs(x, k, xrows, rows, n)
+    rc = native().g3n_int4_rows_matmul_pairs(qrows.data_ptr(), srows.data_ptr(), SCALE_TYPES[srows.dtype], n, k,
+                                             group_size, x.data_ptr(), x.shape[0], xrows.data_ptr(), rows.data_ptr(),
+                                             rows.numel(), y.data_ptr(), torch.get_num_threads(), VECTORISED)
+    _check(rc, "int4 rows pairs matmul")
     return y
 
 

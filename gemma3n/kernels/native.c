@@ -22,7 +22,7 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define G3N_ABI_VERSION 9
+#define G3N_ABI_VERSION 10
 
 /* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,
@@ -614,31 +614,45 @@ static float gguf_row_dot(int type, const uint8_t *row, const float *x, const fl
     return gguf_dot(type, row, x, k, vec, buf);
 }
 
+/* What the exact kernels take beside x (gguf_row_dot): for each of its m rows, the per-block sums (*xs, n_sums a
+ * row) and the row in lane order (*xl); each NULL where the type's kernel does not take it. 0, or -2 when out of
+ * memory; free both with free(). */
+static int gguf_prepare_x(int type, const float *x, int64_t m, int64_t k, int vec, float **xs, float **xl,
+                          int64_t *n_sums) {
+    *xs = *xl = NULL;
+    *n_sums = 0;
+#ifdef G3N_X86
+    int sum_block = vec ? exact_sum_block(type) : 0;
+    if (sum_block) {
+        *n_sums = k / sum_block;
+        *xs = (float *)malloc(sizeof(float) * (size_t)(m * *n_sums));
+        if (!*xs) return -2;
+        for (int64_t i = 0; i < m; i++) block_sums(x + i * k, k, sum_block, *xs + i * *n_sums);
+    }
+    if (vec && exact_needs_lanes(type)) {
+        *xl = (float *)malloc(sizeof(float) * (size_t)(m * k));
+        if (!*xl) {
+            free(*xs);
+            *xs = NULL;
+            return -2;
+        }
+        for (int64_t i = 0; i < m; i++) x_lane_order(type, x + i * k, k, *xl + i * k);
+    }
+#else
+    (void)type, (void)x, (void)m, (void)k, (void)vec;
+#endif
+    return 0;
+}
+
 /* y[m, r] = W[rows[r]] . x[m] for r < n_rows (rows NULL: rows 0 .. n_rows-1). vec = 0 forces the portable code. */
 EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k, const int64_t *rows,
                            const float *x, int64_t m, float *y, int threads, int vec) {
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
     vec = vec && have_avx2();
-    float *xs = NULL, *xl = NULL;
-    int64_t n_sums = 0;  /* per activation row */
-#ifdef G3N_X86
-    int sum_block = vec ? exact_sum_block(type) : 0;
-    if (sum_block) {
-        n_sums = k / sum_block;
-        xs = (float *)malloc(sizeof(float) * (size_t)(m * n_sums));
-        if (!xs) return -2;
-        for (int64_t i = 0; i < m; i++) block_sums(x + i * k, k, sum_block, xs + i * n_sums);
-    }
-    if (vec && exact_needs_lanes(type)) {
-        xl = (float *)malloc(sizeof(float) * (size_t)(m * k));
-        if (!xl) {
-            free(xs);
-            return -2;
-        }
-        for (int64_t i = 0; i < m; i++) x_lane_order(type, x + i * k, k, xl + i * k);
-    }
-#endif
+    float *xs, *xl;
+    int64_t n_sums;  /* per activation row */
+    if (gguf_prepare_x(type, x, m, k, vec, &xs, &xl, &n_sums)) return -2;
     /* every activation row against the weight row, which stays in L1 after the first: the weights are read from
      * memory once, and each output is computed exactly as it would be alone (m = 1) */
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -648,6 +662,31 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
         for (int64_t i = 0; i < m; i++)
             y[i * n_rows + r] = gguf_row_dot(type, row, x + i * k, xs ? xs + i * n_sums : NULL,
                                              xl ? xl + i * k : NULL, k, vec, buf);
+    }
+    free(xs);
+    free(xl);
+    return 0;
+}
+
+/* y[e] = W[rows[e]] . x[xrows[e]] for e < n_pairs, W having n rows: each activation row against its own rows of W (a
+ * sparse MLP's up projection over a prompt). Pairs sorted by xrows keep each x row in L1 while its rows of W stream
+ * past. Each product is computed as g3n_gguf_matmul computes it. */
+EXPORT int g3n_gguf_matmul_pairs(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m,
+                                 const int64_t *xrows, const int64_t *rows, int64_t n_pairs, float *y, int threads,
+                                 int vec) {
+    int64_t rb = g3n_gguf_row_bytes(type, k);
+    if (rb == 0) return -1;
+    vec = vec && have_avx2();
+    float *xs, *xl;
+    int64_t n_sums;
+    if (gguf_prepare_x(type, x, m, k, vec, &xs, &xl, &n_sums)) return -2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t e = 0; e < n_pairs; e++) {
+        float buf[MAX_BLOCK];
+        int64_t r = rows[e], i = xrows[e];
+        if (r < 0 || r >= n || i < 0 || i >= m) continue;  /* the callers check; never read outside W or x */
+        y[e] = gguf_row_dot(type, w + r * rb, x + i * k, xs ? xs + i * n_sums : NULL, xl ? xl + i * k : NULL, k,
+                            vec, buf);
     }
     free(xs);
     free(xl);
@@ -668,24 +707,42 @@ EXPORT int g3n_gguf_dequantize(int type, const uint8_t *w, int64_t n_rows, int64
 /* ------------------------------------------------------------------------------------------------------------ */
 /* exported: int8, one scale per output row                                                                      */
 
+/* row `r` of int8 W (one scale per row) times one activation row */
+static float int8_row_dot(const int8_t *q, const void *scales, int scale_type, int64_t r, int64_t k, const float *x,
+                          int vec) {
+    const int8_t *w = q + r * k;
+    float acc = 0.0f;
+#ifdef G3N_X86
+    if (vec) acc = dot_i8(w, x, k);
+    else
+#else
+    (void)vec;
+#endif
+        for (int64_t j = 0; j < k; j++) acc += (float)w[j] * x[j];
+    return acc * scale_at(scales, scale_type, r);
+}
+
 EXPORT int g3n_int8_matmul(const int8_t *q, const void *scales, int scale_type, int64_t n, int64_t k,
                            const int64_t *rows, const float *x, int64_t m, float *y, int threads, int vec) {
     vec = vec && have_avx2();
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         int64_t src = rows ? rows[r] : r;
-        const int8_t *w = q + src * k;
-        float s = scale_at(scales, scale_type, src);
-        for (int64_t i = 0; i < m; i++) {
-            const float *xi = x + i * k;
-            float acc = 0.0f;
-#ifdef G3N_X86
-            if (vec) acc = dot_i8(w, xi, k);
-            else
-#endif
-                for (int64_t j = 0; j < k; j++) acc += (float)w[j] * xi[j];
-            y[i * n + r] = acc * s;
-        }
+        for (int64_t i = 0; i < m; i++) y[i * n + r] = int8_row_dot(q, scales, scale_type, src, k, x + i * k, vec);
+    }
+    return 0;
+}
+
+/* y[e] = W[rows[e]] . x[xrows[e]] for e < n_pairs, W having n rows: as g3n_gguf_matmul_pairs, for int8 rows. */
+EXPORT int g3n_int8_matmul_pairs(const int8_t *q, const void *scales, int scale_type, int64_t n, int64_t k,
+                                 const float *x, int64_t m, const int64_t *xrows, const int64_t *rows, int64_t n_pairs,
+                                 float *y, int threads, int vec) {
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t e = 0; e < n_pairs; e++) {
+        int64_t r = rows[e], i = xrows[e];
+        if (r < 0 || r >= n || i < 0 || i >= m) continue;  /* the callers check; never read outside W or x */
+        y[e] = int8_row_dot(q, scales, scale_type, r, k, x + i * k, vec);
     }
     return 0;
 }
@@ -859,6 +916,30 @@ EXPORT int g3n_int4_matmul(const uint8_t *q, const void *sz, int scale_type, int
         else
 #endif
             int4_tile_plain(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
+    }
+    return 0;
+}
+
+/* y[i] = W x[i] for each activation row i < m whose only non-zero inputs are cols[offsets[i] .. offsets[i + 1])
+ * (ascending): each row reads only its own columns of W (a sparse MLP's down projection over a prompt: each token's
+ * active units). Each row is computed as g3n_int4_matmul computes it alone with those cols. */
+EXPORT int g3n_int4_matmul_cols_per_row(const uint8_t *q, const void *sz, int scale_type, int64_t n, int64_t k,
+                                        int64_t g, const int64_t *offsets, const int32_t *cols, const float *x,
+                                        int64_t m, float *y, int threads, int vec) {
+    if (n % TILE || g <= 0 || k % g) return -1;
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+    for (int64_t i = 0; i < m; i++) {
+        const int32_t *row_cols = cols + offsets[i];
+        int64_t n_cols = offsets[i + 1] - offsets[i];
+        for (int64_t t = 0; t < n / TILE; t++) {
+            const uint8_t *tile = q + t * TILE / 2 * k;
+#ifdef G3N_X86
+            if (vec) int4_tile_avx2(tile, sz, scale_type, n, k, g, t * TILE, row_cols, n_cols, x + i * k, 1, y + i * n);
+            else
+#endif
+                int4_tile_plain(tile, sz, scale_type, n, k, g, t * TILE, row_cols, n_cols, x + i * k, 1, y + i * n);
+        }
     }
     return 0;
 }
