@@ -7,8 +7,8 @@ the AltUp expansion), leaving out the token tables (a gather, not a product), an
 last position only, which gemma3n computes for that position alone (the LM head; the AltUp collapse; Gemma 3n's
 KV-shared layers, which write no cache, so only the last position's pass through them matters). Gemma 3n's
 sparse layers (`activation_sparsity_pattern`, 0.95 in E2B's first 10) zero that fraction of their MLP
-activations on average, so the down projection there needs only the rest of its inputs; it is counted at that
-share. Attention over the prompt and the element-wise work come on top, so the figure below is an upper bound.
+activations on average, so the up projection there is needed only for the rest of its outputs (the others are
+multiplied by zero) and the down projection only for the rest of its inputs; both are counted at that share. Attention over the prompt and the element-wise work come on top, so the figure below is an upper bound.
 
 The best float32 matrix product rate on this machine is measured on the prefill's own shapes: a `--tokens` x K
 activation block times each distinct K x N weight shape of the checkpoint, with torch's GEMM (oneDNN / MKL; the
@@ -79,7 +79,8 @@ def product_weights(folder: Path) -> list[tuple[list[int], float]]:
         layer = re.search(r"\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= first_shared:  # a KV-shared layer: the last position only
             continue
-        needed = 1.0 - sparsity[int(layer.group(1))] if layer and ".mlp.down_proj." in name else 1.0
+        needed = 1.0 - sparsity[int(layer.group(1))] if layer and re.search(r"\.mlp\.(up|down)_proj\.", name) \
+            else 1.0
         products.append((shape, needed))
     return products
 

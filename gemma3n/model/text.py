@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ..config import SLIDING, TextConfig
 from .cache import KVCache, Step, ephemeral_step
+from .. import kernels
 from . import native_decode
 from .blocks import Block, LayerContext, run_eager
 from .causal_lm import TiedCausalLM
@@ -39,6 +40,9 @@ class MLP(nn.Module):
     """GELU-gated MLP; sparse layers keep only gate activations above mean + z*std (Gaussian top-k)."""
 
     SPARSE_MAX_TOKENS = 8  # beyond this many tokens per call the union of active units is no longer small
+    # From this many tokens on (a prompt), the up projection runs per token on its own active units (`pairs_product`):
+    # past the kernels' row limit every dense product takes float32 activations, as the per-token one does.
+    PER_TOKEN_MIN_TOKENS = kernels.MAX_ROWS + 1
 
     def __init__(self, dim: int, hidden: int, sparsity: float):
         super().__init__()
@@ -53,8 +57,13 @@ class MLP(nn.Module):
         gate = self.gate_proj(x)
         if self.sparsity > 0:
             gate = gaussian_topk(gate, self.z)
-            if self.sparse_decode and x.shape[:-1].numel() <= self.SPARSE_MAX_TOKENS:
+            tokens = x.shape[:-1].numel()
+            if self.sparse_decode and tokens <= self.SPARSE_MAX_TOKENS:
                 return self.sparse_forward(x, gelu_tanh(gate))
+            if self.sparse_decode and tokens >= self.PER_TOKEN_MIN_TOKENS:
+                act = gelu_tanh(gate)
+                out = self.per_token_forward(x, act)
+                return self.down_proj(act * self.up_proj(x)) if out is None else out
         return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
 
     def sparse_forward(self, x: Tensor, act: Tensor) -> Tensor:
@@ -67,6 +76,42 @@ class MLP(nn.Module):
             return self.down_proj(act * self.up_proj(x))
         hidden = act.index_select(-1, active) * rows_product(self.up_proj, x, active)
         return sparse_inputs_product(self.down_proj, hidden, active, act)
+
+
+    def per_token_forward(self, x: Tensor, act: Tensor) -> Tensor | None:
+        """A prompt's tokens each activate their own ~5% of the units, so their union is most of them; instead each
+        token's up projection computes only its own active units (`pairs_product`), and its down projection reads
+        only their columns where the layout allows it (`per_row_sparse_inputs_product`; elsewhere the library's
+        dense GEMM skips the inputs that are zero across its row panels). The inactive units' products would have
+        been multiplied by exact zeros, so the result is the dense one up to the order of the float32 additions.
+        None where the up projection has no such path (or too many units are active to gain): the caller computes
+        densely."""
+        flat = act.reshape(-1, act.shape[-1])
+        tokens, units = flat.nonzero(as_tuple=True)  # sorted by token, as the kernels like it
+        if units.numel() * 2 > flat.numel():
+            return None
+        up = pairs_product(self.up_proj, x.reshape(-1, x.shape[-1]), tokens, units)
+        if up is None:
+            return None
+        hidden = torch.zeros_like(flat).index_put_((tokens, units), flat[tokens, units] * up.to(flat.dtype))
+        offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
+        out = per_row_sparse_inputs_product(self.down_proj, hidden, offsets, units)
+        return self.down_proj(hidden.reshape(act.shape)) if out is None else out.reshape(*act.shape[:-1], -1)
+
+
+def pairs_product(linear: nn.Module, x: Tensor, tokens: Tensor, units: Tensor) -> Tensor | None:
+    """linear(x)[tokens[e], units[e]] for each e, computing only those products (quantised linears' `forward_pairs`,
+    which read only the rows they need); None where the linear has no such path."""
+    forward_pairs = getattr(linear, "forward_pairs", None)
+    return None if forward_pairs is None else forward_pairs(x, tokens, units)
+
+
+def per_row_sparse_inputs_product(linear: nn.Module, hidden: Tensor, offsets: Tensor, units: Tensor) -> Tensor | None:
+    """linear(hidden) where row i of `hidden` is zero outside the inputs units[offsets[i]:offsets[i + 1]], each row
+    reading only its own inputs' weights (`forward_sparse_inputs_per_row`); None where the linear has no such path."""
+    forward = getattr(linear, "forward_sparse_inputs_per_row", None)
+    return None if forward is None else forward(hidden, offsets, units)
 
 
 def rows_product(linear: nn.Module, x: Tensor, active: Tensor) -> Tensor:

@@ -63,6 +63,13 @@ class GGUFLinear(nn.Module):
         """Only the output features `rows` (int64): what sparse MLPs read for their active units."""
         return self._matmul(x, rows)
 
+    def forward_pairs(self, x: Tensor, xrows: Tensor, rows: Tensor) -> Tensor:
+        """forward(x)[xrows[e], rows[e]] for each e (1-d), reading only those rows: each token of a prompt against
+        its own active units (a sparse MLP's up projection). float32 activations, as forward's products over that
+        many rows."""
+        flat = x.reshape(-1, self.in_features)
+        return kernels.gguf_matmul_pairs(self.ggml_type, self.raw, self.in_features, flat, xrows, rows).to(x.dtype)
+
     def _matmul(self, x: Tensor, rows: Tensor | None) -> Tensor:
         flat = x.reshape(-1, self.in_features)
         n = self.out_features if rows is None else rows.numel()

@@ -95,6 +95,16 @@ class Int8Linear(nn.Module):
                                                                         self.scales.dtype))
         return out.reshape(*x.shape[:-1], rows.numel())
 
+    def forward_pairs(self, x: Tensor, xrows: Tensor, rows: Tensor) -> Tensor | None:
+        """forward(x)[xrows[e], rows[e]] for each e (1-d), reading only those rows' weights: each token of a prompt
+        against its own active units (a sparse MLP's up projection). float32 activations, as forward's products
+        over that many rows. None without the library (the caller computes densely)."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.device.type != "cpu" or kernels.native() is None:
+            return None
+        flat = flat.to(self.scales.dtype)
+        return kernels.int8_matmul_pairs(self.qweight, self.scales, flat, xrows, rows).to(flat.dtype)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output channel"
 
@@ -193,6 +203,29 @@ class Int4Linear(nn.Module):
         out = kernels.int4_matmul(self.qweight, self.scales_and_zeros, self.group_size, flat,
                                   cols.to(torch.int32).contiguous())
         return out.to(self.scales_and_zeros.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward_sparse_inputs_per_row(self, x: Tensor, offsets: Tensor, cols: Tensor) -> Tensor | None:
+        """forward(x) where row i of x (flattened to [M, K]) is zero outside the input features
+        cols[offsets[i]:offsets[i + 1]] (ascending), each row reading only its own columns' weights: a sparse MLP's
+        down projection over a prompt. float32 activations; None where the library cannot (compute densely)."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.device.type != "cpu" or kernels.native() is None:
+            return None
+        out = kernels.int4_matmul_cols_per_row(self.qweight, self.scales_and_zeros, self.group_size, flat, offsets,
+                                               cols)
+        return out.to(self.scales_and_zeros.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def forward_pairs(self, x: Tensor, xrows: Tensor, rows: Tensor) -> Tensor | None:
+        """forward(x)[xrows[e], rows[e]] for each e (1-d), reading only those rows of the row copy (`rows_layout`):
+        each token of a prompt against its own active units (a sparse MLP's up projection). float32 activations;
+        each group's scale and zero applied to its sum, as the decode kernels do (forward's GEMM first rounds each
+        weight to the scale dtype). None where the library cannot (the caller computes densely)."""
+        flat = x.reshape(-1, self.in_features)
+        if flat.device.type != "cpu" or kernels.native() is None or self.group_size % 32:
+            return None
+        flat = flat.to(self.scales_and_zeros.dtype)
+        qrows, srows = self.rows_layout()
+        return kernels.int4_rows_matmul_pairs(qrows, srows, self.group_size, flat, xrows, rows).to(flat.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
