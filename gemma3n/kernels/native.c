@@ -433,6 +433,35 @@ AVX2 static float dot_i8(const int8_t *w, const float *x, int64_t k) {
     return s;
 }
 
+/* dot_i8 for three activation rows at once: each weight vector is widened and converted once and meets the three
+ * rows, each summed in dot_i8's own four chains and order, so every row gets the bits dot_i8 gives it alone (a
+ * batch of decodes computes what each would alone). Converting once per three rows instead of once per row makes
+ * a batch's int8 rows (an int4 checkpoint's LM head) about half the vector work per row. */
+AVX2 static void dot_i8_x3(const int8_t *w, const float *x0, const float *x1, const float *x2, int64_t k, float *out) {
+    const float *xs[3] = {x0, x1, x2};
+    __m256 a[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int c = 0; c < 4; c++) a[r][c] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        if ((i & 63) == 0) _mm_prefetch((const char *)w + i + 2048, _MM_HINT_NTA);
+        for (int c = 0; c < 4; c++) {
+            __m256 wv = _mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8 * c));
+            for (int r = 0; r < 3; r++) a[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r] + i + 8 * c), a[r][c]);
+        }
+    }
+    for (; i + 16 <= k; i += 16)
+        for (int c = 0; c < 2; c++) {
+            __m256 wv = _mm256_cvtepi32_ps(load8_i8((const uint8_t *)w + i + 8 * c));
+            for (int r = 0; r < 3; r++) a[r][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[r] + i + 8 * c), a[r][c]);
+        }
+    for (int r = 0; r < 3; r++) {
+        float sum = hsum8(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][2]), _mm256_add_ps(a[r][1], a[r][3])));
+        for (int64_t j = i; j < k; j++) sum += (float)w[j] * xs[r][j];
+        out[r] = sum;
+    }
+}
+
 /* Vectorised block decoders for the hot types (same float operations as decode_block, so the same bits). */
 AVX2 static inline void store_scaled(float *out, __m256i q, __m256 d) {
     _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
@@ -727,8 +756,17 @@ EXPORT int g3n_int8_matmul(const int8_t *q, const void *scales, int scale_type, 
     vec = vec && have_avx2();
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        int64_t src = rows ? rows[r] : r;
-        for (int64_t i = 0; i < m; i++) y[i * n + r] = int8_row_dot(q, scales, scale_type, src, k, x + i * k, vec);
+        int64_t src = rows ? rows[r] : r, i = 0;
+#ifdef G3N_X86
+        if (vec) {  /* three activation rows per pass over the weight row; the same bits per row as one at a time */
+            float s = scale_at(scales, scale_type, src), three[3];
+            for (; i + 3 <= m; i += 3) {
+                dot_i8_x3(q + src * k, x + i * k, x + (i + 1) * k, x + (i + 2) * k, k, three);
+                for (int j = 0; j < 3; j++) y[(i + j) * n + r] = three[j] * s;
+            }
+        }
+#endif
+        for (; i < m; i++) y[i * n + r] = int8_row_dot(q, scales, scale_type, src, k, x + i * k, vec);
     }
     return 0;
 }

@@ -309,6 +309,17 @@ def test_int8_and_int4_rows_compute_the_same_bits_in_any_batch(activations, code
     _assert_batch_invariant(lambda x: kernels.int4_matmul(packed, sz, 64, x), 256)
 
 
+@pytest.mark.parametrize("k", [256, 277])  # 277: past the 32-wide loop, a 16-wide step and a scalar tail
+def test_int8_rows_in_threes_are_the_rows_alone(k, code_path, precision):
+    """g3n_int8_matmul meets up to three activation rows per pass over a weight row (dot_i8_x3): each row must keep
+    the bits it gets alone, whatever the widths' remainders."""
+    precision("float32")
+    q, s = int8_quantize(torch.randn(40, k, generator=torch.Generator().manual_seed(23)) * 0.05, torch.bfloat16)
+    _assert_batch_invariant(lambda x: kernels.int8_matmul(q, s, x), k, max_rows=7)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(24))
+    assert rel_err(kernels.int8_matmul(q, s, x), x.double() @ int8_dequantize(q, s, torch.float32).double().T) < TOL
+
+
 def test_every_included_source_is_listed():
     """The cache build's hash, the staleness check and setup.py's depends must know every file native.c includes:
     one left out would keep an old build after that file changed."""
