@@ -307,6 +307,8 @@ def test_int8_and_int4_rows_compute_the_same_bits_in_any_batch(activations, code
     _assert_batch_invariant(lambda x: kernels.int8_matmul(q, s, x), 256)
     packed, sz = int4_quantize(w, 64, torch.bfloat16)
     _assert_batch_invariant(lambda x: kernels.int4_matmul(packed, sz, 64, x), 256)
+    cols = torch.tensor([0, 3, 63, 64, 65, 200, 255], dtype=torch.int32)  # the sparse MLPs' active inputs
+    _assert_batch_invariant(lambda x: kernels.int4_matmul(packed, sz, 64, x, cols), 256)
 
 
 @pytest.mark.parametrize("k", [256, 277])  # 277: past the 32-wide loop, a 16-wide step and a scalar tail
