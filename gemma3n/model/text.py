@@ -77,7 +77,6 @@ class MLP(nn.Module):
         hidden = act.index_select(-1, active) * rows_product(self.up_proj, x, active)
         return sparse_inputs_product(self.down_proj, hidden, active, act)
 
-
     def per_token_forward(self, x: Tensor, act: Tensor) -> Tensor | None:
         """A prompt's tokens each activate their own ~5% of the units, so their union is most of them; instead each
         token's up projection computes only its own active units (`pairs_product`), and its down projection reads

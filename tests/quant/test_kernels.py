@@ -28,21 +28,6 @@ INT8_ACTIVATION_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K]
 TOL = 2e-6  # relative to the largest output: float32 sums of up to 1024 terms
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def code_path(request, monkeypatch):
-    if request.param == "avx2" and not kernels.native().g3n_vectorised():
-        pytest.skip("this CPU has no AVX2 + FMA")
-    monkeypatch.setattr(kernels, "VECTORISED", request.param == "avx2")
-    return request.param
-
-
-@pytest.fixture
-def precision():
-    before = kernels.activation_precision()
-    yield kernels.set_activation_precision
-    kernels.set_activation_precision(before)
-
-
 def random_rows(qt, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Random bytes as GGUF rows, with every float16 scale field set to a finite value (random bytes are a valid
     block for every one of these types otherwise)."""

@@ -13,7 +13,7 @@ import torch
 from gemma3n import kernels
 from gemma3n.quant.formats import int4_dequantize, int4_quantize, int8_dequantize, int8_quantize
 
-from .test_kernels import GGUF_TYPES, TOL, Q, code_path, precision, random_rows, reference_weight, rel_err  # noqa: F401
+from .test_kernels import GGUF_TYPES, TOL, Q, random_rows, reference_weight, rel_err
 
 pytestmark = pytest.mark.skipif(kernels.native() is None, reason=f"native kernels unavailable: {kernels.why_not()}")
 
