@@ -25,6 +25,11 @@
 #define GEMM_MC 96   /* rows of x per pass over a tile's strips (a multiple of 6): 96 KB of x, held in L2 */
 #define GEMM_ROWS 64  /* output rows packed at once: four strips (one int4 tile) */
 #define GEMM_STRIPS (GEMM_ROWS / 16)
+/* x's panels for this many bytes of runs are worked through by every tile of W before the next runs: a slice that
+ * stays in the caches while W streams past. With all runs of a tile done before the next tile (the former order),
+ * a wide x (a 512-token prompt against E2B's 8192-wide down projection: 16 MB of panels) was read from memory once
+ * per tile, and products with many inputs and few outputs ran at three quarters of the rate of the others. */
+#define GEMM_X_CHUNK_BYTES (2 << 20)
 
 /* c[i][j] (+)= sum_p a[p][i] * b[p][j] for i < mr (mr <= 6) and j < nc (nc <= 16): a a packed panel of x (6
  * floats a p, rows past the end of x zero), b a packed strip (16 floats a p), c's rows `ldc` apart; `accumulate`
@@ -207,6 +212,28 @@ AVX2 static void rows_pack_strips(const void *source, int64_t row0, int64_t c0, 
             transpose8(scratch + r * kc + p, kc, strips + (r / 16) * kc * 16 + p * 16 + r % 16, 16);
 }
 
+/* One run of inputs (GEMM_KC of them) for one tile of W (GEMM_ROWS outputs): the tile's strips packed, then every
+ * panel of x through them, added to what the earlier runs left in y (the first run overwrites). */
+AVX2 static void gemm_tile_run(gemm_weights weights, int64_t n, int64_t k, int64_t m, int64_t row0, int64_t run,
+                               const float *panels, const uint16_t *live, const int *live_count, int64_t runs,
+                               int run_sparse, float *strips, float *y) {
+    const int64_t pc = run * GEMM_KC, kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
+    weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
+    const int may_skip = run_sparse && all_finite(strips, GEMM_ROWS * kc);
+    for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
+        int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
+        for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
+            int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
+            for (int64_t ir = ic; ir < ic + mc; ir += 6) {
+                int64_t ip = ir / 6, count = live_count[ip * runs + run];
+                const uint16_t *list = may_skip && count < kc ? live + ip * k + pc : NULL;
+                gemm_block(m - ir < 6 ? (int)(m - ir) : 6, nc, list ? count : kc, list, panels + (ir * k + pc * 6),
+                           strips + s * kc * 16, y + ir * n + row0 + 16 * s, n, pc > 0);
+            }
+        }
+    }
+}
+
 /* y [m, n] = x [m, k] W^T, W from `weights`; 0, or -2: out of memory */
 AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                             int threads) {
@@ -228,6 +255,10 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
         run_sparse[run] = (char)sparse;
     }
     int failed = 0;
+    /* runs are taken a chunk at a time, every tile of W passing over one chunk's slice of the panels before the
+     * next chunk starts (see GEMM_X_CHUNK_BYTES); each output still adds its runs in ascending order */
+    const int64_t run_bytes = n_panels * 6 * GEMM_KC * (int64_t)sizeof(float);
+    const int64_t chunk_runs = run_bytes >= GEMM_X_CHUNK_BYTES ? 1 : GEMM_X_CHUNK_BYTES / run_bytes;
     #pragma omp parallel num_threads(threads)
     {
         float *strips = aligned_alloc(64, sizeof(float) * GEMM_ROWS * GEMM_KC * 2);  /* strips, then scratch */
@@ -235,26 +266,14 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
             #pragma omp atomic write
             failed = 1;
         }
-        #pragma omp for schedule(dynamic)
-        for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
-            if (!strips) continue;
-            for (int64_t pc = 0, run = 0; pc < k; pc += GEMM_KC, run++) {
-                int64_t kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
-                weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
-                const int may_skip = run_sparse[run] && all_finite(strips, GEMM_ROWS * kc);
-                for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
-                    int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
-                    for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
-                        int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
-                        for (int64_t ir = ic; ir < ic + mc; ir += 6) {
-                            int64_t ip = ir / 6, count = live_count[ip * runs + run];
-                            const uint16_t *list = may_skip && count < kc ? live + ip * k + pc : NULL;
-                            gemm_block(m - ir < 6 ? (int)(m - ir) : 6, nc, list ? count : kc, list,
-                                       panels + (ir * k + pc * 6), strips + s * kc * 16, y + ir * n + row0 + 16 * s,
-                                       n, pc > 0);
-                        }
-                    }
-                }
+        for (int64_t first = 0; first < runs; first += chunk_runs) {
+            const int64_t last = first + chunk_runs < runs ? first + chunk_runs : runs;
+            #pragma omp for schedule(dynamic)
+            for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
+                if (!strips) continue;
+                for (int64_t run = first; run < last; run++)
+                    gemm_tile_run(weights, n, k, m, row0, run, panels, live, live_count, runs, run_sparse[run],
+                                  strips, y);
             }
         }
         free(strips);

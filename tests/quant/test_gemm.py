@@ -29,6 +29,16 @@ def assert_float32_product(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) ->
     assert worst < 4 * k ** 0.5 * 2.0 ** -24, f"error {worst:.3g} of the sum of |x w| (k = {k})"
 
 
+def assert_same_on_one_thread(product, x: torch.Tensor, full: torch.Tensor) -> None:
+    """product(x) on one thread gives `full` (what it gave on all of them) bit for bit."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(product(x), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def identity_columns(k: int) -> torch.Tensor:
     return torch.eye(k, dtype=torch.float32)
 
@@ -80,16 +90,31 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
     x = torch.randn(103, k, generator=torch.Generator().manual_seed(5))
     products = [lambda x: kernels.int4_gemm(packed, sz, 64, x), lambda x: kernels.gguf_gemm(Q.Q8_0, raw, k, x),
                 lambda x: kernels.int8_gemm(q8, scales, x)]
-    threads = torch.get_num_threads()
     for product in products:
         full = product(x)
         for rows in (slice(0, 1), slice(5, 6), slice(2, 9), slice(40, 103)):
             assert torch.equal(product(x[rows]), full[rows])
-        try:
-            torch.set_num_threads(1)
-            assert torch.equal(product(x), full)
-        finally:
-            torch.set_num_threads(threads)
+        assert_same_on_one_thread(product, x, full)
+
+
+def test_a_wide_prompt_is_taken_in_chunks_of_runs_with_each_output_unchanged():
+    """A prompt whose panels outgrow the GEMM's chunk of x (GEMM_X_CHUNK_BYTES: here 400 rows of 2592 inputs, about
+    0.8 MB a run of 512 inputs, so the six runs go in three chunks) has every tile of W pass over one chunk before the
+    next: each output must still be the float32 product, and the bits a short prompt (one chunk) gives it."""
+    k, n, m = 2592, 128, 400
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(30)) * 0.05
+    packed, sz = int4_quantize(w, 32, torch.bfloat16)
+    raw = torch.from_numpy(random_rows(Q.Q8_0, n, k, seed=31))
+    cases = [(lambda x: kernels.int4_gemm(packed, sz, 32, x), int4_dequantize(packed, sz, 32, torch.bfloat16)),
+             (lambda x: kernels.gguf_gemm(Q.Q8_0, raw, k, x), reference_weight(Q.Q8_0, raw.numpy(), n, k))]
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(32))
+    x[:, 700:1300] = torch.where(x[:, 700:1300].abs() < 1.5, 0.0, x[:, 700:1300])  # inputs to skip in some runs
+    for product, ref_w in cases:
+        full = product(x)
+        assert_float32_product(full, x, ref_w.float())
+        for rows in (slice(0, 1), slice(3, 9), slice(390, 400)):
+            assert torch.equal(product(x[rows]), full[rows])
+        assert_same_on_one_thread(product, x, full)
 
 
 def test_inputs_zero_across_a_panel_are_skipped_exactly():
