@@ -19,10 +19,13 @@ decode reads it (the tied embedding once, as the head reads all of it).
 
 Each trial, per engine: a 128- and a 512-token prompt are prefilled (time to first token = the 128-token prefill
 plus the head and the argmax that picks the first token), then 64 tokens are decoded greedily after the 128-token
-prompt. Engines are alternated inside every trial so machine load falls on all alike; one warm-up trial, then the
-median of --trials. Achieved decode bandwidth = bytes of weights each engine reads per token / time per token,
-set beside a 2-thread read of a large float32 array. The last line printed is one JSON object; `ratios` holds,
-for every gemma3n variant and every peer of the same row, gemma3n / peer for decode and both prefills.
+prompt. Each engine picks the greedy token as its users' code does: gemma3n with its generation's own choice
+(engine.sampling.greedy), llama.cpp's row with numpy's argmax over the logits it returns, transformers with
+torch's argmax (its generate). Engines are alternated inside every trial so machine load falls on all alike;
+one warm-up trial, then the median of --trials. Achieved decode bandwidth = bytes of weights each engine reads
+per token / time per token, set beside a 2-thread read of a large float32 array. The last line printed is one
+JSON object; `ratios` holds, for every gemma3n variant and every peer of the same row, gemma3n / peer for decode
+and both prefills.
 --quick: a smoke run, not a measurement: one trial of 16- and 32-token prompts and 8 decoded tokens after a
 light warm-up (keys then say prefill16 / prefill32 / ttft16).
 
@@ -106,6 +109,12 @@ class Ours:
         import gemma3n
         from gemma3n import kernels
         self.name, self.activations, self.kernels = name, activations, kernels
+        try:  # the token choice gemma3n's own generation makes (older checkouts: torch's argmax)
+            from gemma3n.engine.sampling import greedy
+        except ImportError:
+            def greedy(scores):
+                return scores.argmax(-1)
+        self.greedy = greedy
         extra = {"quantize": quantize} if quantize else {}  # only where the checkout has quantisation
         self.model = gemma3n.load(path, dtype=dtype, **extra)
         self.lm = self.model.lm
@@ -120,17 +129,17 @@ class Ours:
         with torch.inference_mode():
             cache = self.lm.new_cache(1, len(ids) + DECODE_TOKENS + 1)
             t0 = time.perf_counter()
-            self.lm(torch.tensor([ids]), None, cache, last_only=True)[:, -1].argmax(-1)
+            self.greedy(self.lm(torch.tensor([ids]), None, cache, last_only=True)[:, -1])
             return time.perf_counter() - t0
 
     def decode(self, ids: list[int], n: int) -> tuple[float, list[int]]:
         self.kernels.set_activation_precision(self.activations)
         with torch.inference_mode():
             cache = self.lm.new_cache(1, len(ids) + n + 1)
-            nxt = self.lm(torch.tensor([ids]), None, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            nxt = self.greedy(self.lm(torch.tensor([ids]), None, cache, last_only=True)[:, -1])[:, None]
             out, t0 = [], time.perf_counter()
             for _ in range(n):
-                nxt = self.lm(nxt, None, cache, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                nxt = self.greedy(self.lm(nxt, None, cache, last_only=True)[:, -1])[:, None]
                 out.append(int(nxt))
             return time.perf_counter() - t0, out
 

@@ -189,13 +189,19 @@ class Sampler:
                 self._generator.manual_seed(self.params.seed)
         return self._generator
 
-    def candidates(self, logits: Tensor, previous_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(scores, ids) (B, K) after every processor; filtered tokens score -inf. Greedy returns the penalised
-        logits over the whole vocabulary (its argmax is the token)."""
+    def penalised(self, logits: Tensor, previous_ids: Tensor | None = None) -> Tensor:
+        """float32 logits (B, V) after the repetition penalty, the one processor greedy applies too."""
         p = self.params
         scores = logits.float()
         if p.repetition_penalty != 1.0 and previous_ids is not None and previous_ids.numel():
             scores = apply_repetition_penalty(scores, previous_ids, p.repetition_penalty)
+        return scores
+
+    def candidates(self, logits: Tensor, previous_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(scores, ids) (B, K) after every processor; filtered tokens score -inf. Greedy returns the penalised
+        logits over the whole vocabulary (its argmax is the token)."""
+        p = self.params
+        scores = self.penalised(logits, previous_ids)
         if p.greedy:
             return scores, _all_ids(scores)
         if p.temperature != 1.0:
@@ -213,10 +219,20 @@ class Sampler:
         """logits (B, V), previous_ids (B, L) (prompt + generated; < 0 = padding) -> next ids (B,) long."""
         if logits.dim() != 2:
             raise ValueError(f"Sampler.sample expects logits of shape (batch, vocab), got {tuple(logits.shape)}")
+        if self.params.greedy:  # no candidate ids: a vocabulary-wide arange a step costs more than the argmax
+            return greedy(self.penalised(logits, previous_ids))
         scores, ids = self.candidates(logits, previous_ids)
-        if self.params.greedy:
-            return scores.argmax(dim=-1)
         return ids.gather(1, _draw(scores.softmax(dim=-1), self.generator(scores.device))).squeeze(1)
+
+
+def greedy(scores: Tensor) -> Tensor:
+    """The index of each row's largest score, (B, V) -> (B,) int64: `scores.argmax(-1)`, the first of equal maxima
+    and NaN above everything, as both torch and numpy define it. On the CPU numpy's vectorised argmax takes ~20 us
+    over a 262k vocabulary where torch's takes ~250 us, about 2% of a small model's decode step."""
+    if scores.device.type == "cpu" and scores.dim() == 2 and scores.dtype in (torch.float32, torch.float64) \
+            and not scores.requires_grad:
+        return torch.from_numpy(scores.numpy().argmax(-1))
+    return scores.argmax(dim=-1)
 
 
 def _draw(probs: Tensor, generator: torch.Generator) -> Tensor:

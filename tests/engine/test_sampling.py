@@ -8,7 +8,7 @@ import torch
 from transformers import LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, \
     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from gemma3n.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, min_p_filter, \
+from gemma3n.engine.sampling import Sampler, SamplingParams, apply_repetition_penalty, greedy, min_p_filter, \
     top_k_candidates, top_p_filter
 
 NEG_INF = float("-inf")
@@ -114,6 +114,24 @@ def test_greedy_is_argmax_of_penalised_logits():
     assert torch.equal(chosen, _reference(SamplingParams(repetition_penalty=3.0), logits, previous).argmax(-1))
     assert not torch.equal(chosen, logits.argmax(-1))
     assert torch.equal(Sampler(SamplingParams(temperature=0)).sample(logits), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_greedy_picks_what_torch_argmax_picks(dtype):
+    """Ties (the first wins), NaN (above everything), rows of -inf, a vocabulary-wide row, a non-contiguous view:
+    the same index as torch.argmax, as int64."""
+    logits = _logits(7, batch=6, vocab=262144, ties=True).to(dtype)
+    logits[1, 9] = logits[1, 100_000] = logits[1].max() + 1  # a tie at the top: the first
+    logits[2, 50_000] = float("nan")
+    logits[2, 70_000] = float("nan")
+    logits[2, 10] = float("inf")
+    logits[3] = NEG_INF
+    logits[4, 262_143] = float("inf")
+    for scores in (logits, logits[:, ::2], logits[::2]):
+        chosen = greedy(scores)
+        assert chosen.dtype == torch.int64
+        assert torch.equal(chosen, scores.argmax(-1))
+    assert chosen.tolist() == [scores[0].argmax().item(), 50_000, 262_143]
 
 
 # -- randomness ---------------------------------------------------------------------------------------------------
