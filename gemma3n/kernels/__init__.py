@@ -186,9 +186,20 @@ def _q8_type(lib, ggml_type: int) -> bool:
     return _Q8_TYPES[ggml_type]
 
 
-def _check_rows(rows: Tensor | None, n: int) -> None:
-    if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
-        raise IndexError(f"row index out of range for {n} rows")
+def _check_rows(rows: Tensor | None, n: int, what: str = "row index") -> None:
+    if rows is not None and not indices_within(rows, n):
+        raise IndexError(f"{what} out of range for {n} rows")
+
+
+def indices_within(index: Tensor, n: int) -> bool:
+    """Every value of an integer tensor in [0, n). A decode step's few ids are read out in one op (the two
+    reductions and two reads of `min` / `max` cost ~4 small-op dispatches, several per step); longer ones are
+    reduced by `aminmax`."""
+    if index.numel() <= 64:
+        values = index.reshape(-1).tolist()
+        return not values or (min(values) >= 0 and max(values) < n)
+    low, high = torch.aminmax(index)
+    return int(low) >= 0 and int(high) < n
 
 
 def _pairs(x: Tensor, k: int, xrows: Tensor, rows: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -255,9 +266,11 @@ def gguf_matmul_pairs(ggml_type: int, raw: Tensor, k: int, x: Tensor, xrows: Ten
     return y
 
 
-def gguf_dequantize(ggml_type: int, raw: Tensor, k: int, rows: Tensor | None = None) -> Tensor:
-    """GGUF rows (all, or the int64 `rows`) -> float32 [R, K]."""
-    _check_rows(rows, raw.shape[0])
+def gguf_dequantize(ggml_type: int, raw: Tensor, k: int, rows: Tensor | None = None, checked: bool = False) -> Tensor:
+    """GGUF rows (all, or the int64 `rows`) -> float32 [R, K]. `checked`: the caller has checked `rows` (an
+    embedding, naming its own error)."""
+    if not checked:
+        _check_rows(rows, raw.shape[0])
     n = raw.shape[0] if rows is None else rows.numel()
     out = torch.empty(n, k, dtype=torch.float32)
     rc = native().g3n_gguf_dequantize(int(ggml_type), raw.data_ptr(), n, k, _ptr(rows), out.data_ptr(),

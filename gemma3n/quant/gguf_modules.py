@@ -94,9 +94,9 @@ class GGUFEmbedding(GGUFLinear):
 
     def forward(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        if not kernels.indices_within(flat, self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
-        rows = kernels.gguf_dequantize(self.ggml_type, self.raw, self.in_features, flat)
+        rows = kernels.gguf_dequantize(self.ggml_type, self.raw, self.in_features, flat, checked=True)
         return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
 
     def linear(self, x: Tensor) -> Tensor:
