@@ -54,7 +54,8 @@ typedef struct {
     int64_t batch;
     float *const *reg;             /* per register, [B][width] ([S][B][D] for streams) */
     const float *ple;              /* Gemma 3n: [B][L][P] */
-    const float *cos[2], *sin[2];  /* per attention kind [B][hd]; sin with its first half negated (rope_tables) */
+    const float *const *cos[2];    /* per attention kind [B]: each row's cos (hd floats) */
+    const float *const *sin[2];    /* and its sin, with the first half negated (rope_tables) */
     const uint8_t *mask[2];        /* per kind [B][tk]: 1 = may attend */
     int64_t tk[2];                 /* per kind: keys visible */
     const int64_t *cell[2];        /* per kind [B]: the cache cell each row's new K/V goes to */
@@ -366,12 +367,12 @@ EXPORT int g3n_block_attention(const g3n_op *op, const g3n_ctx *C) {
     float *q = C->scratch[0], *attn = C->scratch[3];
     if (hd > 1024 || hd % 2 || kind < 0 || kind > 1) return -1;  /* rope's buffer */
     if ((rc = lin_apply(&op->lin[0], x, B, q, NULL, 0, S))) return rc;
-    const float *cos_ = S->cos[kind], *sin_ = S->sin[kind];
+    const float *const *cos_ = S->cos[kind], *const *sin_ = S->sin[kind];
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             float *qh = q + (b * H + h) * hd;
             rms_norm(qh, op->vec[0], hd, eps, qh);
-            rope(qh, cos_ + b * hd, sin_ + b * hd, hd);
+            rope(qh, cos_[b], sin_[b], hd);
         }
     if (op->opt[2]) {
         float *k = C->scratch[1], *v = C->scratch[2];
@@ -382,7 +383,7 @@ EXPORT int g3n_block_attention(const g3n_op *op, const g3n_ctx *C) {
             for (int64_t h = 0; h < Hkv; h++) {
                 float *kh = k + (b * Hkv + h) * hd, *vh = v + (b * Hkv + h) * hd;
                 rms_norm(kh, op->vec[1], hd, eps, kh);
-                rope(kh, cos_ + b * hd, sin_ + b * hd, hd);
+                rope(kh, cos_[b], sin_[b], hd);
                 if (op->opt[3]) rms_norm(vh, NULL, hd, eps, vh);
                 int64_t at = ((b * Hkv + h) * cap + S->cell[kind][b]) * hd;
                 kv_store(S->k[slot], S->cache_type, at, kh, hd);

@@ -102,11 +102,11 @@ class BatchCache:
         """(keys, values) of every slot: global (B, H, width, D), sliding (B, H, ring, D)."""
         return list(zip(self.keys, self.values))
 
-    def write_cells(self) -> tuple[Tensor, Tensor]:
-        """(sliding, global) int64 (B,): the cell each row's new K/V goes to in the current step, as `update`
-        writes it. Call after `start`."""
-        write = self._write.to(torch.int64)
-        return torch.remainder(write, self.ring or 1).contiguous(), write.contiguous()
+    def write_cells(self) -> tuple[list[int], list[int]]:
+        """(sliding, global), per row: the cell its new K/V goes to in the current step, as `update` writes it.
+        Call after `start`."""
+        write = self._write.tolist()
+        return [cell % (self.ring or 1) for cell in write], write
 
     # -- the model's cache interface -------------------------------------------------------------------------------
 

@@ -91,13 +91,12 @@ class KVCache:
         """(keys, values) of every slot, (B, H, capacity, D) each."""
         return [(s.k, s.v) for s in self.slots]
 
-    def write_cells(self) -> tuple[Tensor, Tensor]:
-        """(sliding, global) int64 (B,): the cell each row's K/V of the current one-token step goes to, as `update`
-        writes it. Call after `start`."""
+    def write_cells(self) -> tuple[list[int], list[int]]:
+        """(sliding, global), per row: the cell its K/V of the current one-token step goes to, as `update` writes
+        it. Call after `start`."""
         index = self.length - 1
         ring = next((s.k.shape[2] for s, t in zip(self.slots, self.slot_types) if t == SLIDING), 1)
-        return (torch.full((self.batch,), index % ring, dtype=torch.int64),
-                torch.full((self.batch,), index, dtype=torch.int64))
+        return [index % ring] * self.batch, [index] * self.batch
 
     # -- one forward call ------------------------------------------------------------------------------------------
 

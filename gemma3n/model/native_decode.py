@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -123,19 +124,28 @@ class NativeDecoder:
                                                               for i in range(len(self.registers))])
         self.plan = _Plan(n_ops=len(blocks), n_regs=len(self.registers), ops=ops, width=self.width)
         self.bound: tuple | None = None
+        self.bound_refs: list | None = None  # weak references to the K/V tensors `bound` points at
+        self.rope_rows: dict[tuple[str, torch.dtype], RopeRows] = {}
+        self.layouts: dict[frozenset, tuple[list[int], list[int], int]] = {}  # given registers -> made ones
         self.profile: Tensor | None = None  # set to torch.zeros(len(PROFILE), dtype=float64) to collect seconds
 
     def bind(self, cache) -> bool:
         """Point the step at the cache's K/V tensors as they are now (a BatchCache replaces them when rows join or
-        leave); False when their dtype, device or layout is not one the native step writes."""
+        leave); False when their dtype, device or layout is not one the native step writes. Checked again only
+        when the tensors change: a step costs a few identity comparisons."""
         slots = cache.slot_tensors()
+        if self.bound is not None and len(slots) == len(self.bound_refs) \
+                and all(k is rk() and v is rv() for (k, v), (rk, rv) in zip(slots, self.bound_refs)):
+            return True
+        self.bound = self.bound_refs = None
         if any(t.dtype not in _CACHE_TYPES or t.device.type != "cpu" or not t.is_contiguous()
                or t.dtype != slots[0][0].dtype for pair in slots for t in pair):
             return False
-        n = len(slots)  # (the cache itself is not held: it holds this object, and must be freed when it ends)
+        n = len(slots)  # (neither the cache nor its tensors are held: the cache holds this object)
         self.bound = ((_c_void_p * n)(*[k.data_ptr() for k, _ in slots]),
                       (_c_void_p * n)(*[v.data_ptr() for _, v in slots]),
                       (ctypes.c_int64 * n)(*[k.shape[2] for k, _ in slots]), _CACHE_TYPES[slots[0][0].dtype])
+        self.bound_refs = [(weakref.ref(k), weakref.ref(v)) for k, v in slots]
         return True
 
     # -- the plan --------------------------------------------------------------------------------------------------
@@ -216,7 +226,7 @@ class NativeDecoder:
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr():
             work = work.clone()  # computed in place: never write into the caller's tensor
-        self.execute({self.state: work}, cache.batch, step, cache, ple, x.dtype)
+        self.launch({self.state: work}, cache.batch, step, cache, ple, x.dtype)
         return work if work.dtype == x.dtype else work.to(x.dtype)
 
     def execute(self, registers: dict[str, Tensor], batch: int, step: Step | None = None, cache=None,
@@ -226,8 +236,19 @@ class NativeDecoder:
         (B, width) tensor (streams: their memory viewed so). `step` and the bound `cache` are needed by attention
         blocks (their RoPE tables are rounded to `dtype`, default the model's), `ple` (B, 1, L, P) by per-layer
         inputs."""
+        pool, made, offsets = self.launch(registers, batch, step, cache, ple, dtype)
+        out = {name: t.view(batch, -1) for name, t in registers.items()}
+        names = {i: name for name, i in self.registers.items()}
+        for i, at in zip(made, offsets):
+            out[names[i]] = pool[batch * at:batch * (at + self.width[i])].view(batch, self.width[i])
+        return out
+
+    def launch(self, registers: dict[str, Tensor], batch: int, step: Step | None, cache, ple: Tensor | None,
+               dtype: torch.dtype | None) -> tuple[Tensor, list[int], list[int]]:
+        """`execute`'s native call; returns the pool holding the registers it made, which ones, and their offsets
+        (in floats per row). Every per-step cost here is paid on each token, so it makes no view it does not
+        need and reads RoPE rows from tables (`RopeRows`)."""
         lib = kernels.native()
-        n = len(self.registers)
         width = self.width
         for name, t in registers.items():
             i = self.registers[name]
@@ -236,19 +257,14 @@ class NativeDecoder:
                 raise ValueError(f"register {name!r}: a contiguous float32 CPU tensor of "
                                  f"{self.written.get(i, '?')} values per row is needed")
             width[i] = t.numel() // batch
-        given = {self.registers[name] for name in registers}
-        made = [i for i in range(n) if i not in given]
-        if any(i not in self.written for i in made):
-            raise ValueError("every register that no block writes must be given")
-        pool = torch.empty(batch * sum(width[i] for i in made), dtype=torch.float32)
-        tensors: list[Tensor | None] = [None] * n
+        made, offsets, total = self._layout(registers)
+        pool = torch.empty(batch * total, dtype=torch.float32)
+        pointers = (_c_void_p * len(self.registers))()
         for name, t in registers.items():
-            tensors[self.registers[name]] = t.view(batch, -1)
-        at = 0
-        for i in made:
-            tensors[i] = pool[at:at + batch * width[i]].view(batch, width[i])
-            at += batch * width[i]
-        pointers = (_c_void_p * n)(*[t.data_ptr() for t in tensors])
+            pointers[self.registers[name]] = t.data_ptr()
+        base = pool.data_ptr()
+        for i, at in zip(made, offsets):
+            pointers[i] = base + 4 * batch * at
         s = _Step(batch=batch, reg=ctypes.cast(pointers, _c_void_p), threads=torch.get_num_threads(),
                   q8=int(kernels.activation_precision() == "int8" and kernels.VECTORISED),
                   vec=int(kernels.VECTORISED))
@@ -261,25 +277,88 @@ class NativeDecoder:
                     or not self.profile.is_contiguous():
                 raise ValueError(f"profile must be torch.zeros({len(PROFILE)}, dtype=torch.float64)")
             s.prof = self.profile.data_ptr()
-        keep = [pool]
+        keep = [pool, pointers]
         if ple is not None:
             ple = ple.to(torch.float32).contiguous()
             keep.append(ple)
             s.ple = ple.data_ptr()
         if step is not None:
             cells = cache.write_cells()
+            positions = step.positions.reshape(-1).tolist()
             for kind, allowed in step.masks.items():  # the attention types the layers have
                 i = _kind(kind)
-                cos, sin = self.text_model.rope[kind].tables(step.positions, dtype or self.dtype)
-                cos, sin = cos.reshape(batch, -1).float().contiguous(), sin.reshape(batch, -1).float().contiguous()
+                rows = self._rope_rows(kind, dtype or self.dtype)
+                cos, sin = rows.pointers(positions, step.positions, keep)
                 mask = allowed.reshape(batch, -1).contiguous()
-                keep += [cos, sin, mask, cells[i]]
-                s.cos[i], s.sin[i], s.mask[i] = cos.data_ptr(), sin.data_ptr(), mask.data_ptr()
-                s.tk[i], s.cell[i] = mask.shape[1], cells[i].data_ptr()
+                cell = (ctypes.c_int64 * batch)(*cells[i])
+                keep += [cos, sin, mask, cell]
+                s.cos[i], s.sin[i] = ctypes.addressof(cos), ctypes.addressof(sin)
+                s.mask[i], s.tk[i], s.cell[i] = mask.data_ptr(), mask.shape[1], ctypes.addressof(cell)
         rc = lib.g3n_run_plan(ctypes.byref(self.plan), ctypes.byref(s))
         if rc:
             raise RuntimeError(f"native decode step failed (code {rc})")
-        return {name: tensors[i] for name, i in self.registers.items()}
+        return pool, made, offsets
+
+    def _layout(self, registers: dict[str, Tensor]) -> tuple[list[int], list[int], int]:
+        """The registers a step makes (those not given), their offsets in its pool and its width, per row."""
+        given = frozenset(self.registers[name] for name in registers)
+        layout = self.layouts.get(given)
+        if layout is None:
+            made = [i for i in range(len(self.registers)) if i not in given]
+            if any(i not in self.written for i in made):
+                raise ValueError("every register that no block writes must be given")
+            offsets = [sum(self.written[j] for j in made[:k]) for k in range(len(made))]
+            layout = self.layouts[given] = (made, offsets, sum(self.written[i] for i in made))
+        return layout
+
+    def _rope_rows(self, kind: str, dtype: torch.dtype) -> "RopeRows":
+        rows = self.rope_rows.get((kind, dtype))
+        if rows is None:
+            rows = self.rope_rows[(kind, dtype)] = RopeRows(self.text_model.rope[kind], dtype)
+        return rows
+
+
+class RopeRows:
+    """Each step row's RoPE cos and signed sin as `RotaryEmbedding.tables` makes them for its position, read from
+    tables made a block of positions at a time: a step that made its own would pay ~14 small PyTorch ops per
+    attention kind, on every token.
+
+    A block holds the same bits a step's own tables would: cos and sin are elementwise in ATen, computed in one
+    flat pass of vectors of up to 16 floats, two at a time, with the scalar functions only for a remainder of
+    fewer than 32. Where the head dim is a multiple of 32, a step's tables (B x head dim values) and a block
+    (positions x head dim, kept below ATen's parallel grain so that no thread boundary makes a remainder) have
+    none, so every value takes the vector path in both. Other head dims make each step's tables as the eager
+    forward does (tests/model/test_native_decode.py checks both against it)."""
+
+    BLOCK_VALUES = 16384  # values per block table: under ATen's grain size (32768), so one thread, one pass
+
+    def __init__(self, rope: nn.Module, dtype: torch.dtype):
+        self.rope, self.dtype = rope, dtype
+        self.head_dim = 2 * rope.inv_freq.numel()
+        self.span = max(1, self.BLOCK_VALUES // self.head_dim) if self.head_dim % 32 == 0 else 0  # positions a block
+        self.blocks: dict[int, tuple[Tensor, Tensor]] = {}  # first position // span -> (cos, signed sin)
+
+    def pointers(self, positions: list[int], step_positions: Tensor, keep: list) -> tuple[ctypes.Array,
+                                                                                            ctypes.Array]:
+        """Per row, the address of its cos and of its signed sin (head dim float32 values each); whatever they
+        point into is appended to `keep`, or held by this object until a step no longer reads it."""
+        batch, row_bytes = len(positions), 4 * self.head_dim
+        if not self.span or min(positions) < 0:
+            cos, sin = self.rope.tables(step_positions, self.dtype)
+            cos, sin = (t.reshape(batch, -1).float().contiguous() for t in (cos, sin))
+            keep += [cos, sin]
+            return ((_c_void_p * batch)(*[cos.data_ptr() + b * row_bytes for b in range(batch)]),
+                    (_c_void_p * batch)(*[sin.data_ptr() + b * row_bytes for b in range(batch)]))
+        needed = {p // self.span for p in positions}
+        for block in needed - self.blocks.keys():
+            first = block * self.span
+            cos, sin = self.rope.tables(torch.arange(first, first + self.span)[None], self.dtype)
+            self.blocks[block] = tuple(t.reshape(self.span, -1).float().contiguous() for t in (cos, sin))
+        for block in self.blocks.keys() - needed:  # positions only grow: a block no row reads is done
+            del self.blocks[block]
+        at = [(self.blocks[p // self.span], (p % self.span) * row_bytes) for p in positions]
+        return ((_c_void_p * batch)(*[cos.data_ptr() + off for (cos, _), off in at]),
+                (_c_void_p * batch)(*[sin.data_ptr() + off for (_, sin), off in at]))
 
 
 # -- what each block kernel reads from its module: fills the op's slots (kernels/decode_blocks.c lists them) and

@@ -19,6 +19,7 @@ from gemma3n import kernels
 from gemma3n.config import FULL, SLIDING, Gemma3TextConfig, TextConfig
 from gemma3n.model import native_decode
 from gemma3n.model.gemma3 import Gemma3CausalLM
+from gemma3n.model.layers import RotaryEmbedding
 from gemma3n.model.text import CausalLM, enable_sparse_decode
 from gemma3n.quant.formats import int4_supported
 from gemma3n.quant.modules import Int4Linear, Int8Linear
@@ -111,6 +112,36 @@ def test_wide_batch_without_the_sparse_skip():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gemma3_native_step_equals_eager(batch):
     assert_native_equals_eager(gemma3_model(), batch)
+
+
+def test_gemma3_with_rope_rows_from_block_tables():
+    """head_dim 32: the step reads RoPE rows from tables made a block of positions at a time (RopeRows)."""
+    lm = randomize(Gemma3CausalLM(Gemma3TextConfig.from_dict({**GEMMA3, "head_dim": 32})), seed=0)
+    decoder = assert_native_equals_eager(lm, batch=2)
+    assert all(rows.span and rows.blocks for rows in decoder.rope_rows.values())
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rows_hold_the_tables_a_step_makes(head_dim, dtype):
+    """Each row's cos and signed sin, as the step reads them, are the bits `RotaryEmbedding.tables` gives for
+    that row's position alone (what the eager decode step computes), across block boundaries and for rows far
+    apart; head dims that are not multiples of 32 make each step's own tables."""
+    rope = RotaryEmbedding(head_dim, 10_000.0, 8.0)
+    rows = native_decode.RopeRows(rope, dtype)
+    assert bool(rows.span) == (head_dim % 32 == 0)
+    span = rows.span or 1
+    for positions in ([0], [span - 1], [span], [3, span + 5, 7 * span + 1], [span - 1, 40_000], [span + 2]):
+        step_positions = torch.tensor(positions)[:, None]
+        keep: list = []
+        cos_at, sin_at = rows.pointers(positions, step_positions, keep)
+        for b, p in enumerate(positions):
+            cos, sin = rope.tables(torch.tensor([[p]]), dtype)
+            for want, address in ((cos, cos_at[b]), (sin, sin_at[b])):
+                got = np.ctypeslib.as_array((ctypes.c_float * head_dim).from_address(address))
+                assert np.array_equal(got.view(np.uint32), want.float().reshape(-1).numpy().view(np.uint32))
+    if rows.span:  # only the blocks the last step read are held
+        assert set(rows.blocks) == {(span + 2) // span}
 
 
 @pytest.mark.parametrize("kind", [SLIDING, FULL])
