@@ -57,9 +57,10 @@ def steps(layer: nn.Module, blocks: tuple[Block, ...]) -> list[tuple[nn.Module, 
     return [(getattr(layer, block.module) if block.module else layer, block) for block in blocks]
 
 
-def run_eager(layer: nn.Module, blocks: tuple[Block, ...], ctx: LayerContext, registers: dict[str, Tensor]) \
-        -> dict[str, Tensor]:
-    """Run `blocks` in order with their PyTorch implementations; returns the registers."""
+def run_eager(layer: nn.Module, blocks: tuple[Block, ...], ctx: LayerContext | None,
+              registers: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Run `blocks` in order with their PyTorch implementations; returns the registers. `ctx` may be None for
+    blocks that read none of it (a model's FINAL_BLOCKS: norms after the last layer)."""
     for module, block in steps(layer, blocks):
         registers[block.output] = EAGER[block.kernel](module, block, ctx, *[registers[n] for n in block.inputs])
     return registers

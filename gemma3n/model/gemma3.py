@@ -99,6 +99,9 @@ class DecoderLayer(nn.Module):
 class TextModel(nn.Module):
     """Gemma3TextModel: scaled token embeddings, the layers, the final norm."""
 
+    # After the last layer, on its state: run by the eager forward, and by the native decode plan after the layers.
+    FINAL_BLOCKS = (Block("rms_norm", (DecoderLayer.STATE,), DecoderLayer.STATE, "norm"),)
+
     def __init__(self, cfg: Gemma3TextConfig):
         super().__init__()
         if cfg.hidden_activation != "gelu_pytorch_tanh":
@@ -134,7 +137,7 @@ class TextModel(nn.Module):
             step = cache.start(attention_mask, t)
         native = native_decode.for_step(self, cache, t, inputs_embeds)
         if native is not None:  # a decode step in one native call (native_decode.py); these layers stay the reference
-            return self.norm(native.run(x, step, cache))
+            return native.run(x, step, cache, reuse_input=True)  # the final norm included
         # Made once per call and shared by the layers: RoPE tables and the masks in SDPA's additive form.
         ropes = {kind: rope.tables(step.positions, x.dtype) for kind, rope in self.rope.items()}
         allowed = step.masks if lookahead is None else {kind: _with_lookahead(m, lookahead)
@@ -148,7 +151,8 @@ class TextModel(nn.Module):
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
             x = layer(x, rope, masks[layer.kind], kv_source)
-        return self.norm(x[:, -1:] if last_only else x)
+        state = DecoderLayer.STATE
+        return run_eager(self, self.FINAL_BLOCKS, None, {state: x[:, -1:] if last_only else x})[state]
 
 
 def _with_lookahead(mask: Tensor, lookahead: Tensor) -> Tensor:

@@ -10,8 +10,9 @@ against it (tests/model/test_native_blocks.py). The plan is built once per cache
 weights as stored (the kernels the eager modules call), the rest in float32.
 
 What the plan holds is data read from the modules (norm scales with their offset, attention scale, value norm, KV
-slot, sparsity, AltUp streams, output scale), never a model family. The embeddings, the per-layer inputs, the
-AltUp stream set-up and collapse, the final norm and the head stay the eager code, and so do prefill and
+slot, sparsity, AltUp streams, output scale), never a model family. After the layers the plan runs the model's
+own FINAL_BLOCKS where it lists them (Gemma 3's final norm). The embeddings, the per-layer inputs, the AltUp stream
+set-up and collapse, Gemma 3n's final norm and the head stay the eager code, and so do prefill and
 everything the plan does not describe (another device, a float16 cache, a module kind or block it does not know):
 those run the eager layers, which stay the reference (tests/model/test_native_decode.py compares the two).
 
@@ -112,8 +113,9 @@ class NativeDecoder:
         self.dtype = text_model.norm.weight.dtype  # the compute dtype: constants are rounded to it, as eager does
         layers = list(text_model.layers)
         self.state = type(layers[0]).STATE  # the register the layers carry: hidden states or AltUp streams
-        if blocks is None:
+        if blocks is None:  # the layers', then the model's own after them (Gemma 3: the final norm)
             blocks = [pair for layer in layers for pair in steps(layer, type(layer).BLOCKS)]
+            blocks += steps(text_model, getattr(type(text_model), "FINAL_BLOCKS", ()))
         self.registers: dict[str, int] = {}
         self.written: dict[int, int] = {}  # register -> floats per row, for those some block writes
         ops = (_Op * len(blocks))()
@@ -219,13 +221,14 @@ class NativeDecoder:
 
     # -- a step ----------------------------------------------------------------------------------------------------
 
-    def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None) -> Tensor:
+    def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None, reuse_input: bool = False) -> Tensor:
         """x: the layers' state, Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) ->
-        the same shape, after every layer, in x's dtype. `step` is this call's `cache.start(...)`, on the cache
-        `for_step` bound."""
+        the same shape, after every block of the plan, in x's dtype. `step` is this call's `cache.start(...)`, on
+        the cache `for_step` bound. The state is computed in place: in x itself only with `reuse_input` (x is
+        the caller's own temporary, float32 and contiguous), else in a copy."""
         work = x.to(torch.float32).contiguous()
-        if work.data_ptr() == x.data_ptr():
-            work = work.clone()  # computed in place: never write into the caller's tensor
+        if work.data_ptr() == x.data_ptr() and not reuse_input:
+            work = work.clone()
         self.launch({self.state: work}, cache.batch, step, cache, ple, x.dtype)
         return work if work.dtype == x.dtype else work.to(x.dtype)
 

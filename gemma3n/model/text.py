@@ -359,7 +359,7 @@ class TextModel(nn.Module):
             step = cache.start(attention_mask, t)
         native = native_decode.for_step(self, cache, t, inputs_embeds)
         if native is not None:  # a decode step in one native call (native_decode.py); run_layers stays the reference
-            return self.norm(self.collapse(native.run(self.expand(embeds), step, cache, ple)))
+            return self.norm(self.collapse(native.run(self.expand(embeds), step, cache, ple, reuse_input=True)))
         return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache, last_only)))
 
     def expand(self, x0: Tensor) -> Tensor:

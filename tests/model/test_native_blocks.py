@@ -120,12 +120,15 @@ def test_every_block_kernel_has_both_twins():
 
 @pytest.mark.parametrize("make", [gemma3n_model, gemma3_model], ids=["gemma3n", "gemma3"])
 def test_the_plan_is_the_layers_blocks_in_order(make):
-    """The native plan of a model is its layers' BLOCKS, in order, and nothing else."""
+    """The native plan of a model is its layers' BLOCKS, in order, then the model's FINAL_BLOCKS (Gemma 3: the final
+    norm; Gemma 3n lists none), and nothing else."""
     lm = make("mixed") if make is gemma3n_model else make()
     lib = kernels.native()
     decoder = native_decode.NativeDecoder(lm.model)
+    final = getattr(type(lm.model), "FINAL_BLOCKS", ())
+    assert bool(final) == (make is gemma3_model)
     expected = [ctypes.cast(getattr(lib, f"g3n_block_{b.kernel}"), ctypes.c_void_p).value
-                for layer in lm.model.layers for b in type(layer).BLOCKS]
+                for b in [b for layer in lm.model.layers for b in type(layer).BLOCKS] + list(final)]
     assert [op.run for op in decoder.ops] == expected
 
 
@@ -148,7 +151,7 @@ def test_a_layer_order_changed_once_reaches_both_paths(monkeypatch):
         b for b in gemma3.DecoderLayer.BLOCKS if b.module != "post_attention_layernorm"))
     with torch.inference_mode():
         assert not torch.allclose(run_layer(lm, x), original)  # the description is what runs
-    assert len(native_decode.NativeDecoder(lm.model).ops) == 7 * lm.config.num_hidden_layers
+    assert len(native_decode.NativeDecoder(lm.model).ops) == 7 * lm.config.num_hidden_layers + 1  # + final norm
     assert_native_equals_eager(lm, batch=2)
 
 
