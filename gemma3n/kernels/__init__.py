@@ -166,7 +166,11 @@ VECTORISED = True  # AVX2 paths allowed; set False to run the portable C (the te
 
 
 def _rows_f32(x: Tensor, k: int) -> Tensor:
-    return x.reshape(-1, k).to(torch.float32).contiguous()
+    """x as float32 contiguous rows of k; ops only where needed (each costs a dispatch on every decoded token)."""
+    x = x.reshape(-1, k)
+    if x.dtype != torch.float32:
+        x = x.float()
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def _ptr(t: Tensor | None):

@@ -35,8 +35,8 @@ class TiedCausalLM(nn.Module):
         slightly more precise in bf16, where the reference's tanh rounds to 8 mantissa bits)."""
         table = self.model.embed_tokens
         # a quantised table (gemma3n.quant.Int8Embedding) is its own head: one copy serves both directions
-        logits = (table.linear(hidden) if hasattr(table, "linear") else F.linear(hidden, table.weight)).float()
-        return softcap(logits, self.config.final_logit_softcapping)
+        logits = table.linear(hidden) if hasattr(table, "linear") else F.linear(hidden, table.weight)
+        return softcap(logits if logits.dtype == torch.float32 else logits.float(), self.config.final_logit_softcapping)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False, inputs_embeds: Tensor | None = None) -> Tensor:

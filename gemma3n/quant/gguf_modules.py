@@ -79,7 +79,7 @@ class GGUFLinear(nn.Module):
             out = kernels.gguf_gemm(self.ggml_type, self.raw, self.in_features, flat)
             if out is None:
                 out = blockwise_matmul(flat.float(), self.dequantize, self.out_features)
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        return (out if out.dtype == x.dtype else out.to(x.dtype)).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ggml_type={self.ggml_type}"
@@ -93,11 +93,14 @@ class GGUFEmbedding(GGUFLinear):
         self.num_embeddings, self.embedding_dim = self.out_features, embedding_dim
 
     def forward(self, ids: Tensor) -> Tensor:
-        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        flat = ids.reshape(-1)
+        if flat.dtype != torch.int64 or not flat.is_contiguous():  # (a decode step's ids need no op here)
+            flat = flat.to(torch.int64).contiguous()
         if not kernels.indices_within(flat, self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         rows = kernels.gguf_dequantize(self.ggml_type, self.raw, self.in_features, flat, checked=True)
-        return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
+        rows = rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
 
     def linear(self, x: Tensor) -> Tensor:
         return GGUFLinear.forward(self, x)
