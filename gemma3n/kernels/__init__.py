@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
 INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")
