@@ -58,7 +58,7 @@ def test_int8_activations_agree_with_float_activations(model_270m):
     p, q = torch.log_softmax(exact, -1), torch.log_softmax(fast, -1)
     top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    assert top1 >= 0.93 and kl < 0.01, (top1, kl)  # measured: 96.9%, 0.0024
+    assert top1 >= 0.93 and kl < 0.01, (top1, kl)  # measured: 97.9%, 0.0018 (Q4_K products stay exact)
 
 
 def test_native_decode_step_equals_the_eager_layers(model_270m):
@@ -75,7 +75,7 @@ def test_native_decode_step_equals_the_eager_layers(model_270m):
     p, q = torch.log_softmax(eager, -1), torch.log_softmax(native, -1)
     top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    assert top1 >= 0.9 and kl < 0.01, (top1, kl)  # measured: 95.8% (46 of 48), 0.0025
+    assert top1 >= 0.9 and kl < 0.01, (top1, kl)  # measured: 100% (48 of 48), 0.0020
 
 
 def test_greedy_generation_on_the_default_path(model_270m):

@@ -24,7 +24,7 @@ Q = gguf.GGMLQuantizationType
 pytestmark = pytest.mark.skipif(kernels.native() is None, reason=f"native kernels unavailable: {kernels.why_not()}")
 
 GGUF_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
-INT8_ACTIVATION_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K]
+INT8_ACTIVATION_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q6_K]
 TOL = 2e-6  # relative to the largest output: float32 sums of up to 1024 terms
 
 
@@ -200,6 +200,20 @@ def test_bad_rows_are_refused_before_reading():
         kernels.gguf_matmul(Q.Q8_0, raw, 64, torch.randn(1, 64), torch.tensor([4]))
     with pytest.raises(IndexError):
         kernels.gguf_dequantize(Q.Q8_0, raw, 64, torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("qt", [t for t in GGUF_TYPES if t not in INT8_ACTIVATION_TYPES], ids=lambda t: t.name)
+def test_types_without_an_int8_kernel_stay_exact_with_int8_activations(qt, precision):
+    """Q4_K (whose float32 kernel is the faster one) and the types with no integer kernel: opting in to int8
+    activations leaves their products exact, the same bits as with float32 activations."""
+    n, k = 72, 1024
+    raw = torch.from_numpy(random_rows(qt, n, k, seed=3))
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3))
+    precision("float32")
+    exact = kernels.gguf_matmul(qt, raw, k, x)
+    precision("int8")
+    assert not kernels.native().g3n_q8_supported(int(qt))
+    assert torch.equal(kernels.gguf_matmul(qt, raw, k, x), exact)
 
 
 def test_real_270m_tensors(request):
