@@ -555,6 +555,32 @@ EXPORT int g3n_block_per_layer_input(const g3n_op *op, const g3n_ctx *C) {
     return 0;
 }
 
+/* altup_collapse: in the streams X [S][B][D] -> out [B][D], the mean of X_0 and of u_q(X_q) for q = 1 .. S - 1, each
+ * rescaled to X_0's RMS: u_q(X_q) * rms(X_0) / sqrt(max(mean(u_q(X_q)^2), 1e-5)) (text.collapse). lin the S - 1
+ * unembedding projections. */
+EXPORT int g3n_block_altup_collapse(const g3n_op *op, const g3n_ctx *C) {
+    const g3n_step *S = C->S;
+    int64_t B = S->batch, D = C->P->width[op->out], NS = C->P->width[op->in[0]] / D, BD = B * D;
+    const float *X = REG(0);
+    float *y = OUT, *u = C->scratch[0];
+    int rc;
+    if (NS < 1 || NS > 5 || NS * D != C->P->width[op->in[0]]) return -1;
+    memcpy(y, X, sizeof(float) * (size_t)BD);
+    for (int64_t q = 1; q < NS; q++) {
+        if ((rc = lin_apply(&op->lin[q - 1], X + q * BD, B, u, NULL, 0, S))) return rc;
+        for (int64_t b = 0; b < B; b++) {
+            const float *x0 = X + b * D, *ub = u + b * D;
+            float s0 = 0.0f, su = 0.0f;
+            for (int64_t i = 0; i < D; i++) { s0 += x0[i] * x0[i]; su += ub[i] * ub[i]; }
+            float target = sqrtf(s0 / (float)D), mean_u = su / (float)D;
+            float den = sqrtf(mean_u > 1e-5f ? mean_u : 1e-5f);
+            for (int64_t i = 0; i < D; i++) y[b * D + i] += ub[i] * target / den;
+        }
+    }
+    for (int64_t i = 0; i < BD; i++) y[i] /= (float)NS;
+    return 0;
+}
+
 #undef REG
 #undef OUT
 

@@ -84,4 +84,5 @@ EAGER: dict[str, Callable[..., Tensor]] = {
     "altup_predict": lambda altup, block, ctx, streams: altup.predict(streams),
     "altup_correct": lambda altup, block, ctx, predictions, out: altup.correct(predictions, out),
     "per_layer_input": lambda layer, block, ctx, streams: layer.add_per_layer_input(streams, ctx.ple),
+    "altup_collapse": lambda model, block, ctx, streams: model.collapse(streams),
 }

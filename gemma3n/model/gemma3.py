@@ -151,8 +151,8 @@ class TextModel(nn.Module):
                 return cache.update(i, k, v) if cache is not None else (k, v)
 
             x = layer(x, rope, masks[layer.kind], kv_source)
-        state = DecoderLayer.STATE
-        return run_eager(self, self.FINAL_BLOCKS, None, {state: x[:, -1:] if last_only else x})[state]
+        x = x[:, -1:] if last_only else x
+        return run_eager(self, self.FINAL_BLOCKS, None, {DecoderLayer.STATE: x})[self.FINAL_BLOCKS[-1].output]
 
 
 def _with_lookahead(mask: Tensor, lookahead: Tensor) -> Tensor:

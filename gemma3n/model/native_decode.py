@@ -11,8 +11,8 @@ weights as stored (the kernels the eager modules call), the rest in float32.
 
 What the plan holds is data read from the modules (norm scales with their offset, attention scale, value norm, KV
 slot, sparsity, AltUp streams, output scale), never a model family. After the layers the plan runs the model's
-own FINAL_BLOCKS where it lists them (Gemma 3's final norm). The embeddings, the per-layer inputs, the AltUp stream
-set-up and collapse, Gemma 3n's final norm and the head stay the eager code, and so do prefill and
+own FINAL_BLOCKS (the final norm; Gemma 3n's AltUp collapse before it). The embeddings, the per-layer inputs, the
+AltUp stream set-up and the head stay the eager code, and so do prefill and
 everything the plan does not describe (another device, a float16 cache, a module kind or block it does not know):
 those run the eager layers, which stay the reference (tests/model/test_native_decode.py compares the two).
 
@@ -113,9 +113,10 @@ class NativeDecoder:
         self.dtype = text_model.norm.weight.dtype  # the compute dtype: constants are rounded to it, as eager does
         layers = list(text_model.layers)
         self.state = type(layers[0]).STATE  # the register the layers carry: hidden states or AltUp streams
-        if blocks is None:  # the layers', then the model's own after them (Gemma 3: the final norm)
+        if blocks is None:  # the layers', then the model's own after them (the final norm; Gemma 3n's collapse)
             blocks = [pair for layer in layers for pair in steps(layer, type(layer).BLOCKS)]
             blocks += steps(text_model, getattr(type(text_model), "FINAL_BLOCKS", ()))
+        self.output = blocks[-1][1].output if blocks else self.state  # the register `run` returns
         self.registers: dict[str, int] = {}
         self.written: dict[int, int] = {}  # register -> floats per row, for those some block writes
         ops = (_Op * len(blocks))()
@@ -223,13 +224,19 @@ class NativeDecoder:
 
     def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None, reuse_input: bool = False) -> Tensor:
         """x: the layers' state, Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) ->
-        the same shape, after every block of the plan, in x's dtype. `step` is this call's `cache.start(...)`, on
-        the cache `for_step` bound. The state is computed in place: in x itself only with `reuse_input` (x is
-        the caller's own temporary, float32 and contiguous), else in a copy."""
+        after every block of the plan, in x's dtype, the state in x's shape or, where the model lists
+        FINAL_BLOCKS, their last output (B, 1, width). `step` is this call's `cache.start(...)`, on the cache
+        `for_step` bound. The state is computed in place: in x itself only with `reuse_input` (x is the caller's
+        own temporary, float32 and contiguous), else in a copy."""
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr() and not reuse_input:
             work = work.clone()
-        self.launch({self.state: work}, cache.batch, step, cache, ple, x.dtype)
+        batch = cache.batch
+        pool, made, offsets = self.launch({self.state: work}, batch, step, cache, ple, x.dtype)
+        if self.output != self.state:  # a FINAL_BLOCKS register: (B, 1, width)
+            i = self.registers[self.output]
+            at = offsets[made.index(i)]
+            work = pool[batch * at:batch * (at + self.width[i])].view(batch, 1, self.width[i])
         return work if work.dtype == x.dtype else work.to(x.dtype)
 
     def execute(self, registers: dict[str, Tensor], batch: int, step: Step | None = None, cache=None,
@@ -431,10 +438,19 @@ def _describe_per_layer_input(dec: NativeDecoder, op: _Op, layer: nn.Module, blo
     return layer.altup.streams * dec.d
 
 
+def _describe_altup_collapse(dec: NativeDecoder, op: _Op, model: nn.Module, block: Block) -> int:
+    projections = list(model.altup_unembed_projections)
+    if len(projections) > len(op.lin):
+        raise Unsupported(f"{len(projections) + 1} AltUp streams")
+    for i, proj in enumerate(projections):
+        op.lin[i] = dec._lin(proj)
+    return dec.d
+
+
 _DESCRIBE = {"rms_norm": _describe_rms_norm, "add": _describe_add, "first_stream": _describe_first_stream,
              "laurel": _describe_laurel, "attention": _describe_attention, "mlp": _describe_mlp,
              "altup_predict": _describe_altup, "altup_correct": _describe_altup,
-             "per_layer_input": _describe_per_layer_input}
+             "per_layer_input": _describe_per_layer_input, "altup_collapse": _describe_altup_collapse}
 
 
 def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,

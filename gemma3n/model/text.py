@@ -299,6 +299,11 @@ def _match_rms(x: Tensor, target_rms: Tensor) -> Tensor:
 class TextModel(nn.Module):
     """Gemma3nTextModel: embeddings, PLE, AltUp stream set-up, the layers, the stream collapse and final norm."""
 
+    # After the last layer: the streams collapsed to one hidden state, then the final norm. Run by the eager forward,
+    # and by the native decode plan after the layers.
+    FINAL_BLOCKS = (Block("altup_collapse", (DecoderLayer.STATE,), "hidden"),
+                    Block("rms_norm", ("hidden",), "hidden", "norm"))
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
@@ -359,8 +364,9 @@ class TextModel(nn.Module):
             step = cache.start(attention_mask, t)
         native = native_decode.for_step(self, cache, t, inputs_embeds)
         if native is not None:  # a decode step in one native call (native_decode.py); run_layers stays the reference
-            return self.norm(self.collapse(native.run(self.expand(embeds), step, cache, ple, reuse_input=True)))
-        return self.norm(self.collapse(self.run_layers(self.expand(embeds), ple, step, cache, last_only)))
+            return native.run(self.expand(embeds), step, cache, ple, reuse_input=True)  # FINAL_BLOCKS included
+        streams = self.run_layers(self.expand(embeds), ple, step, cache, last_only)
+        return run_eager(self, self.FINAL_BLOCKS, None, {DecoderLayer.STATE: streams})[self.FINAL_BLOCKS[-1].output]
 
     def expand(self, x0: Tensor) -> Tensor:
         """(B, T, D) -> (S, B, T, D): the embeddings plus projected copies rescaled to their RMS."""

@@ -100,19 +100,20 @@ def test_gemma3n_blocks_equal_their_twins(name, sparse, batch, monkeypatch):
     """AltUp predict / correct, LAuReL, attention (own and shared K/V), dense and sparse MLPs, per-layer input,
     norms, sums and the stream copy."""
     seen = assert_blocks_equal_twins(gemma3n_model(name, sparse), batch, monkeypatch)
-    assert seen == {b.kernel for b in text.DecoderLayer.BLOCKS}
+    assert seen == {b.kernel for b in text.DecoderLayer.BLOCKS + text.TextModel.FINAL_BLOCKS}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gemma3_blocks_equal_their_twins(batch, monkeypatch):
     """Norms with Gemma 3's 1 + w, attention scaled by query_pre_attn_scalar**-0.5 without a value norm."""
     seen = assert_blocks_equal_twins(gemma3_model(), batch, monkeypatch)
-    assert seen == {b.kernel for b in gemma3.DecoderLayer.BLOCKS}
+    assert seen == {b.kernel for b in gemma3.DecoderLayer.BLOCKS + gemma3.TextModel.FINAL_BLOCKS}
 
 
 def test_every_block_kernel_has_both_twins():
     lib = kernels.native()
     used = {b.kernel for layer in (text.DecoderLayer, gemma3.DecoderLayer) for b in layer.BLOCKS}
+    used |= {b.kernel for model in (text.TextModel, gemma3.TextModel) for b in model.FINAL_BLOCKS}
     assert used == set(blocks.EAGER)
     for kernel in blocks.EAGER:
         assert getattr(lib, f"g3n_block_{kernel}", None) is not None, kernel
@@ -120,13 +121,12 @@ def test_every_block_kernel_has_both_twins():
 
 @pytest.mark.parametrize("make", [gemma3n_model, gemma3_model], ids=["gemma3n", "gemma3"])
 def test_the_plan_is_the_layers_blocks_in_order(make):
-    """The native plan of a model is its layers' BLOCKS, in order, then the model's FINAL_BLOCKS (Gemma 3: the final
-    norm; Gemma 3n lists none), and nothing else."""
+    """The native plan of a model is its layers' BLOCKS, in order, then the model's FINAL_BLOCKS (the final norm;
+    Gemma 3n's AltUp collapse before it), and nothing else."""
     lm = make("mixed") if make is gemma3n_model else make()
     lib = kernels.native()
     decoder = native_decode.NativeDecoder(lm.model)
-    final = getattr(type(lm.model), "FINAL_BLOCKS", ())
-    assert bool(final) == (make is gemma3_model)
+    final = type(lm.model).FINAL_BLOCKS
     expected = [ctypes.cast(getattr(lib, f"g3n_block_{b.kernel}"), ctypes.c_void_p).value
                 for b in [b for layer in lm.model.layers for b in type(layer).BLOCKS] + list(final)]
     assert [op.run for op in decoder.ops] == expected
