@@ -555,6 +555,31 @@ EXPORT int g3n_block_per_layer_input(const g3n_op *op, const g3n_ctx *C) {
     return 0;
 }
 
+/* altup_expand: in x0 [B][D] -> out the streams [S][B][D]: X_0 = x0 and, for q = 1 .. S - 1, e_q(x0) rescaled to
+ * x0's RMS: e_q(x0) * rms(x0) / sqrt(max(mean(e_q(x0)^2), 1e-5)) (text.expand). lin the S - 1 projections. */
+EXPORT int g3n_block_altup_expand(const g3n_op *op, const g3n_ctx *C) {
+    const g3n_step *S = C->S;
+    int64_t B = S->batch, D = C->P->width[op->in[0]], NS = C->P->width[op->out] / D, BD = B * D;
+    const float *x = REG(0);
+    float *X = OUT;
+    int rc;
+    if (NS < 1 || NS > 5 || NS * D != C->P->width[op->out]) return -1;
+    memmove(X, x, sizeof(float) * (size_t)BD);
+    for (int64_t q = 1; q < NS; q++) {
+        float *e = X + q * BD;
+        if ((rc = lin_apply(&op->lin[q - 1], X, B, e, NULL, 0, S))) return rc;
+        for (int64_t b = 0; b < B; b++) {
+            const float *x0 = X + b * D;
+            float *eb = e + b * D, s0 = 0.0f, se = 0.0f;
+            for (int64_t i = 0; i < D; i++) { s0 += x0[i] * x0[i]; se += eb[i] * eb[i]; }
+            float target = sqrtf(s0 / (float)D), mean_e = se / (float)D;
+            float den = sqrtf(mean_e > 1e-5f ? mean_e : 1e-5f);
+            for (int64_t i = 0; i < D; i++) eb[i] = eb[i] * target / den;
+        }
+    }
+    return 0;
+}
+
 /* altup_collapse: in the streams X [S][B][D] -> out [B][D], the mean of X_0 and of u_q(X_q) for q = 1 .. S - 1, each
  * rescaled to X_0's RMS: u_q(X_q) * rms(X_0) / sqrt(max(mean(u_q(X_q)^2), 1e-5)) (text.collapse). lin the S - 1
  * unembedding projections. */

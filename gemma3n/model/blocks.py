@@ -84,5 +84,6 @@ EAGER: dict[str, Callable[..., Tensor]] = {
     "altup_predict": lambda altup, block, ctx, streams: altup.predict(streams),
     "altup_correct": lambda altup, block, ctx, predictions, out: altup.correct(predictions, out),
     "per_layer_input": lambda layer, block, ctx, streams: layer.add_per_layer_input(streams, ctx.ple),
+    "altup_expand": lambda model, block, ctx, x0: model.expand(x0),
     "altup_collapse": lambda model, block, ctx, streams: model.collapse(streams),
 }

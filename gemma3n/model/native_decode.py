@@ -11,8 +11,8 @@ weights as stored (the kernels the eager modules call), the rest in float32.
 
 What the plan holds is data read from the modules (norm scales with their offset, attention scale, value norm, KV
 slot, sparsity, AltUp streams, output scale), never a model family. After the layers the plan runs the model's
-own FINAL_BLOCKS (the final norm; Gemma 3n's AltUp collapse before it). The embeddings, the per-layer inputs, the
-AltUp stream set-up and the head stay the eager code, and so do prefill and
+own INITIAL_BLOCKS before the layers and FINAL_BLOCKS after them (Gemma 3n's AltUp set-up and collapse; the final
+norm). The embeddings, the per-layer inputs and the head stay the eager code, and so do prefill and
 everything the plan does not describe (another device, a float16 cache, a module kind or block it does not know):
 those run the eager layers, which stay the reference (tests/model/test_native_decode.py compares the two).
 
@@ -113,9 +113,12 @@ class NativeDecoder:
         self.dtype = text_model.norm.weight.dtype  # the compute dtype: constants are rounded to it, as eager does
         layers = list(text_model.layers)
         self.state = type(layers[0]).STATE  # the register the layers carry: hidden states or AltUp streams
-        if blocks is None:  # the layers', then the model's own after them (the final norm; Gemma 3n's collapse)
-            blocks = [pair for layer in layers for pair in steps(layer, type(layer).BLOCKS)]
+        self.input = self.state  # the register `run` is given
+        if blocks is None:  # the layers', with the model's own before and after them (AltUp set-up, final norm)
+            first = steps(text_model, getattr(type(text_model), "INITIAL_BLOCKS", ()))
+            blocks = first + [pair for layer in layers for pair in steps(layer, type(layer).BLOCKS)]
             blocks += steps(text_model, getattr(type(text_model), "FINAL_BLOCKS", ()))
+            self.input = first[0][1].inputs[0] if first else self.state
         self.output = blocks[-1][1].output if blocks else self.state  # the register `run` returns
         self.registers: dict[str, int] = {}
         self.written: dict[int, int] = {}  # register -> floats per row, for those some block writes
@@ -223,17 +226,17 @@ class NativeDecoder:
     # -- a step ----------------------------------------------------------------------------------------------------
 
     def run(self, x: Tensor, step: Step, cache, ple: Tensor | None = None, reuse_input: bool = False) -> Tensor:
-        """x: the layers' state, Gemma 3 hidden (B, 1, D) or Gemma 3n streams (S, B, 1, D); ple (B, 1, L, P) ->
-        after every block of the plan, in x's dtype, the state in x's shape or, where the model lists
-        FINAL_BLOCKS, their last output (B, 1, width). `step` is this call's `cache.start(...)`, on the cache
-        `for_step` bound. The state is computed in place: in x itself only with `reuse_input` (x is the caller's
-        own temporary, float32 and contiguous), else in a copy."""
+        """x: what the plan's first block reads (the model's INITIAL_BLOCKS' input: Gemma 3n's embeddings (B, 1, D);
+        else the layers' state, Gemma 3's hidden (B, 1, D)); ple (B, 1, L, P) -> after every block of the plan, in
+        x's dtype, the FINAL_BLOCKS' last output (B, 1, width), or the state in x's shape where the model lists
+        none. `step` is this call's `cache.start(...)`, on the cache `for_step` bound. A register given is
+        updated in place: x itself only with `reuse_input` (x is the caller's own temporary), else a copy."""
         work = x.to(torch.float32).contiguous()
         if work.data_ptr() == x.data_ptr() and not reuse_input:
             work = work.clone()
         batch = cache.batch
-        pool, made, offsets = self.launch({self.state: work}, batch, step, cache, ple, x.dtype)
-        if self.output != self.state:  # a FINAL_BLOCKS register: (B, 1, width)
+        pool, made, offsets = self.launch({self.input: work}, batch, step, cache, ple, x.dtype)
+        if self.output != self.input:  # a register the plan made (a FINAL_BLOCKS output): (B, 1, width)
             i = self.registers[self.output]
             at = offsets[made.index(i)]
             work = pool[batch * at:batch * (at + self.width[i])].view(batch, 1, self.width[i])
@@ -438,19 +441,29 @@ def _describe_per_layer_input(dec: NativeDecoder, op: _Op, layer: nn.Module, blo
     return layer.altup.streams * dec.d
 
 
-def _describe_altup_collapse(dec: NativeDecoder, op: _Op, model: nn.Module, block: Block) -> int:
-    projections = list(model.altup_unembed_projections)
+def _describe_stream_projections(dec: NativeDecoder, op: _Op, projections: nn.ModuleList) -> int:
+    """The lins of an AltUp set-up or collapse (one per stream after the first); returns the stream count."""
     if len(projections) > len(op.lin):
         raise Unsupported(f"{len(projections) + 1} AltUp streams")
     for i, proj in enumerate(projections):
         op.lin[i] = dec._lin(proj)
+    return len(projections) + 1
+
+
+def _describe_altup_expand(dec: NativeDecoder, op: _Op, model: nn.Module, block: Block) -> int:
+    return _describe_stream_projections(dec, op, model.altup_projections) * dec.d
+
+
+def _describe_altup_collapse(dec: NativeDecoder, op: _Op, model: nn.Module, block: Block) -> int:
+    _describe_stream_projections(dec, op, model.altup_unembed_projections)
     return dec.d
 
 
 _DESCRIBE = {"rms_norm": _describe_rms_norm, "add": _describe_add, "first_stream": _describe_first_stream,
              "laurel": _describe_laurel, "attention": _describe_attention, "mlp": _describe_mlp,
              "altup_predict": _describe_altup, "altup_correct": _describe_altup,
-             "per_layer_input": _describe_per_layer_input, "altup_collapse": _describe_altup_collapse}
+             "per_layer_input": _describe_per_layer_input, "altup_expand": _describe_altup_expand,
+             "altup_collapse": _describe_altup_collapse}
 
 
 def for_step(text_model: nn.Module, cache: KVCache | None, new_tokens: int,

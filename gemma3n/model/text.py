@@ -299,8 +299,9 @@ def _match_rms(x: Tensor, target_rms: Tensor) -> Tensor:
 class TextModel(nn.Module):
     """Gemma3nTextModel: embeddings, PLE, AltUp stream set-up, the layers, the stream collapse and final norm."""
 
-    # After the last layer: the streams collapsed to one hidden state, then the final norm. Run by the eager forward,
-    # and by the native decode plan after the layers.
+    # Before the first layer, the AltUp streams from the embeddings; after the last, the streams collapsed to one
+    # hidden state, then the final norm. Run by the eager forward, and by the native decode plan around the layers.
+    INITIAL_BLOCKS = (Block("altup_expand", ("embeds",), DecoderLayer.STATE),)
     FINAL_BLOCKS = (Block("altup_collapse", (DecoderLayer.STATE,), "hidden"),
                     Block("rms_norm", ("hidden",), "hidden", "norm"))
 
@@ -364,8 +365,9 @@ class TextModel(nn.Module):
             step = cache.start(attention_mask, t)
         native = native_decode.for_step(self, cache, t, inputs_embeds)
         if native is not None:  # a decode step in one native call (native_decode.py); run_layers stays the reference
-            return native.run(self.expand(embeds), step, cache, ple, reuse_input=True)  # FINAL_BLOCKS included
-        streams = self.run_layers(self.expand(embeds), ple, step, cache, last_only)
+            return native.run(embeds, step, cache, ple, reuse_input=True)  # INITIAL_ and FINAL_BLOCKS included
+        streams = run_eager(self, self.INITIAL_BLOCKS, None, {"embeds": embeds})[DecoderLayer.STATE]
+        streams = self.run_layers(streams, ple, step, cache, last_only)
         return run_eager(self, self.FINAL_BLOCKS, None, {DecoderLayer.STATE: streams})[self.FINAL_BLOCKS[-1].output]
 
     def expand(self, x0: Tensor) -> Tensor:

@@ -100,7 +100,8 @@ def test_gemma3n_blocks_equal_their_twins(name, sparse, batch, monkeypatch):
     """AltUp predict / correct, LAuReL, attention (own and shared K/V), dense and sparse MLPs, per-layer input,
     norms, sums and the stream copy."""
     seen = assert_blocks_equal_twins(gemma3n_model(name, sparse), batch, monkeypatch)
-    assert seen == {b.kernel for b in text.DecoderLayer.BLOCKS + text.TextModel.FINAL_BLOCKS}
+    assert seen == {b.kernel for b in text.TextModel.INITIAL_BLOCKS + text.DecoderLayer.BLOCKS
+                    + text.TextModel.FINAL_BLOCKS}
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -113,7 +114,8 @@ def test_gemma3_blocks_equal_their_twins(batch, monkeypatch):
 def test_every_block_kernel_has_both_twins():
     lib = kernels.native()
     used = {b.kernel for layer in (text.DecoderLayer, gemma3.DecoderLayer) for b in layer.BLOCKS}
-    used |= {b.kernel for model in (text.TextModel, gemma3.TextModel) for b in model.FINAL_BLOCKS}
+    used |= {b.kernel for model in (text.TextModel, gemma3.TextModel)
+             for b in getattr(model, "INITIAL_BLOCKS", ()) + model.FINAL_BLOCKS}
     assert used == set(blocks.EAGER)
     for kernel in blocks.EAGER:
         assert getattr(lib, f"g3n_block_{kernel}", None) is not None, kernel
@@ -121,14 +123,15 @@ def test_every_block_kernel_has_both_twins():
 
 @pytest.mark.parametrize("make", [gemma3n_model, gemma3_model], ids=["gemma3n", "gemma3"])
 def test_the_plan_is_the_layers_blocks_in_order(make):
-    """The native plan of a model is its layers' BLOCKS, in order, then the model's FINAL_BLOCKS (the final norm;
-    Gemma 3n's AltUp collapse before it), and nothing else."""
+    """The native plan of a model is the model's INITIAL_BLOCKS (Gemma 3n's AltUp set-up), its layers' BLOCKS in
+    order, then the model's FINAL_BLOCKS (Gemma 3n's collapse; the final norm), and nothing else."""
     lm = make("mixed") if make is gemma3n_model else make()
     lib = kernels.native()
     decoder = native_decode.NativeDecoder(lm.model)
-    final = type(lm.model).FINAL_BLOCKS
+    model = type(lm.model)
+    listed = list(getattr(model, "INITIAL_BLOCKS", ())) + [b for layer in lm.model.layers for b in type(layer).BLOCKS]
     expected = [ctypes.cast(getattr(lib, f"g3n_block_{b.kernel}"), ctypes.c_void_p).value
-                for b in [b for layer in lm.model.layers for b in type(layer).BLOCKS] + list(final)]
+                for b in listed + list(model.FINAL_BLOCKS)]
     assert [op.run for op in decoder.ops] == expected
 
 
