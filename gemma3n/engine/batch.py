@@ -281,7 +281,8 @@ class ContinuousBatch:
         for group in self.groups:
             ids = torch.tensor([[s.pending] for s in group.rows], device=self.device)
             with self._rows_use([s.adapter for s in group.rows]):
-                logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1].float()
+                logits = self.model(ids, attention_mask=None, cache=group.cache, last_only=True)[:, -1]
+            logits = logits if logits.dtype == torch.float32 else logits.float()
             produced += [(seq, self._sample(seq, logits[row:row + 1])) for row, seq in enumerate(group.rows)]
         return produced
 

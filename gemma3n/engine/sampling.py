@@ -192,7 +192,7 @@ class Sampler:
     def penalised(self, logits: Tensor, previous_ids: Tensor | None = None) -> Tensor:
         """float32 logits (B, V) after the repetition penalty, the one processor greedy applies too."""
         p = self.params
-        scores = logits.float()
+        scores = logits if logits.dtype == torch.float32 else logits.float()
         if p.repetition_penalty != 1.0 and previous_ids is not None and previous_ids.numel():
             scores = apply_repetition_penalty(scores, previous_ids, p.repetition_penalty)
         return scores

@@ -10,9 +10,9 @@ against it (tests/model/test_native_blocks.py). The plan is built once per cache
 weights as stored (the kernels the eager modules call), the rest in float32.
 
 What the plan holds is data read from the modules (norm scales with their offset, attention scale, value norm, KV
-slot, sparsity, AltUp streams, output scale), never a model family. After the layers the plan runs the model's
-own INITIAL_BLOCKS before the layers and FINAL_BLOCKS after them (Gemma 3n's AltUp set-up and collapse; the final
-norm). The embeddings, the per-layer inputs and the head stay the eager code, and so do prefill and
+slot, sparsity, AltUp streams, output scale), never a model family. Around the layers the plan runs the model's
+own INITIAL_BLOCKS and FINAL_BLOCKS (Gemma 3n's AltUp set-up before them, its collapse after; the final norm). The
+embeddings, the per-layer inputs and the head stay the eager code, and so do prefill and
 everything the plan does not describe (another device, a float16 cache, a module kind or block it does not know):
 those run the eager layers, which stay the reference (tests/model/test_native_decode.py compares the two).
 
@@ -337,11 +337,11 @@ class RopeRows:
     attention kind, on every token.
 
     A block holds the same bits a step's own tables would: cos and sin are elementwise in ATen, computed in one
-    flat pass of vectors of up to 16 floats, two at a time, with the scalar functions only for a remainder of
-    fewer than 32. Where the head dim is a multiple of 32, a step's tables (B x head dim values) and a block
-    (positions x head dim, kept below ATen's parallel grain so that no thread boundary makes a remainder) have
-    none, so every value takes the vector path in both. Other head dims make each step's tables as the eager
-    forward does (tests/model/test_native_decode.py checks both against it)."""
+    flat pass of vectors of up to 16 floats, two vectors at a time; only a remainder of fewer than 32 values may
+    take another code path (the scalar functions, in some builds). Where the head dim is a multiple of 32, a
+    step's tables (B x head dim values) and a block (positions x head dim, kept below ATen's parallel grain so that
+    no thread boundary makes a remainder) have none, so every value takes the vector path in both. Other head dims
+    make each step's tables as the eager forward does (tests/model/test_native_decode.py checks both)."""
 
     BLOCK_VALUES = 16384  # values per block table: under ATen's grain size (32768), so one thread, one pass
 
@@ -367,7 +367,7 @@ class RopeRows:
             first = block * self.span
             cos, sin = self.rope.tables(torch.arange(first, first + self.span)[None], self.dtype)
             self.blocks[block] = tuple(t.reshape(self.span, -1).float().contiguous() for t in (cos, sin))
-        for block in self.blocks.keys() - needed:  # positions only grow: a block no row reads is done
+        for block in self.blocks.keys() - needed:  # a row's position only grows: a block no row reads is done
             del self.blocks[block]
         at = [(self.blocks[p // self.span], (p % self.span) * row_bytes) for p in positions]
         return ((_c_void_p * batch)(*[cos.data_ptr() + off for (cos, _), off in at]),
