@@ -562,9 +562,27 @@ static int have_avx2(void) {
     }
     return cached;
 }
+
+/* 512-bit vectors: used where a kernel is bound by its vector operations and the CPU runs them at full width
+ * (AMD Zen 5, Intel server cores); g3n_set_avx512(0) turns them off (the tests compare both paths). */
+static int avx512_allowed = 1;
+static int have_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = have_avx2() && __builtin_cpu_supports("avx512f");
+    }
+    return cached && avx512_allowed;
+}
 #else
 static int have_avx2(void) { return 0; }
+static int have_avx512(void) { return 0; }
 #endif
+
+EXPORT int g3n_set_avx512(int allowed) {
+    avx512_allowed = allowed != 0;
+    return have_avx512();
+}
 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* portable dot products                                                                                         */
@@ -941,6 +959,85 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
 }
 #endif
 
+#ifdef G3N_X86
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))
+/* int4_tile_avx2 with 512-bit vectors: two columns a vector (the first in the low half, the second in the high),
+ * each half masked and converted as there; a row's sum over a group is then its sum over the group's 1st, 3rd, ...
+ * columns plus its sum over the 2nd, 4th, ... (an odd last column meets x = 0 in the high half, adding zeros). The
+ * same products, in another order of the float32 additions; each activation row alone, as there. */
+AVX512 static void int4_tile_avx512(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                                    int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m,
+                                    float *y) {
+    const __m512i m0 = _mm512_set1_epi32(0x000F), m4 = _mm512_set1_epi32(0x00F0);
+    const __m512i m8 = _mm512_set1_epi32(0x0F00), m12 = _mm512_set1_epi32(0xF000);
+    const __m256 back4 = _mm256_set1_ps(0x1p-4f), back8 = _mm256_set1_ps(0x1p-8f);
+    const __m256 back12 = _mm256_set1_ps(0x1p-12f), eight = _mm256_set1_ps(8.0f);
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * k;
+        __m256 out[8];
+        for (int v = 0; v < 8; v++) out[v] = _mm256_setzero_ps();
+        int64_t c = 0, grp, total = cols ? n_cols : k;
+        while (c < total) {
+            int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
+            __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
+            float xsum = 0.0f;
+            {   /* the next group's scales lie n pairs further on, a stride no hardware prefetcher follows */
+                const char *next = (const char *)sz + ((grp + 1) * n + row0) * 2 * (st == S_F32 ? 4 : 2);
+                for (int l = 0; l < (st == S_F32 ? 512 : 256); l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+            }
+            for (int64_t e = 0; e < span; e += 2) {
+                int64_t ca = cols ? cols[first + e] : first + e, cb = ca;
+                float xa = xi[ca], xb = 0.0f;
+                xsum += xa;
+                if (e + 1 < span) {
+                    cb = cols ? cols[first + e + 1] : first + e + 1;
+                    xb = xi[cb];
+                    xsum += xb;
+                }
+                _mm_prefetch((const char *)(tile + ca * 32) + TILE_PREFETCH_BYTES, _MM_HINT_T0);
+                __m512i lo = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(tile + ca * 32))),
+                    _mm256_loadu_si256((const __m256i *)(tile + cb * 32)), 1);
+                __m512i hi = _mm512_srli_epi32(lo, 16);
+                __m512 bx = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(xa)),
+                                                                _mm256_castps_pd(_mm256_set1_ps(xb)), 1));
+                p0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, m0)), bx, p0);
+                p1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, m4)), bx, p1);
+                p2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, m8)), bx, p2);
+                p3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(lo, m12)), bx, p3);
+                p4 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(hi, m0)), bx, p4);
+                p5 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(hi, m4)), bx, p5);
+                p6 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(hi, m8)), bx, p6);
+                p7 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(hi, m12)), bx, p7);
+            }
+#define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
+            __m256 part[8];
+            rows_in_order(HALVES(p0), _mm256_mul_ps(HALVES(p2), back8), HALVES(p4), _mm256_mul_ps(HALVES(p6), back8),
+                          part);
+            rows_in_order(_mm256_mul_ps(HALVES(p1), back4), _mm256_mul_ps(HALVES(p3), back12),
+                          _mm256_mul_ps(HALVES(p5), back4), _mm256_mul_ps(HALVES(p7), back12), part + 4);
+#undef HALVES
+            __m256 xs = _mm256_set1_ps(xsum);
+            for (int v = 0; v < 8; v++) {
+                __m256 s, z;
+                scales_zeros8(sz, st, (grp * n + row0 + 8 * v) * 2, &s, &z);
+                out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
+                out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
+            }
+        }
+        for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + i * n + row0 + 8 * v, out[v]);
+    }
+}
+
+/* The vectorised tile kernel this CPU runs best. */
+static void int4_tile_vec(const uint8_t *tile, const void *sz, int st, int64_t n, int64_t k, int64_t g,
+                          int64_t row0, const int32_t *cols, int64_t n_cols, const float *x, int64_t m, float *y) {
+    if (have_avx512()) int4_tile_avx512(tile, sz, st, n, k, g, row0, cols, n_cols, x, m, y);
+    else int4_tile_avx2(tile, sz, st, n, k, g, row0, cols, n_cols, x, m, y);
+}
+#endif
+
 EXPORT int g3n_int4_matmul(const uint8_t *q, const void *sz, int scale_type, int64_t n, int64_t k, int64_t g,
                            const int32_t *cols, int64_t n_cols, const float *x, int64_t m, float *y,
                            int threads, int vec) {
@@ -950,7 +1047,7 @@ EXPORT int g3n_int4_matmul(const uint8_t *q, const void *sz, int scale_type, int
     for (int64_t t = 0; t < n / TILE; t++) {
         const uint8_t *tile = q + t * TILE / 2 * k;
 #ifdef G3N_X86
-        if (vec) int4_tile_avx2(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
+        if (vec) int4_tile_vec(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
         else
 #endif
             int4_tile_plain(tile, sz, scale_type, n, k, g, t * TILE, cols, n_cols, x, m, y);
@@ -973,7 +1070,7 @@ EXPORT int g3n_int4_matmul_cols_per_row(const uint8_t *q, const void *sz, int sc
         for (int64_t t = 0; t < n / TILE; t++) {
             const uint8_t *tile = q + t * TILE / 2 * k;
 #ifdef G3N_X86
-            if (vec) int4_tile_avx2(tile, sz, scale_type, n, k, g, t * TILE, row_cols, n_cols, x + i * k, 1, y + i * n);
+            if (vec) int4_tile_vec(tile, sz, scale_type, n, k, g, t * TILE, row_cols, n_cols, x + i * k, 1, y + i * n);
             else
 #endif
                 int4_tile_plain(tile, sz, scale_type, n, k, g, t * TILE, row_cols, n_cols, x + i * k, 1, y + i * n);

@@ -103,6 +103,17 @@ def test_portable_code_path(monkeypatch):
     assert_native_equals_eager(gemma3n_model("mixed", sparse=True), batch=2)
 
 
+def test_avx2_code_path_where_the_cpu_has_avx512():
+    """With the 512-bit kernels turned off, the step runs the AVX2 ones (the path of CPUs without AVX-512)."""
+    if not kernels.set_avx512(True):
+        pytest.skip("this CPU has no AVX-512: every other test runs the AVX2 kernels")
+    kernels.set_avx512(False)
+    try:
+        assert_native_equals_eager(gemma3n_model("mixed", sparse=True), batch=2)
+    finally:
+        kernels.set_avx512(True)
+
+
 def test_wide_batch_without_the_sparse_skip():
     """More rows than the sparse skip takes (text.MLP.SPARSE_MAX_TOKENS): the transposed float down projection
     of the sparse layers is computed densely."""
