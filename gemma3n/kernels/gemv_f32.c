@@ -99,13 +99,31 @@ AVX2 static inline __m256 kquant_header(const uint8_t *row, const float *xs, flo
  * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
  * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value (Q5_K
  * shifts all its high nibbles down, to put the fifth bits above them). */
-AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl) {
+AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl, int vec) {
     for (int64_t g = 0; g < k; g += 32) {
         int high_nibbles = type == T_Q4_K && (g / 32) % 2;
         for (int j = 0; j < 4; j++) {
             float scale = 1.0f / (float)(1u << (8 * j + 4 * high_nibbles));
             if (high_nibbles && j == 3) scale = 1.0f;
             for (int i = 0; i < 8; i++) xl[g + 8 * j + i] = x[g + 4 * i + j] * scale;
+        }
+    }
+    if (vec == 2 && (type == T_Q6_K || type == T_Q4_K)) {
+        /* the 512-bit kernels: groups of 32 in pairs, 8 values of each in turn. Q6_K pairs neighbours (0 with 1,
+         * 2 with 3); Q4_K pairs within 128 values the low nibbles of two chunks (0 with 2) and their high ones
+         * (1 with 3) */
+        int q4k = type == T_Q4_K;
+        float pairs[128];
+        for (int64_t g = 0; g < k; g += 128) {
+            for (int p = 0; p < 2; p++) {
+                const float *a = xl + g + (q4k ? 32 * p : 64 * p), *b = a + (q4k ? 64 : 32);
+                for (int j = 0; j < 4; j++)
+                    for (int i = 0; i < 8; i++) {
+                        pairs[64 * p + 16 * j + i] = a[8 * j + i];
+                        pairs[64 * p + 16 * j + 8 + i] = b[8 * j + i];
+                    }
+            }
+            memcpy(xl + g, pairs, sizeof pairs);
         }
     }
 }
@@ -142,6 +160,46 @@ AVX2 static float dot_q4_k_exact(const uint8_t *row, const float *xl, const floa
         }
     }
     return hsum8(_mm256_sub_ps(_mm256_add_ps(acc0, acc1), macc));
+}
+
+/* dot_q4_k_exact with 512-bit vectors: two 32-byte chunks of a super-block a register (chunks 0 and 1, then 2 and
+ * 3), x in lane order with its groups paired to match (x_lane_order, vec 2): the low nibbles of both chunks meet
+ * one register of x, their high nibbles another; each half of a register meets its own sub-block's scale. The
+ * same products, summed in another order. */
+AVX512 static float dot_q4_k_exact_avx512(const uint8_t *row, const float *xp, const float *xs, int64_t nb) {
+    const __m512i l0 = _mm512_set1_epi32(0x0F), l1 = _mm512_set1_epi32(0x0F00), l2 = _mm512_set1_epi32(0x0F0000);
+    const __m512i l3 = _mm512_set1_epi32(0x0F000000), h0 = _mm512_set1_epi32(0xF0), h1 = _mm512_set1_epi32(0xF000);
+    const __m512i h2 = _mm512_set1_epi32(0xF00000);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 macc = _mm256_setzero_ps();
+    float scales[2][8];
+    for (int64_t i = 0; i < nb; i++, row += 144, xp += QKK, xs += 8) {
+        KQUANT_HEADER_AHEAD(row, 144, xs, i, nb, scales, macc);
+        __m512 dsc = _mm512_castps256_ps512(_mm256_loadu_ps(scales[i & 1]));
+        const uint8_t *qs = row + 16;
+        for (int line = 0; line < 144; line += 64) PREFETCH(row + line);
+        for (int c = 0; c < 4; c += 2) {
+            const float *xa = xp + 64 * c, *xb = xa + 64;
+            __m512i v = _mm512_loadu_si512((const void *)(qs + 32 * c));
+#define TERM(q, xv) _mm512_cvtepi32_ps(q), _mm512_loadu_ps(xv)
+            __m512 s0 = _mm512_mul_ps(TERM(_mm512_and_si512(v, l0), xa));
+            __m512 s1 = _mm512_mul_ps(TERM(_mm512_and_si512(v, h0), xb));
+            s0 = _mm512_fmadd_ps(TERM(_mm512_and_si512(v, l1), xa + 16), s0);
+            s1 = _mm512_fmadd_ps(TERM(_mm512_and_si512(v, h1), xb + 16), s1);
+            s0 = _mm512_fmadd_ps(TERM(_mm512_and_si512(v, l2), xa + 32), s0);
+            s1 = _mm512_fmadd_ps(TERM(_mm512_and_si512(v, h2), xb + 32), s1);
+            s0 = _mm512_fmadd_ps(TERM(_mm512_and_si512(v, l3), xa + 48), s0);
+            s1 = _mm512_fmadd_ps(TERM(_mm512_srli_epi32(v, 28), xb + 48), s1);  /* in place: the sign bit */
+#undef TERM
+            /* sub-blocks 2c, 2c + 2 (low nibbles) and 2c + 1, 2c + 3 (high) */
+            __m512i low_subs = _mm512_add_epi32(halves, _mm512_set1_epi32(2 * c));
+            acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(low_subs, dsc), s0, acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(low_subs, _mm512_set1_epi32(1)), dsc),
+                                   s1, acc1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - hsum8(macc);
 }
 
 /* Q5_K, x in lane order: as Q4_K, with the fifth bits (bit 2c of qh byte l for the low nibbles of chunk c, bit
@@ -233,6 +291,47 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, const floa
     return hsum8(_mm256_fnmadd_ps(_mm256_set1_ps(32.0f), offsets, _mm256_add_ps(acc0, acc1)));
 }
 
+/* dot_q6_k_exact with 512-bit vectors: a half super-block's 128 values as two registers of 64 bytes (values 0-63,
+ * then 64-127: the AVX2 kernel's q[0] and q[1], then q[2] and q[3], side by side), the fifth and sixth bits placed
+ * with one 64-bit shift per half register; x in lane order with its groups of 32 in pairs (x_lane_order, vec 2);
+ * each 16-value scale picked for its four lanes by one permute. The same products, summed in another order. */
+AVX512 static float dot_q6_k_exact_avx512(const uint8_t *row, const float *xp, const float *xs16, int64_t nb) {
+    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F), m30 = _mm512_set1_epi32(0x30303030);
+    const __m512i k0 = _mm512_set1_epi32(0xFF), k1 = _mm512_set1_epi32(0xFF00), k2 = _mm512_set1_epi32(0xFF0000);
+    const __m512i k3 = _mm512_set1_epi32((int)0xFF000000u);  /* a top byte of at most 63: positive in place */
+    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, row += 210, xp += QKK, xs16 += 16) {
+        const uint8_t *ql = row, *qh = row + 128;
+        for (int line = 0; line < 210; line += 64) PREFETCH(row + line);
+        __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 192)));
+        __m512 dsc = _mm512_mul_ps(_mm512_set1_ps(h2f(rd16(row + 208))), _mm512_cvtepi32_ps(sc));
+        offsets = _mm512_fmadd_ps(dsc, _mm512_loadu_ps(xs16), offsets);
+        for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
+            __m512i ab = _mm512_loadu_si512((const void *)ql);
+            __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+            __m512i q[2];  /* values 0-63 and 64-127 of this half, 0..63 each */
+            q[0] = _mm512_or_si512(_mm512_and_si512(ab, low), _mm512_and_si512(_mm512_sllv_epi64(hb, up), m30));
+            q[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(ab, 4), low),
+                                   _mm512_and_si512(_mm512_srlv_epi64(hb, down), m30));
+            for (int j = 0; j < 2; j++) {
+                const float *xj = xp + 128 * h + 64 * j;
+#define TERM(k, xv) _mm512_cvtepi32_ps(_mm512_and_si512(q[j], k)), _mm512_loadu_ps(xv)
+                __m512 s = _mm512_mul_ps(TERM(k0, xj));
+                s = _mm512_fmadd_ps(TERM(k1, xj + 16), s);
+                s = _mm512_fmadd_ps(TERM(k2, xj + 32), s);
+                s = _mm512_fmadd_ps(TERM(k3, xj + 48), s);
+#undef TERM
+                __m512 scales = _mm512_permutexvar_ps(_mm512_add_epi32(quads, _mm512_set1_epi32(8 * h + 4 * j)), dsc);
+                if (j) acc1 = _mm512_fmadd_ps(scales, s, acc1);
+                else acc0 = _mm512_fmadd_ps(scales, s, acc0);
+            }
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_fnmadd_ps(_mm512_set1_ps(32.0f), offsets, _mm512_add_ps(acc0, acc1)));
+}
+
 /* The block of the per-block sums of x (block_sums) that the kernel of `type` takes, or 0 for none. */
 static int exact_sum_block(int type) {
     if (type == T_Q6_K) return 16;
@@ -247,12 +346,16 @@ static int exact_needs_lanes(int type) {
 /* One weight row times one activation row with the kernels above: 1 and *out set when this file has the type
  * (Q4_0 / Q4_1: the plain kernel above was as fast), 0 otherwise. */
 AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
-                          float *out) {
+                          int vec, float *out) {
     switch (type) {
     case T_Q5_0: case T_Q5_1: *out = dot_q5_exact(type, row, xl, xs, k / QK); return 1;
-    case T_Q4_K: *out = dot_q4_k_exact(row, xl, xs, k / QKK); return 1;
+    case T_Q4_K:
+        *out = vec == 2 ? dot_q4_k_exact_avx512(row, xl, xs, k / QKK) : dot_q4_k_exact(row, xl, xs, k / QKK);
+        return 1;
     case T_Q5_K: *out = dot_q5_k_exact(row, xl, xs, k / QKK); return 1;
-    case T_Q6_K: *out = dot_q6_k_exact(row, xl, xs, k / QKK); return 1;
+    case T_Q6_K:
+        *out = vec == 2 ? dot_q6_k_exact_avx512(row, xl, xs, k / QKK) : dot_q6_k_exact(row, xl, xs, k / QKK);
+        return 1;
     case T_Q8_0: *out = dot_q8_0(row, x, k / QK); return 1;
     }
     return 0;

@@ -223,6 +223,7 @@ static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int 
 
 #ifdef G3N_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))  /* where have_avx512() */
 
 /* half -> float with the F16C instruction (exact, as half_to_float) */
 AVX2 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -579,6 +580,12 @@ static int have_avx2(void) { return 0; }
 static int have_avx512(void) { return 0; }
 #endif
 
+/* What a kernel's `vec` argument allows on this CPU: 0 the portable C, 1 AVX2, 2 AVX2 and AVX-512. */
+static int vector_level(int vec) {
+    if (!vec || !have_avx2()) return 0;
+    return have_avx512() ? 2 : 1;
+}
+
 EXPORT int g3n_set_avx512(int allowed) {
     avx512_allowed = allowed != 0;
     return have_avx512();
@@ -641,9 +648,9 @@ EXPORT int64_t g3n_gguf_row_bytes(int type, int64_t k) {
 static int exact_sum_block(int type);
 static int exact_needs_lanes(int type);
 static void block_sums(const float *x, int64_t k, int block, float *xs);
-static void x_lane_order(int type, const float *x, int64_t k, float *xl);
+static void x_lane_order(int type, const float *x, int64_t k, float *xl, int vec);
 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
-                     float *out);
+                     int vec, float *out);
 #endif
 
 /* One GGUF row times one activation row (`xs`: its per-block sums where exact_sum_block, `xl`: it in lane order
@@ -653,7 +660,7 @@ static float gguf_row_dot(int type, const uint8_t *row, const float *x, const fl
                           int vec, float *buf) {
 #ifdef G3N_X86
     float out;
-    if (vec && exact_dot(type, row, x, xs, xl, k, &out)) return out;
+    if (vec && exact_dot(type, row, x, xs, xl, k, vec, &out)) return out;
 #else
     (void)xs;
     (void)xl;
@@ -683,7 +690,7 @@ static int gguf_prepare_x(int type, const float *x, int64_t m, int64_t k, int ve
             *xs = NULL;
             return -2;
         }
-        for (int64_t i = 0; i < m; i++) x_lane_order(type, x + i * k, k, *xl + i * k);
+        for (int64_t i = 0; i < m; i++) x_lane_order(type, x + i * k, k, *xl + i * k, vec);
     }
 #else
     (void)type, (void)x, (void)m, (void)k, (void)vec;
@@ -696,7 +703,7 @@ EXPORT int g3n_gguf_matmul(int type, const uint8_t *w, int64_t n_rows, int64_t k
                            const float *x, int64_t m, float *y, int threads, int vec) {
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
-    vec = vec && have_avx2();
+    vec = vector_level(vec);
     float *xs, *xl;
     int64_t n_sums;  /* per activation row */
     if (gguf_prepare_x(type, x, m, k, vec, &xs, &xl, &n_sums)) return -2;
@@ -723,7 +730,7 @@ EXPORT int g3n_gguf_matmul_pairs(int type, const uint8_t *w, int64_t n, int64_t 
                                  int vec) {
     int64_t rb = g3n_gguf_row_bytes(type, k);
     if (rb == 0) return -1;
-    vec = vec && have_avx2();
+    vec = vector_level(vec);
     float *xs, *xl;
     int64_t n_sums;
     if (gguf_prepare_x(type, x, m, k, vec, &xs, &xl, &n_sums)) return -2;
@@ -960,7 +967,6 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
 #endif
 
 #ifdef G3N_X86
-#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))
 /* int4_tile_avx2 with 512-bit vectors: two columns a vector (the first in the low half, the second in the high),
  * each half masked and converted as there; a row's sum over a group is then its sum over the group's 1st, 3rd, ...
  * columns plus its sum over the 2nd, 4th, ... (an odd last column meets x = 0 in the high half, adding zeros). The
