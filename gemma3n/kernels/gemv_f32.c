@@ -63,6 +63,46 @@ AVX2 static float dot_q5_exact(int type, const uint8_t *row, const float *xl, co
     return hsum8(_mm256_add_ps(acc0, acc1)) + offsets;
 }
 
+/* dot_q5_exact with 512-bit vectors, two blocks a register: each block's 16 bytes of nibbles placed twice (low
+ * nibbles then high ones after one 64-bit shift, as there), its 32 fifth bits a byte mask; x in lane order with
+ * neighbouring groups paired (x_lane_order, vec 2). An odd last block is taken by the AVX2 kernel. The same
+ * products, summed in another order. */
+AVX512 static float dot_q5_exact_avx512(int type, const uint8_t *row, const float *xp, const float *xs, int64_t nb) {
+    const int has_min = type == T_Q5_1, bytes = has_min ? 24 : 22, bits_at = has_min ? 4 : 2;
+    const __m512i nib = _mm512_set1_epi8(0x0F), high_nibbles = _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4);
+    const __m512i fifth = _mm512_set1_epi8(0x10);
+    const __m512i k0 = _mm512_set1_epi32(0x1F), k1 = _mm512_set1_epi32(0x1F00), k2 = _mm512_set1_epi32(0x1F0000);
+    const __m512i k3 = _mm512_set1_epi32(0x1F000000);
+    __m512 acc = _mm512_setzero_ps();
+    float offsets = 0.0f;
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2, row += 2 * bytes, xp += 2 * QK) {
+        PREFETCH(row);
+        const uint8_t *b = row + bytes;
+        __m128i na = _mm_loadu_si128((const __m128i *)(row + bits_at + 4));
+        __m128i nb_ = _mm_loadu_si128((const __m128i *)(b + bits_at + 4));
+        __m512i q = _mm512_inserti32x4(_mm512_castsi128_si512(na), na, 1);
+        q = _mm512_inserti32x4(_mm512_inserti32x4(q, nb_, 2), nb_, 3);
+        q = _mm512_and_si512(_mm512_srlv_epi64(q, high_nibbles), nib);  /* per block: values 0-15, 16-31 */
+        __mmask64 bits = (__mmask64)rd32(row + bits_at) | ((__mmask64)rd32(b + bits_at) << 32);
+        q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(bits, fifth));
+#define TERM(k, xv) _mm512_cvtepi32_ps(_mm512_and_si512(q, k)), _mm512_loadu_ps(xv)
+        __m512 s = _mm512_mul_ps(TERM(k0, xp)), t = _mm512_mul_ps(TERM(k1, xp + 16));
+        s = _mm512_fmadd_ps(TERM(k2, xp + 32), s);
+        t = _mm512_fmadd_ps(TERM(k3, xp + 48), t);
+#undef TERM
+        float da = h2f(rd16(row)), db = h2f(rd16(b));
+        __m512 dv = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(da)),
+                                                        _mm256_castps_pd(_mm256_set1_ps(db)), 1));
+        acc = _mm512_fmadd_ps(dv, _mm512_add_ps(s, t), acc);
+        offsets += (has_min ? h2f(rd16(row + 2)) : -16.0f * da) * xs[i];
+        offsets += (has_min ? h2f(rd16(b + 2)) : -16.0f * db) * xs[i + 1];
+    }
+    float total = _mm512_reduce_add_ps(acc) + offsets;
+    if (i < nb) total += dot_q5_exact(type, row, xp, xs + i, 1);
+    return total;
+}
+
 /* The eight 6-bit scales and minimums of a Q4_K / Q5_K super-block (kquant_scale_min, eight at a time), as bytes. */
 static inline void kquant_scales_mins8(const uint8_t *q, uint64_t *sc, uint64_t *mn) {
     uint32_t u0 = rd32(q), u1 = rd32(q + 4), u2 = rd32(q + 8);
@@ -106,6 +146,17 @@ AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl, in
             float scale = 1.0f / (float)(1u << (8 * j + 4 * high_nibbles));
             if (high_nibbles && j == 3) scale = 1.0f;
             for (int i = 0; i < 8; i++) xl[g + 8 * j + i] = x[g + 4 * i + j] * scale;
+        }
+    }
+    if (vec == 2 && (type == T_Q5_0 || type == T_Q5_1)) {  /* pairs of neighbouring groups; an odd last one alone */
+        float pairs[64];
+        for (int64_t g = 0; g + 64 <= k; g += 64) {
+            for (int j = 0; j < 4; j++)
+                for (int i = 0; i < 8; i++) {
+                    pairs[16 * j + i] = xl[g + 8 * j + i];
+                    pairs[16 * j + 8 + i] = xl[g + 32 + 8 * j + i];
+                }
+            memcpy(xl + g, pairs, sizeof pairs);
         }
     }
     if (vec == 2 && (type == T_Q6_K || type == T_Q4_K)) {
@@ -348,7 +399,9 @@ static int exact_needs_lanes(int type) {
 AVX2 static int exact_dot(int type, const uint8_t *row, const float *x, const float *xs, const float *xl, int64_t k,
                           int vec, float *out) {
     switch (type) {
-    case T_Q5_0: case T_Q5_1: *out = dot_q5_exact(type, row, xl, xs, k / QK); return 1;
+    case T_Q5_0: case T_Q5_1:
+        *out = vec == 2 ? dot_q5_exact_avx512(type, row, xl, xs, k / QK) : dot_q5_exact(type, row, xl, xs, k / QK);
+        return 1;
     case T_Q4_K:
         *out = vec == 2 ? dot_q4_k_exact_avx512(row, xl, xs, k / QKK) : dot_q4_k_exact(row, xl, xs, k / QKK);
         return 1;

@@ -223,7 +223,7 @@ static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int 
 
 #ifdef G3N_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
-#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f")))  /* where have_avx512() */
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw")))  /* where have_avx512() */
 
 /* half -> float with the F16C instruction (exact, as half_to_float) */
 AVX2 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -571,7 +571,7 @@ static int have_avx512(void) {
     static int cached = -1;
     if (cached < 0) {
         __builtin_cpu_init();
-        cached = have_avx2() && __builtin_cpu_supports("avx512f");
+        cached = have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     }
     return cached && avx512_allowed;
 }

@@ -80,6 +80,21 @@ def test_gguf_matmul_float_activations(qt, m, code_path, precision):
     assert rel_err(kernels.gguf_matmul(qt, torch.from_numpy(raw), k, x, rows), x.double() @ w[rows].T) < TOL
 
 
+@pytest.mark.parametrize("qt", [Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [608, 640])
+def test_rows_of_an_odd_number_of_blocks(qt, k, code_path, precision):
+    """Rows of 19 or 20 blocks of 32 (the 512-bit kernels take blocks in pairs; an odd last one alone): each
+    output within float32 rounding of the float64 product, and a row's bits the same alone as in a batch."""
+    precision("float32")
+    n = 40
+    raw = torch.from_numpy(random_rows(qt, n, k, seed=k))
+    w = reference_weight(qt, raw.numpy(), n, k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k))
+    y = kernels.gguf_matmul(qt, raw, k, x)
+    assert rel_err(y, x.double() @ w.T) < TOL
+    assert torch.equal(kernels.gguf_matmul(qt, raw, k, x[1:2]), y[1:2])
+
+
 def test_round_activations_definition():
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(4)) * 3
     x[1, 32:64] = 0  # an all-zero block stays zero
