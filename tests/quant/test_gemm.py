@@ -97,6 +97,28 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
         assert_same_on_one_thread(product, x, full)
 
 
+def test_512_bit_blocks_give_the_same_bits():
+    """Where the CPU has AVX-512 the GEMM's 6 x 16 blocks take one 512-bit vector a row (gemm_block_avx512): the
+    vectors span outputs, never a sum, so every output is the same bits as with the AVX2 blocks, sparse panels
+    (skipped inputs) and a last strip narrower than 16 included."""
+    if not kernels.set_avx512(True):
+        pytest.skip("this CPU has no AVX-512")
+    k, n = 1088, 120  # 120 rows: the last strip is 8 wide
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.05
+    raw = torch.from_numpy(random_rows(Q.Q8_0, n, k, seed=6))
+    x = torch.randn(50, k, generator=torch.Generator().manual_seed(7))
+    x[:, 100:900] = 0  # whole runs of zero inputs: the panels' live lists
+    q8, scales = int8_quantize(w, torch.bfloat16)
+    try:
+        for product in (lambda: kernels.gguf_gemm(Q.Q8_0, raw, k, x), lambda: kernels.int8_gemm(q8, scales, x)):
+            wide = product()
+            kernels.set_avx512(False)
+            assert torch.equal(product(), wide)
+            kernels.set_avx512(True)
+    finally:
+        kernels.set_avx512(True)
+
+
 def test_a_wide_prompt_is_taken_in_chunks_of_runs_with_each_output_unchanged():
     """A prompt whose panels outgrow the GEMM's chunk of x (GEMM_X_CHUNK_BYTES: here 400 rows of 2592 inputs, about
     0.8 MB a run of 512 inputs, so the six runs go in three chunks) has every tile of W pass over one chunk before the
