@@ -152,6 +152,7 @@ def _declare(lib) -> None:
     lib.g3n_int4_matmul_q8.argtypes = [p, p, i32, i64, i64, i64, p, i64, p, i32]
     lib.g3n_run_plan.argtypes, lib.g3n_run_plan.restype = [p, p], i32  # model/native_decode.py
     lib.g3n_set_avx512.argtypes, lib.g3n_set_avx512.restype = [i32], i32
+    lib.g3n_avx512.argtypes, lib.g3n_avx512.restype = [], i32
     lib.g3n_channel_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32, i32, i32]
     lib.g3n_channel_rms_norm.restype = i32
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
@@ -164,6 +165,12 @@ def _declare(lib) -> None:
 # -- wrappers -----------------------------------------------------------------------------------------------------
 
 VECTORISED = True  # AVX2 paths allowed; set False to run the portable C (the tests run both)
+
+
+def avx512() -> bool:
+    """Whether the kernels' 512-bit paths run (the CPU has AVX-512 F + BW and `set_avx512` allows them)."""
+    lib = native()
+    return lib is not None and bool(lib.g3n_avx512())
 
 
 def set_avx512(allowed: bool) -> bool:

@@ -586,6 +586,8 @@ static int vector_level(int vec) {
     return have_avx512() ? 2 : 1;
 }
 
+EXPORT int g3n_avx512(void) { return have_avx512(); }
+
 EXPORT int g3n_set_avx512(int allowed) {
     avx512_allowed = allowed != 0;
     return have_avx512();

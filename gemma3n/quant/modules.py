@@ -207,9 +207,12 @@ class Int4Linear(nn.Module):
     def forward_sparse_inputs_per_row(self, x: Tensor, offsets: Tensor, cols: Tensor) -> Tensor | None:
         """forward(x) where row i of x (flattened to [M, K]) is zero outside the input features
         cols[offsets[i]:offsets[i + 1]] (ascending), each row reading only its own columns' weights: a sparse MLP's
-        down projection over a prompt. float32 activations; None where the library cannot (compute densely)."""
+        down projection over a prompt. float32 activations; None where the library cannot, or where its GEMM's
+        512-bit blocks run (they skip the inputs zero across each 6-row panel faster than rows read their own
+        columns: 8.2 against 15-19 ms for E2B's 8192-wide down projection at 128 tokens, 30 against 65-119 at
+        512): the caller then computes densely."""
         flat = x.reshape(-1, self.in_features)
-        if flat.device.type != "cpu" or kernels.native() is None:
+        if flat.device.type != "cpu" or kernels.native() is None or kernels.avx512():
             return None
         out = kernels.int4_matmul_cols_per_row(self.qweight, self.scales_and_zeros, self.group_size, flat, offsets,
                                                cols)
