@@ -215,6 +215,55 @@ AVX2 static void int4_pack_strips(const void *source, int64_t row0, int64_t c0, 
     }
 }
 
+/* round_as8 for 16 values */
+AVX512 static inline __m512 round_as16(int type, __m512 v) {
+    if (type == S_BF16) {
+        __m512i u = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+        return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
+    if (type == S_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+/* int4_pack_strips with 512-bit vectors: a strip's 16 rows at an input are one vector (bytes 0-15 give rows 0-15
+ * and 32-47, bytes 16-31 rows 16-31 and 48-63). The same operations per value (formats.int4_dequantize, each
+ * rounded to the scale dtype), so the same values. */
+AVX512 static void int4_pack_strips_avx512(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                           float *scratch) {
+    const int4_source *w = source;
+    const uint8_t *tile = w->q + row0 / 2 * w->k;
+    const int64_t kc = c1 - c0;
+    const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+    (void)scratch;
+    for (int64_t col = c0; col < c1;) {
+        int64_t grp = col / w->g, end = (grp + 1) * w->g < c1 ? (grp + 1) * w->g : c1;
+        __m512 sv[4], zv[4];  /* strip s: rows 16 s .. 16 s + 15 */
+        for (int v = 0; v < 4; v++) {
+            __m256 s0, z0, s1, z1;
+            scales_zeros8(w->sz, w->st, (grp * w->n + row0 + 16 * v) * 2, &s0, &z0);
+            scales_zeros8(w->sz, w->st, (grp * w->n + row0 + 16 * v + 8) * 2, &s1, &z1);
+            sv[v] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(s0)),
+                                                        _mm256_castps_pd(s1), 1));
+            zv[v] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(z0)),
+                                                        _mm256_castps_pd(z1), 1));
+        }
+        for (; col < end; col++) {
+            float *o = strips + (col - c0) * 16;
+            for (int half = 0; half < 2; half++) {  /* bytes 16 half ..: rows 16 half .. (low), 32 + 16 half .. */
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(tile + col * 32 + 16 * half)));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(bytes, low), eight));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bytes, 4), eight));
+                lo = round_as16(w->st, _mm512_mul_ps(lo, sv[half]));
+                hi = round_as16(w->st, _mm512_mul_ps(hi, sv[half + 2]));
+                _mm512_store_ps(o + half * kc * 16, round_as16(w->st, _mm512_add_ps(lo, zv[half])));
+                _mm512_store_ps(o + (half + 2) * kc * 16, round_as16(w->st, _mm512_add_ps(hi, zv[half + 2])));
+            }
+        }
+    }
+}
+
 /* Weights stored a row at a time (GGUF blocks, int8 rows): `decode` writes row r's values for inputs c0 .. c0 + kc - 1
  * to out, as the format's dequantisation gives them. */
 typedef struct {
@@ -370,7 +419,8 @@ EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, in
                          int64_t m, float *y, int threads) {
     if (!have_avx2() || n % TILE || g <= 0 || k % g || m <= 0) return -1;
     int4_source source = {q, sz, st, n, k, g};
-    return gemm_packed((gemm_weights){int4_pack_strips, &source}, n, k, x, m, y, threads);
+    return gemm_packed((gemm_weights){have_avx512() ? int4_pack_strips_avx512 : int4_pack_strips, &source}, n, k, x,
+                       m, y, threads);
 }
 
 /* y [m, n] = x [m, k] W^T for W the n GGUF rows at w (k a multiple of 8 and of the type's block): as above. */

@@ -98,9 +98,10 @@ def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
 
 
 def test_512_bit_blocks_give_the_same_bits():
-    """Where the CPU has AVX-512 the GEMM's 6 x 16 blocks take one 512-bit vector a row (gemm_block_avx512): the
-    vectors span outputs, never a sum, so every output is the same bits as with the AVX2 blocks, sparse panels
-    (skipped inputs) and a last strip narrower than 16 included."""
+    """Where the CPU has AVX-512 the GEMM's blocks take 512-bit vectors (gemm_block_avx512, gemm_block2_avx512)
+    and int4 tiles are unpacked 16 rows a vector (int4_pack_strips_avx512, each value rounded to the scale dtype as
+    before): the vectors span outputs, never a sum, so every output is the same bits as with the AVX2 code, sparse
+    panels (skipped inputs), a last strip narrower than 16 and every int4 scale dtype included."""
     if not kernels.set_avx512(True):
         pytest.skip("this CPU has no AVX-512")
     k, n = 1088, 120  # 120 rows: the last strip is 8 wide
@@ -109,8 +110,11 @@ def test_512_bit_blocks_give_the_same_bits():
     x = torch.randn(50, k, generator=torch.Generator().manual_seed(7))
     x[:, 100:900] = 0  # whole runs of zero inputs: the panels' live lists
     q8, scales = int8_quantize(w, torch.bfloat16)
+    w4 = torch.randn(128, k, generator=torch.Generator().manual_seed(8)) * 0.05
+    int4 = {dtype: int4_quantize(w4, 64, dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
     try:
-        for product in (lambda: kernels.gguf_gemm(Q.Q8_0, raw, k, x), lambda: kernels.int8_gemm(q8, scales, x)):
+        for product in (lambda: kernels.gguf_gemm(Q.Q8_0, raw, k, x), lambda: kernels.int8_gemm(q8, scales, x),
+                        *[lambda q=q: kernels.int4_gemm(*q, 64, x) for q in int4.values()]):
             wide = product()
             kernels.set_avx512(False)
             assert torch.equal(product(), wide)
