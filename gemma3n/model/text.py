@@ -336,9 +336,7 @@ class TextModel(nn.Module):
         The table (2 B values in E2B) stays in its stored form, memory-mapped: only the rows of these tokens are
         read and converted to the compute dtype, which gives the same values as converting the whole table."""
         cfg = self.config
-        ids = input_ids
-        if not kernels.indices_within(ids, cfg.vocab_size_per_layer_input):  # (a decode step's ids: one op)
-            ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
+        ids = torch.where((input_ids >= 0) & (input_ids < cfg.vocab_size_per_layer_input), input_ids, 0)
         rows = self.embed_tokens_per_layer(ids).to(self.norm.weight.dtype)
         rows = rows * const(math.sqrt(cfg.hidden_size_per_layer_input), rows.dtype)
         return rows.unflatten(-1, (cfg.num_hidden_layers, cfg.hidden_size_per_layer_input))
