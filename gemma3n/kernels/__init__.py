@@ -368,7 +368,7 @@ def int4_matmul_cols_per_row(qweight: Tensor, scales_and_zeros: Tensor, group_si
     if offsets.shape != (x.shape[0] + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != cols.numel() \
             or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"offsets must rise from 0 to {cols.numel()} over {x.shape[0] + 1} entries")
-    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= k):
+    if not indices_within(cols, k):
         raise IndexError(f"column index out of range for {k} columns")
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     rc = native().g3n_int4_matmul_cols_per_row(qweight.data_ptr(), scales_and_zeros.data_ptr(),

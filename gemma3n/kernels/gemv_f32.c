@@ -135,6 +135,16 @@ AVX2 static inline __m256 kquant_header(const uint8_t *row, const float *xs, flo
         if ((i) + 1 < (nb)) (macc) = kquant_header((row) + (bytes), (xs) + 8, (dsc)[((i) + 1) & 1], macc); \
     } while (0)
 
+/* Two groups of 32 values -> 64: 8 of the first, 8 of the second, in turn (the order a 512-bit register of two
+ * groups' weights meets them). */
+static inline void interleave_groups(const float *a, const float *b, float *out) {
+    for (int j = 0; j < 4; j++)
+        for (int i = 0; i < 8; i++) {
+            out[16 * j + i] = a[8 * j + i];
+            out[16 * j + 8 + i] = b[8 * j + i];
+        }
+}
+
 /* x in lane order, per group of 32: xl[8 j + i] = x[4 i + j] * 2^-8j, the value that meets byte j of lane i of a
  * 32-byte register of weights (masked in place: its value times 2^8j). Q4_K's odd groups are its high nibbles,
  * worth a further 2^4 in place, except the top one of a lane, which the kernel shifts down to its value (Q5_K
@@ -148,32 +158,20 @@ AVX2 static void x_lane_order(int type, const float *x, int64_t k, float *xl, in
             for (int i = 0; i < 8; i++) xl[g + 8 * j + i] = x[g + 4 * i + j] * scale;
         }
     }
-    if (vec == 2 && (type == T_Q5_0 || type == T_Q5_1)) {  /* pairs of neighbouring groups; an odd last one alone */
-        float pairs[64];
+    if (vec != 2) return;
+    /* the 512-bit kernels: groups of 32 in pairs, 8 values of each in turn. Q5_x and Q6_K pair neighbours (0 with 1,
+     * 2 with 3; an odd last group of Q5_x stays alone); Q4_K pairs within 128 values the low nibbles of two chunks
+     * (0 with 2) and their high ones (1 with 3) */
+    float pairs[128];
+    if (type == T_Q5_0 || type == T_Q5_1 || type == T_Q6_K) {
         for (int64_t g = 0; g + 64 <= k; g += 64) {
-            for (int j = 0; j < 4; j++)
-                for (int i = 0; i < 8; i++) {
-                    pairs[16 * j + i] = xl[g + 8 * j + i];
-                    pairs[16 * j + 8 + i] = xl[g + 32 + 8 * j + i];
-                }
-            memcpy(xl + g, pairs, sizeof pairs);
+            interleave_groups(xl + g, xl + g + 32, pairs);
+            memcpy(xl + g, pairs, 64 * sizeof(float));
         }
-    }
-    if (vec == 2 && (type == T_Q6_K || type == T_Q4_K)) {
-        /* the 512-bit kernels: groups of 32 in pairs, 8 values of each in turn. Q6_K pairs neighbours (0 with 1,
-         * 2 with 3); Q4_K pairs within 128 values the low nibbles of two chunks (0 with 2) and their high ones
-         * (1 with 3) */
-        int q4k = type == T_Q4_K;
-        float pairs[128];
+    } else if (type == T_Q4_K) {
         for (int64_t g = 0; g < k; g += 128) {
-            for (int p = 0; p < 2; p++) {
-                const float *a = xl + g + (q4k ? 32 * p : 64 * p), *b = a + (q4k ? 64 : 32);
-                for (int j = 0; j < 4; j++)
-                    for (int i = 0; i < 8; i++) {
-                        pairs[64 * p + 16 * j + i] = a[8 * j + i];
-                        pairs[64 * p + 16 * j + 8 + i] = b[8 * j + i];
-                    }
-            }
+            interleave_groups(xl + g, xl + g + 64, pairs);
+            interleave_groups(xl + g + 32, xl + g + 96, pairs + 64);
             memcpy(xl + g, pairs, sizeof pairs);
         }
     }

@@ -907,6 +907,33 @@ AVX2 static inline void rows_in_order(__m256 a0, __m256 a1, __m256 a2, __m256 a3
     r[3] = _mm256_permute2f128_ps(u2, u3, 0x31);
 }
 
+/* The next group's scales lie n pairs further on, a stride no hardware prefetcher follows. */
+static inline void int4_prefetch_next_scales(const void *sz, int st, int64_t n, int64_t grp, int64_t row0) {
+    const char *next = (const char *)sz + ((grp + 1) * n + row0) * 2 * (st == S_F32 ? 4 : 2);
+    for (int l = 0; l < (st == S_F32 ? 512 : 256); l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+}
+
+/* A group's end in the int4 tile kernels: p0 .. p7 its sums per mask (lane L: p0 row 4 L times 2^0, p1 row 4 L + 32
+ * times 2^4, p2 row 4 L + 1 times 2^8, p3 row 4 L + 33 times 2^12, p4 .. p7 the same for rows 4 L + 2, + 34, + 3,
+ * + 35), scaled back and put in row order; out[v] (rows 8 v ..) += s * part + (z - 8 s) * xsum. */
+AVX2 static inline void int4_group_end(__m256 p0, __m256 p1, __m256 p2, __m256 p3, __m256 p4, __m256 p5, __m256 p6,
+                                       __m256 p7, float xsum, const void *sz, int st, int64_t n, int64_t grp,
+                                       int64_t row0, __m256 *out) {
+    const __m256 back4 = _mm256_set1_ps(0x1p-4f), back8 = _mm256_set1_ps(0x1p-8f);
+    const __m256 back12 = _mm256_set1_ps(0x1p-12f), eight = _mm256_set1_ps(8.0f);
+    __m256 part[8];
+    rows_in_order(p0, _mm256_mul_ps(p2, back8), p4, _mm256_mul_ps(p6, back8), part);
+    rows_in_order(_mm256_mul_ps(p1, back4), _mm256_mul_ps(p3, back12), _mm256_mul_ps(p5, back4),
+                  _mm256_mul_ps(p7, back12), part + 4);
+    __m256 xs = _mm256_set1_ps(xsum);
+    for (int v = 0; v < 8; v++) {
+        __m256 s, z;
+        scales_zeros8(sz, st, (grp * n + row0 + 8 * v) * 2, &s, &z);
+        out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
+        out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
+    }
+}
+
 /* A column's 32 bytes are read as one vector and each nibble is masked where it lies: in 32-bit lane L, byte b
  * holds row 4 L + b (low nibble) and row 4 L + b + 32 (high nibble). Masking the upper half-lane after a 16-bit
  * shift, a nibble converts to q * 2^s with s in {0, 4, 8, 12}; its sum is 2^s times the sum of q x (a power of two
@@ -918,8 +945,6 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
                                 float *y) {
     const __m256i m0 = _mm256_set1_epi32(0x000F), m4 = _mm256_set1_epi32(0x00F0);
     const __m256i m8 = _mm256_set1_epi32(0x0F00), m12 = _mm256_set1_epi32(0xF000);
-    const __m256 back4 = _mm256_set1_ps(0x1p-4f), back8 = _mm256_set1_ps(0x1p-8f);
-    const __m256 back12 = _mm256_set1_ps(0x1p-12f), eight = _mm256_set1_ps(8.0f);
     for (int64_t i = 0; i < m; i++) {
         const float *xi = x + i * k;
         __m256 out[8];
@@ -929,10 +954,7 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
             int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
             __m256 p0 = _mm256_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
             float xsum = 0.0f;
-            {   /* the next group's scales lie n pairs further on, a stride no hardware prefetcher follows */
-                const char *next = (const char *)sz + ((grp + 1) * n + row0) * 2 * (st == S_F32 ? 4 : 2);
-                for (int l = 0; l < (st == S_F32 ? 512 : 256); l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
-            }
+            int4_prefetch_next_scales(sz, st, n, grp, row0);
             for (int64_t e = 0; e < span; e++) {
                 int64_t col = cols ? cols[first + e] : first + e;
                 _mm_prefetch((const char *)(tile + col * 32) + TILE_PREFETCH_BYTES, _MM_HINT_T0);
@@ -950,18 +972,7 @@ AVX2 static void int4_tile_avx2(const uint8_t *tile, const void *sz, int st, int
                 p6 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m8)), bx, p6);   /* 4L + 3,  2^8  */
                 p7 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, m12)), bx, p7);  /* 4L + 35, 2^12 */
             }
-            __m256 part[8];
-            rows_in_order(p0, _mm256_mul_ps(p2, back8), p4, _mm256_mul_ps(p6, back8), part);
-            rows_in_order(_mm256_mul_ps(p1, back4), _mm256_mul_ps(p3, back12), _mm256_mul_ps(p5, back4),
-                          _mm256_mul_ps(p7, back12), part + 4);
-            __m256 xs = _mm256_set1_ps(xsum);
-            for (int v = 0; v < 8; v++) {
-                __m256 s, z;
-                scales_zeros8(sz, st, (grp * n + row0 + 8 * v) * 2, &s, &z);
-                /* s * part + (z - 8 s) * xsum */
-                out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
-                out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
-            }
+            int4_group_end(p0, p1, p2, p3, p4, p5, p6, p7, xsum, sz, st, n, grp, row0, out);
         }
         for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + i * n + row0 + 8 * v, out[v]);
     }
@@ -978,8 +989,6 @@ AVX512 static void int4_tile_avx512(const uint8_t *tile, const void *sz, int st,
                                     float *y) {
     const __m512i m0 = _mm512_set1_epi32(0x000F), m4 = _mm512_set1_epi32(0x00F0);
     const __m512i m8 = _mm512_set1_epi32(0x0F00), m12 = _mm512_set1_epi32(0xF000);
-    const __m256 back4 = _mm256_set1_ps(0x1p-4f), back8 = _mm256_set1_ps(0x1p-8f);
-    const __m256 back12 = _mm256_set1_ps(0x1p-12f), eight = _mm256_set1_ps(8.0f);
     for (int64_t i = 0; i < m; i++) {
         const float *xi = x + i * k;
         __m256 out[8];
@@ -989,10 +998,7 @@ AVX512 static void int4_tile_avx512(const uint8_t *tile, const void *sz, int st,
             int64_t first = c, span = group_span(cols, n_cols, g, &c, &grp);
             __m512 p0 = _mm512_setzero_ps(), p1 = p0, p2 = p0, p3 = p0, p4 = p0, p5 = p0, p6 = p0, p7 = p0;
             float xsum = 0.0f;
-            {   /* the next group's scales lie n pairs further on, a stride no hardware prefetcher follows */
-                const char *next = (const char *)sz + ((grp + 1) * n + row0) * 2 * (st == S_F32 ? 4 : 2);
-                for (int l = 0; l < (st == S_F32 ? 512 : 256); l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
-            }
+            int4_prefetch_next_scales(sz, st, n, grp, row0);
             for (int64_t e = 0; e < span; e += 2) {
                 int64_t ca = cols ? cols[first + e] : first + e, cb = ca;
                 float xa = xi[ca], xb = 0.0f;
@@ -1020,19 +1026,9 @@ AVX512 static void int4_tile_avx512(const uint8_t *tile, const void *sz, int st,
             }
 #define HALVES(v) _mm256_add_ps(_mm512_castps512_ps256(v), \
                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))
-            __m256 part[8];
-            rows_in_order(HALVES(p0), _mm256_mul_ps(HALVES(p2), back8), HALVES(p4), _mm256_mul_ps(HALVES(p6), back8),
-                          part);
-            rows_in_order(_mm256_mul_ps(HALVES(p1), back4), _mm256_mul_ps(HALVES(p3), back12),
-                          _mm256_mul_ps(HALVES(p5), back4), _mm256_mul_ps(HALVES(p7), back12), part + 4);
+            int4_group_end(HALVES(p0), HALVES(p1), HALVES(p2), HALVES(p3), HALVES(p4), HALVES(p5), HALVES(p6),
+                           HALVES(p7), xsum, sz, st, n, grp, row0, out);
 #undef HALVES
-            __m256 xs = _mm256_set1_ps(xsum);
-            for (int v = 0; v < 8; v++) {
-                __m256 s, z;
-                scales_zeros8(sz, st, (grp * n + row0 + 8 * v) * 2, &s, &z);
-                out[v] = _mm256_fmadd_ps(s, part[v], out[v]);
-                out[v] = _mm256_fmadd_ps(_mm256_fnmadd_ps(eight, s, z), xs, out[v]);
-            }
         }
         for (int v = 0; v < 8; v++) _mm256_storeu_ps(y + i * n + row0 + 8 * v, out[v]);
     }
