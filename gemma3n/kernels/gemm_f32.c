@@ -340,24 +340,17 @@ AVX2 static void gemm_tile_run(gemm_weights weights, int64_t n, int64_t k, int64
         int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
         for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
             int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
-            if (wide && s + 1 < GEMM_STRIPS && row0 + 16 * (s + 2) <= n) {  /* two full strips at once */
-                for (int64_t ir = ic; ir < ic + mc; ir += 6) {
-                    int64_t ip = ir / 6, count = live_count[ip * runs + run];
-                    const uint16_t *list = may_skip && count < kc ? live + ip * k + pc : NULL;
-                    gemm_block2_avx512(m - ir < 6 ? (int)(m - ir) : 6, list ? count : kc, list,
-                                       panels + (ir * k + pc * 6), strips + s * kc * 16, strips + (s + 1) * kc * 16,
-                                       y + ir * n + row0 + 16 * s, n, pc > 0);
-                }
-                s++;
-                continue;
-            }
+            const int pair = wide && s + 1 < GEMM_STRIPS && row0 + 16 * (s + 2) <= n;  /* two full strips at once */
             for (int64_t ir = ic; ir < ic + mc; ir += 6) {
                 int64_t ip = ir / 6, count = live_count[ip * runs + run];
                 const uint16_t *list = may_skip && count < kc ? live + ip * k + pc : NULL;
-                (wide ? gemm_block_avx512 : gemm_block)(m - ir < 6 ? (int)(m - ir) : 6, nc, list ? count : kc, list,
-                                                        panels + (ir * k + pc * 6), strips + s * kc * 16,
-                                                        y + ir * n + row0 + 16 * s, n, pc > 0);
+                int mr = m - ir < 6 ? (int)(m - ir) : 6;
+                const float *a = panels + (ir * k + pc * 6), *b = strips + s * kc * 16;
+                float *c = y + ir * n + row0 + 16 * s;
+                if (pair) gemm_block2_avx512(mr, list ? count : kc, list, a, b, b + kc * 16, c, n, pc > 0);
+                else (wide ? gemm_block_avx512 : gemm_block)(mr, nc, list ? count : kc, list, a, b, c, n, pc > 0);
             }
+            s += pair;
         }
     }
 }
