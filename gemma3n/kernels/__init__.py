@@ -205,9 +205,9 @@ def _q8_type(lib, ggml_type: int) -> bool:
     return _Q8_TYPES[ggml_type]
 
 
-def _check_rows(rows: Tensor | None, n: int, what: str = "row index") -> None:
+def _check_rows(rows: Tensor | None, n: int) -> None:
     if rows is not None and not indices_within(rows, n):
-        raise IndexError(f"{what} out of range for {n} rows")
+        raise IndexError(f"row index out of range for {n} rows")
 
 
 def indices_within(index: Tensor, n: int) -> bool:
