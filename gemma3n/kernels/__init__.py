@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
 INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")
@@ -146,6 +146,7 @@ def _declare(lib) -> None:
     lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
     lib.g3n_gguf_gemm.argtypes, lib.g3n_gguf_gemm.restype = [i32, p, i64, i64, p, i64, p, i32], i32
     lib.g3n_int8_gemm.argtypes, lib.g3n_int8_gemm.restype = [p, p, i32, i64, i64, p, i64, p, i32], i32
+    lib.g3n_f32_gemm.argtypes, lib.g3n_f32_gemm.restype = [p, i64, i64, p, i64, p, i32], i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
@@ -467,6 +468,37 @@ def int8_gemm(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor | None:
     return _gemm("g3n_int8_gemm", weights, n, k, x, "int8 GEMM")
 
 
+# f32_gemm takes a float32 tower's product where it ran at least as fast as PyTorch's GEMM on the towers' shapes:
+# wide enough in inputs and outputs that packing x's panels and W's strips is small beside the products. Narrower
+# ones (MobileNet-V5's early 1x1 convs: tens of thousands of pixels, 64-256 channels) ran slower, and stay there.
+F32_GEMM_MIN_INPUTS, F32_GEMM_MIN_OUTPUTS, F32_GEMM_MIN_ROWS = 512, 1024, 64
+
+
+def f32_gemm_applies(weight: Tensor, x: Tensor) -> bool:
+    """Whether `f32_gemm` takes x (..., K) times this weight [N, K]: both float32 on the CPU, outside autograd and
+    graph tracing (torch.compile, torch.export record PyTorch's op), with the library's vector kernels, and at
+    least F32_GEMM_MIN_INPUTS / _OUTPUTS / _ROWS in size."""
+    if not VECTORISED or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[1] % 8:
+        return False
+    n, k = weight.shape
+    return (n >= F32_GEMM_MIN_OUTPUTS and k >= F32_GEMM_MIN_INPUTS and x.numel() >= F32_GEMM_MIN_ROWS * k
+            and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and not (torch.is_grad_enabled() and (weight.requires_grad or
+                                                                                  x.requires_grad))
+            and native() is not None)
+
+
+def f32_gemm(weight: Tensor, x: Tensor) -> Tensor | None:
+    """x [M, K] W^T -> [M, N] float32, W float32 [N, K]: the GEMM of the quantised formats over a tower's own float32
+    weights (gemm_f32.c), each output summed in one order whatever M, the threads or the vector width. None where the
+    library does not take it (no AVX2, or K not a multiple of 8): the caller then multiplies with PyTorch."""
+    n, k = weight.shape
+    weight = weight.contiguous()
+    return _gemm("g3n_f32_gemm", (weight.data_ptr(), n, k), n, k, x, "float32 GEMM")
+
+
 def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
     """x [M, K] W^T -> [M, N] float32 for many rows of x, W the GGUF rows `raw` (uint8 [N, bytes per row]) decoded
     into the GEMM's own panels, the values of `gguf_dequantize` (gemm_f32.c). None where the library cannot (no
@@ -489,14 +521,18 @@ def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Ten
 
 
 def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, act: bool = False, gamma: Tensor | None = None,
-                     residual: Tensor | None = None) -> Tensor:
+                     residual: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """RMS norm over the channels of each pixel of x (N, C, H, W) channels-last, times `weight`, then GELU-tanh
-    (act), times the per-channel `gamma`, plus `residual` (same shape and layout as x): one pass over the map.
+    (act), times the per-channel `gamma`, plus `residual` (same shape and layout as x): one pass over the map,
+    written to `out` (x itself allowed: each pixel is read whole before it is written), else to a new map.
     Check `channel_norm_applies` first."""
     c = x.shape[1]
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual of shape {tuple(residual.shape)} for a map of shape {tuple(x.shape)}")
-    out = torch.empty_like(x, memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+    elif out.shape != x.shape or out.dtype != torch.float32 or not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"out must be a float32 channels-last map of shape {tuple(x.shape)}")
     params = [p.detach().to(torch.float32).contiguous() for p in (weight, gamma) if p is not None]
     rc = native().g3n_channel_rms_norm(x.data_ptr(), params[0].data_ptr(), _ptr(params[1] if gamma is not None
                                        else None), _ptr(residual), out.data_ptr(), x.numel() // c, c, eps, int(act),

@@ -328,16 +328,40 @@ AVX2 static void rows_pack_strips(const void *source, int64_t row0, int64_t c0, 
             transpose8(scratch + r * kc + p, kc, strips + (r / 16) * kc * 16 + p * 16 + r % 16, 16);
 }
 
-/* One run of inputs (GEMM_KC of them) for one tile of W (GEMM_ROWS outputs): the tile's strips packed, then every
- * panel of x through them, added to what the earlier runs left in y (the first run overwrites). */
-AVX2 static void gemm_tile_run(gemm_weights weights, int64_t n, int64_t k, int64_t m, int64_t row0, int64_t run,
-                               const float *panels, const uint16_t *live, const int *live_count, int64_t runs,
-                               int run_sparse, float *strips, float *y) {
+typedef struct { const float *w; int64_t n, k; } f32_rows;
+
+/* float32 rows (an encoder tower's own weights): turned into strips 8 x 8 straight from W, no copy first; rows past
+ * the weight's end come from a zero-padded copy in scratch. */
+AVX2 static void f32_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                 float *scratch) {
+    const f32_rows *w = source;
+    const int64_t kc = c1 - c0;
+    for (int64_t r = 0; r < GEMM_ROWS; r += 8) {
+        const float *from = w->w + (row0 + r) * w->k + c0;
+        int64_t ld = w->k;
+        if (row0 + r + 8 > w->n) {
+            for (int64_t i = 0; i < 8; i++) {
+                if (row0 + r + i < w->n) memcpy(scratch + i * kc, from + i * w->k, sizeof(float) * (size_t)kc);
+                else memset(scratch + i * kc, 0, sizeof(float) * (size_t)kc);
+            }
+            from = scratch, ld = kc;
+        }
+        for (int64_t p = 0; p < kc; p += 8)
+            transpose8(from + p, ld, strips + (r / 16) * kc * 16 + p * 16 + r % 16, 16);
+    }
+}
+
+/* One run of inputs (GEMM_KC of them) for one tile of W (GEMM_ROWS outputs): the tile's strips packed, then the
+ * panels of x's rows first .. end - 1 (first a multiple of 6) through them, added to what the earlier runs left in
+ * y (the first run overwrites). */
+AVX2 static void gemm_tile_run(gemm_weights weights, int64_t n, int64_t k, int64_t m, int64_t first, int64_t end,
+                               int64_t row0, int64_t run, const float *panels, const uint16_t *live,
+                               const int *live_count, int64_t runs, int run_sparse, float *strips, float *y) {
     const int64_t pc = run * GEMM_KC, kc = k - pc < GEMM_KC ? k - pc : GEMM_KC;
     weights.pack(weights.source, row0, pc, pc + kc, strips, strips + GEMM_ROWS * GEMM_KC);
     const int may_skip = run_sparse && all_finite(strips, GEMM_ROWS * kc), wide = have_avx512();
-    for (int64_t ic = 0; ic < m; ic += GEMM_MC) {
-        int64_t mc = m - ic < GEMM_MC ? m - ic : GEMM_MC;
+    for (int64_t ic = first; ic < end; ic += GEMM_MC) {
+        int64_t mc = end - ic < GEMM_MC ? end - ic : GEMM_MC;
         for (int s = 0; s < GEMM_STRIPS && row0 + 16 * s < n; s++) {
             int nc = n - row0 - 16 * s < 16 ? (int)(n - row0 - 16 * s) : 16;
             const int pair = wide && s + 1 < GEMM_STRIPS && row0 + 16 * (s + 2) <= n;  /* two full strips at once */
@@ -355,18 +379,43 @@ AVX2 static void gemm_tile_run(gemm_weights weights, int64_t n, int64_t k, int64
     }
 }
 
+/* The calling thread's workspace for x's panels and their lists of live inputs, kept between calls up to
+ * GEMM_KEEP_BYTES: a block that large freed and allocated again per product comes back as fresh pages, and the first
+ * touch of each page (a fault, and with several threads a TLB shootdown when it is unmapped) cost more than packing
+ * it did on large prompts and feature maps. Larger requests are allocated for the call and freed. */
+#define GEMM_KEEP_BYTES ((size_t)64 << 20)
+static _Thread_local void *gemm_kept;
+static _Thread_local size_t gemm_kept_bytes;
+
+static void *gemm_workspace(size_t bytes) {
+    if (bytes > GEMM_KEEP_BYTES) return aligned_alloc(64, bytes);
+    if (bytes > gemm_kept_bytes) {
+        free(gemm_kept);
+        gemm_kept = aligned_alloc(64, bytes);
+        gemm_kept_bytes = gemm_kept ? bytes : 0;
+    }
+    return gemm_kept;
+}
+
+static void gemm_workspace_done(void *block, size_t bytes) {
+    if (bytes > GEMM_KEEP_BYTES) free(block);
+}
+
 /* y [m, n] = x [m, k] W^T, W from `weights`; 0, or -2: out of memory */
 AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                             int threads) {
     const int64_t n_panels = (m + 5) / 6, runs = (k + GEMM_KC - 1) / GEMM_KC;
-    float *panels = aligned_alloc(64, sizeof(float) * (size_t)(n_panels * 6 * k));
-    uint16_t *live = malloc(sizeof(uint16_t) * (size_t)(n_panels * k));
-    int *live_count = malloc(sizeof(int) * (size_t)(n_panels * runs));
-    char *run_sparse = malloc((size_t)runs);
-    if (!panels || !live || !live_count || !run_sparse) {
-        free(panels); free(live); free(live_count); free(run_sparse);
-        return -2;
-    }
+    /* one block: panels (64-byte aligned, a multiple of 64 bytes long), live lists, live counts, sparse flags */
+    const size_t panel_bytes = sizeof(float) * (size_t)(n_panels * 6 * k), live_bytes = sizeof(uint16_t) *
+        (size_t)(n_panels * k), count_bytes = sizeof(int) * (size_t)(n_panels * runs);
+    const size_t panels_end = (panel_bytes + 63) / 64 * 64, live_end = (panels_end + live_bytes + 63) / 64 * 64;
+    const size_t bytes = (live_end + count_bytes + (size_t)runs + 63) / 64 * 64;
+    char *block = gemm_workspace(bytes);
+    if (!block) return -2;
+    float *panels = (float *)block;
+    uint16_t *live = (uint16_t *)(block + panels_end);
+    int *live_count = (int *)(block + live_end);
+    char *run_sparse = block + live_end + count_bytes;
     pack_rows_of_six(x, m, k, panels, live, live_count, threads);
     /* a run is sparse where some panel has inputs to skip in it; worked out once, not per tile of W */
     for (int64_t run = 0; run < runs; run++) {
@@ -377,9 +426,13 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
     }
     int failed = 0;
     /* runs are taken a chunk at a time, every tile of W passing over one chunk's slice of the panels before the
-     * next chunk starts (see GEMM_X_CHUNK_BYTES); each output still adds its runs in ascending order */
+     * next chunk starts (see GEMM_X_CHUNK_BYTES); each output still adds its runs in ascending order. Where one run
+     * of all the rows is larger than a chunk (a feature map of tens of thousands of pixels), the rows are taken a
+     * block at a time as well, each tile packed again per block (a small cost beside the block's products). */
     const int64_t run_bytes = n_panels * 6 * GEMM_KC * (int64_t)sizeof(float);
     const int64_t chunk_runs = run_bytes >= GEMM_X_CHUNK_BYTES ? 1 : GEMM_X_CHUNK_BYTES / run_bytes;
+    int64_t block_rows = GEMM_X_CHUNK_BYTES / (GEMM_KC * (int64_t)sizeof(float)) / GEMM_MC * GEMM_MC;
+    if (run_bytes <= GEMM_X_CHUNK_BYTES || block_rows < GEMM_MC) block_rows = m;
     #pragma omp parallel num_threads(threads)
     {
         float *strips = aligned_alloc(64, sizeof(float) * GEMM_ROWS * GEMM_KC * 2);  /* strips, then scratch */
@@ -387,22 +440,22 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
             #pragma omp atomic write
             failed = 1;
         }
-        for (int64_t first = 0; first < runs; first += chunk_runs) {
-            const int64_t last = first + chunk_runs < runs ? first + chunk_runs : runs;
-            #pragma omp for schedule(dynamic)
-            for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
-                if (!strips) continue;
-                for (int64_t run = first; run < last; run++)
-                    gemm_tile_run(weights, n, k, m, row0, run, panels, live, live_count, runs, run_sparse[run],
-                                  strips, y);
+        for (int64_t rows = 0; rows < m; rows += block_rows) {
+            const int64_t rows_end = rows + block_rows < m ? rows + block_rows : m;
+            for (int64_t first = 0; first < runs; first += chunk_runs) {
+                const int64_t last = first + chunk_runs < runs ? first + chunk_runs : runs;
+                #pragma omp for schedule(dynamic)
+                for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
+                    if (!strips) continue;
+                    for (int64_t run = first; run < last; run++)
+                        gemm_tile_run(weights, n, k, m, rows, rows_end, row0, run, panels, live, live_count, runs,
+                                      run_sparse[run], strips, y);
+                }
             }
         }
         free(strips);
     }
-    free(panels);
-    free(live);
-    free(live_count);
-    free(run_sparse);
+    gemm_workspace_done(block, bytes);
     return failed ? -2 : 0;
 }
 
@@ -426,6 +479,13 @@ EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const
     return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, m, y, threads);
 }
 
+/* y [m, n] = x [m, k] W^T for W float32 rows [n, k] (k a multiple of 8): as above. */
+EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+    if (!have_avx2() || k % 8 || k <= 0 || m <= 0 || n <= 0) return -1;
+    f32_rows rows = {w, n, k};
+    return gemm_packed((gemm_weights){f32_pack_strips, &rows}, n, k, x, m, y, threads);
+}
+
 /* y [m, n] = x [m, k] W^T for W int8 rows [n, k] with one scale per row (k a multiple of 8): as above. */
 EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const float *x,
                          int64_t m, float *y, int threads) {
@@ -445,6 +505,11 @@ EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, in
 EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                          int threads) {
     (void)type; (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+    (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
     return -1;
 }
 
