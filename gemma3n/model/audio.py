@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gemma3n.model.audio_attention import LocalRelativeAttention
-from gemma3n.model.layers import RMSNorm
+from gemma3n.model.layers import RMSNorm, linear_forward
 
 # Most norms of the tower use Gemma3nRMSNorm's default eps, not the config's rms_norm_eps (only the light conv's
 # norms read it); the values agree in the released config, but the reference's choice is kept.
@@ -118,7 +118,8 @@ class SubsampleConvProjection(nn.Module):
         for i in range(self.num_convs):
             x = getattr(self, f"conv_{i}")(x)
         b, c, t, f = x.shape
-        return self.input_proj_linear(x.permute(0, 2, 3, 1).reshape(b, t, f * c))  # features ordered f * C + c
+        # features ordered f * C + c
+        return linear_forward(self.input_proj_linear, x.permute(0, 2, 3, 1).reshape(b, t, f * c))
 
 
 class ConformerFeedForward(nn.Module):
@@ -133,7 +134,8 @@ class ConformerFeedForward(nn.Module):
         self.post_layer_norm = RMSNorm(hidden, _DEFAULT_NORM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.ffw_layer_2(F.silu(self.ffw_layer_1(self.pre_layer_norm(x.clamp(-self.clip, self.clip)))))
+        y = linear_forward(self.ffw_layer_1, self.pre_layer_norm(x.clamp(-self.clip, self.clip)))
+        y = linear_forward(self.ffw_layer_2, F.silu(y))
         return x + self.post_layer_norm(y.clamp(-self.clip, self.clip)) * self.residual_weight
 
 
@@ -150,7 +152,7 @@ class ConformerAttention(nn.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, _DEFAULT_NORM_EPS)
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
-        y = self.post(self.attn(self.pre_attn_norm(x.clamp(-self.clip, self.clip)), padding_mask))
+        y = linear_forward(self.post, self.attn(self.pre_attn_norm(x.clamp(-self.clip, self.clip)), padding_mask))
         return x + self.post_norm(y.clamp(-self.clip, self.clip))
 
 
@@ -167,9 +169,9 @@ class LightConv1d(nn.Module):
         self.linear_end = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
-        y = F.glu(self.linear_start(self.pre_layer_norm(x)), dim=-1)  # first half * sigmoid(second half)
+        y = F.glu(linear_forward(self.linear_start, self.pre_layer_norm(x)), dim=-1)  # first half * sigmoid(second)
         y = self.depthwise_conv1d(F.pad(y.transpose(1, 2), (self.causal_padding, 0))).transpose(1, 2)
-        return x + self.linear_end(F.silu(self.conv_norm(y.clamp(-self.clip, self.clip))))
+        return x + linear_forward(self.linear_end, F.silu(self.conv_norm(y.clamp(-self.clip, self.clip))))
 
 
 class ConformerBlock(nn.Module):
@@ -184,9 +186,14 @@ class ConformerBlock(nn.Module):
         self.ffw_layer_end = ConformerFeedForward(cfg.hidden_size, cfg.residual_weight, self.clip)
         self.norm = RMSNorm(cfg.hidden_size, _DEFAULT_NORM_EPS)
 
-    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:  # (B, T, C), (B, T) True = pad
+    def forward(self, x: Tensor, padding_mask: Tensor, keep_every: int = 1) -> Tensor:  # (B, T, C), (B, T) True = pad
+        """`keep_every`: only every n-th frame of the output is wanted (the tower's last block, whose output is
+        taken every reduction_factor frames): the end FFW and norm work frame by frame, so they run on those
+        frames alone, a quarter of their products for the released configs."""
         x = self.attention(self.ffw_layer_start(x), padding_mask)
         x = self.lconv1d(x * (~padding_mask).unsqueeze(-1).to(x.dtype))
+        if keep_every > 1:
+            x = x[:, ::keep_every]
         return self.norm(self.ffw_layer_end(x).clamp(-self.clip, self.clip))
 
 
@@ -207,9 +214,12 @@ class AudioEncoder(nn.Module):
         # Each subsampled frame takes the mask of the first input frame of its receptive field.
         starts = (torch.arange(x.shape[1], device=x.device) * time_stride).clamp(max=padding_mask.shape[1] - 1)
         mask = padding_mask[:, starts]
-        for block in self.conformer:
-            x = block(x, mask)
-        x, mask = x[:, :: self.config.reduction_factor], mask[:, :: self.config.reduction_factor]
+        every = self.config.reduction_factor
+        for i, block in enumerate(self.conformer):
+            x = block(x, mask, keep_every=every if i == len(self.conformer) - 1 else 1)
+        if not len(self.conformer):
+            x = x[:, ::every]
+        mask = mask[:, ::every]
         return x.masked_fill(mask.unsqueeze(-1), 0.0), mask
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gemma3n.model.layers import linear_forward
+
 
 def timing_signal(distances: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     """(D,) distances -> (D, channels) sinusoids: sin half then cos half, timescales 1 .. 1e4, float32 then cast."""
@@ -62,8 +64,8 @@ class LocalRelativeAttention(nn.Module):
         heads = (b, t, self.num_heads, self.head_dim)
         # q_scale is a float32 buffer in the reference: rounded to the activation dtype (0.104003906 in bf16).
         q_scale = torch.tensor(self.q_scale, dtype=torch.float32).to(x.dtype)
-        q = self.q_proj(x).view(heads) * q_scale * F.softplus(self.per_dim_scale)
-        k, v = self.k_proj(x).view(heads), self.v_proj(x).view(heads)
+        q = linear_forward(self.q_proj, x).view(heads) * q_scale * F.softplus(self.per_dim_scale)
+        k, v = linear_forward(self.k_proj, x).view(heads), linear_forward(self.v_proj, x).view(heads)
         # ceil(t / chunk) written without a negative floor division: exporters turn // into ONNX's integer Div,
         # which truncates, so -(-t // chunk) would come out as floor(t / chunk) in an exported graph
         width, chunks = self.past + self.future + 1, (t + self.chunk - 1) // self.chunk

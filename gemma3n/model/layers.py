@@ -1,4 +1,5 @@
-"""Small numeric building blocks shared by the Gemma decoders: norms, RoPE, soft-capping, Gaussian top-k."""
+"""Small numeric building blocks shared by the Gemma decoders and towers: norms, RoPE, soft-capping, Gaussian top-k,
+the towers' linear products."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from .. import kernels
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +28,19 @@ class RMSNorm(nn.Module):
             # w + 0.0 is w itself (Gemma 3n), so that add is skipped; Gemma 3 adds its offset as a float32 constant
             h = h * (w + const(self.offset, torch.float32) if self.offset else w)
         return h if h.dtype == x.dtype else h.to(x.dtype)
+
+
+def linear_forward(module: nn.Module, x: Tensor) -> Tensor:
+    """module(x) for an encoder tower's linear layer: a plain float32 nn.Linear over many rows goes through the
+    library's float32 GEMM where that applies (kernels.f32_gemm_applies: each output summed in one order, whatever
+    the batch, the threads or the vector width; the reference's GEMM differs only in the order of the additions).
+    Any other module (quantised, adapted, bf16) is called as it is. Module hooks do not run on the library's path."""
+    if type(module) is nn.Linear and kernels.f32_gemm_applies(module.weight, x):
+        y = kernels.f32_gemm(module.weight, x)
+        if y is not None:
+            y = y.view(*x.shape[:-1], y.shape[-1])
+            return y if module.bias is None else y.add_(module.bias)
+    return module(x)
 
 
 def rms_norm_no_scale(x: Tensor, eps: float) -> Tensor:

@@ -131,6 +131,19 @@ def test_conformer_block(tiny):
     torch.testing.assert_close(ours(x, mask), reference(x, mask), **TOL)
 
 
+@pytest.mark.parametrize("every", [2, 4])
+def test_last_block_computes_only_the_frames_kept(tiny, every):
+    """The tower's last block runs its end FFW and norm on every reduction_factor-th frame only (they work frame by
+    frame): those frames are the reference block's, and the block's end FFW sees only them."""
+    reference = randomize(ref.Gemma3nAudioConformerBlock(tiny), 5)
+    ours = _copy(ConformerBlock(AudioConfig.from_dict(tiny.to_dict())), reference)
+    x, mask = _hidden(tiny)
+    rows = []
+    ours.ffw_layer_end.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    torch.testing.assert_close(ours(x, mask, keep_every=every), reference(x, mask)[:, ::every], **TOL)
+    assert rows == [-(-x.shape[1] // every)]
+
+
 def test_builds_on_meta_device_with_checkpoint_keys():
     with torch.device("meta"):
         tower = build_audio_tower(Gemma3nAudioConfig().to_dict())  # the released sizes
