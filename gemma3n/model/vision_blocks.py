@@ -36,9 +36,14 @@ class RMSNorm2d(nn.Module):
         self.eps, self.act = eps, act
         self.weight = nn.Parameter(torch.ones(channels))
 
-    def forward(self, x: Tensor, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, gamma: Tensor | None = None, residual: Tensor | None = None,
+                x_is_temporary: bool = False) -> Tensor:
+        """`x_is_temporary`: the caller holds no other reference to x (a conv's fresh output), so the fused pass may
+        write over it: a map of tens of MB not allocated again, whose first touch of each page costs more than the
+        norm's arithmetic on a 768 px image."""
         if kernels.channel_norm_applies(x, residual, self.weight, gamma):
-            return kernels.channel_rms_norm(x, self.weight, self.eps, self.act, gamma, residual)
+            return kernels.channel_rms_norm(x, self.weight, self.eps, self.act, gamma, residual,
+                                            out=x if x_is_temporary else None)
         x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight.view(1, -1, 1, 1)
         if self.act:
             x = gelu_tanh(x)
@@ -79,6 +84,23 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 
     return nn.Conv2d(in_ch, out_ch, kernel, stride, padding=padding, groups=groups, bias=bias)
 
 
+def apply_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """conv(x); a plain 1x1 conv of a channels-last float32 map is the product of its pixels [N*H*W, C_in] with the
+    weight [C_out, C_in], and goes through the library's float32 GEMM where that applies (kernels.f32_gemm_applies),
+    its rows of output already the channels-last map."""
+    if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding == (0, 0) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        n, c, h, w = x.shape
+        weight, pixels = conv.weight.reshape(conv.out_channels, c), x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        if kernels.f32_gemm_applies(weight, pixels):
+            y = kernels.f32_gemm(weight, pixels)
+            if y is not None:
+                if conv.bias is not None:
+                    y.add_(conv.bias)
+                return y.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
+    return conv(x)
+
+
 class ConvNorm(nn.Module):
     """conv -> RMSNorm2d (-> GELU-tanh when act) (-> times gamma) (-> plus residual)."""
 
@@ -89,7 +111,7 @@ class ConvNorm(nn.Module):
         self.bn = RMSNorm2d(out_ch, act=act)
 
     def forward(self, x: Tensor, gamma: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-        return self.bn(self.conv(x), gamma, residual)
+        return self.bn(apply_conv(self.conv, x), gamma, residual, x_is_temporary=True)
 
 
 class EdgeResidual(nn.Module):
@@ -106,7 +128,8 @@ class EdgeResidual(nn.Module):
         self.bn2 = RMSNorm2d(out_ch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bn2(self.conv_pwl(self.bn1(self.conv_exp(x))), residual=x if self.has_skip else None)
+        y = self.bn1(self.conv_exp(x), x_is_temporary=True)
+        return self.bn2(apply_conv(self.conv_pwl, y), residual=x if self.has_skip else None, x_is_temporary=True)
 
 
 class UniversalInvertedResidual(nn.Module):
@@ -146,7 +169,7 @@ class Pointwise(nn.Module):
         self.proj = nn.Conv2d(in_ch, out_ch, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
+        return apply_conv(self.proj, x)
 
 
 class KeyValueProjection(nn.Module):
@@ -161,8 +184,8 @@ class KeyValueProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.down_conv is not None:
-            x = self.norm(self.down_conv(x))
-        return self.proj(x)
+            x = self.norm(self.down_conv(x), x_is_temporary=True)
+        return apply_conv(self.proj, x)
 
 
 class MultiQueryAttention2d(nn.Module):
@@ -180,12 +203,13 @@ class MultiQueryAttention2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, _, h, w = x.shape
         # Query channels are head-major (channel = head * head_dim + j); tokens are pixels in row-major order.
-        # The .contiguous() calls lay tensors out as the reference does, so the same kernels run: bit-identical.
+        # The .contiguous() calls lay q, k, v out as the reference does, so the same attention kernel runs; the
+        # output leaves channels-last, the layout the output projection takes as a GEMM of its pixels.
         q = self.query(x).reshape(n, self.heads, self.head_dim, h * w).transpose(-1, -2).contiguous()  # (N,h,HW,D)
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, HW', D), broadcast over heads
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
-        o = o.transpose(1, 2).reshape(n, h, w, self.heads * self.head_dim).permute(0, 3, 1, 2).contiguous()
+        o = o.transpose(1, 2).reshape(n, h, w, self.heads * self.head_dim).permute(0, 3, 1, 2)
         return self.output(o)
 
 
@@ -229,4 +253,4 @@ class MultiScaleFusionAdapter(nn.Module):
                 x = F.interpolate(x, size=(r, r), mode="bilinear")
             else:  # an exact multiple: plain average pooling, as the reference does
                 x = F.avg_pool2d(x, kernel_size=(size[0] // r, size[1] // r))
-        return self.norm(x)
+        return self.norm(x, x_is_temporary=True)

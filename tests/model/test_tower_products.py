@@ -1,5 +1,6 @@
-"""The encoder towers' float32 products through the library's GEMM (layers.linear_forward for linear layers)
-against PyTorch's own modules on the same inputs and the GEMM's own output. The towers as a whole are compared with transformers' in
+"""The encoder towers' float32 products through the library's GEMM (layers.linear_forward for linear layers,
+vision_blocks.apply_conv for 1x1 convs) and the vision norms written over temporary maps, against PyTorch's own
+modules on the same inputs and the GEMM's own output. The towers as a whole are compared with transformers' in
 tests/reference/test_audio_encoder.py and tests/model/test_vision.py, at sizes where these paths run."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from gemma3n import kernels
 from gemma3n.model.layers import linear_forward
+from gemma3n.model.vision_blocks import RMSNorm2d, apply_conv
 
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -46,3 +48,43 @@ def test_linear_forward_leaves_other_modules_to_themselves():
         x = randn(100, 512, seed=15)
         assert torch.equal(linear_forward(layer, x), layer(x))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_1x1_conv_of_a_channels_last_map_is_its_pixels_product(bias):
+    conv = nn.Conv2d(640, 1024, 1, bias=bias).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.copy_(randn(1024, 640, 1, 1, seed=16, scale=0.05))
+        x = randn(2, 640, 6, 7, seed=17).contiguous(memory_format=torch.channels_last)  # 84 pixels
+        y = apply_conv(conv, x)
+        assert y.shape == (2, 1024, 6, 7) and y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, 640)
+        if kernels.f32_gemm_applies(conv.weight.reshape(1024, 640), pixels):
+            gemm = kernels.f32_gemm(conv.weight.reshape(1024, 640), pixels)
+            expected = (gemm + conv.bias if bias else gemm).view(2, 6, 7, 1024).permute(0, 3, 1, 2)
+            assert torch.equal(y, expected)
+        nchw = x.contiguous()  # not channels-last, a strided conv, a 3x3 conv: the conv itself
+        assert torch.equal(apply_conv(conv, nchw), conv(nchw))
+        for other in (nn.Conv2d(640, 1024, 1, stride=2, bias=bias), nn.Conv2d(640, 1024, 3, padding=1, bias=bias)):
+            assert torch.equal(apply_conv(other, x), other(x))
+
+
+def test_the_norm_of_a_temporary_map_is_written_over_it():
+    """RMSNorm2d(x_is_temporary=True) on a float32 channels-last map writes into x (no new map) the values the
+    norm gives into a new map; without the flag, or where the fused pass does not apply, x is left as it was."""
+    norm = RMSNorm2d(24, act=True)
+    with torch.no_grad():
+        norm.weight.copy_(randn(24, seed=18))
+        gamma, x = randn(24, seed=19), randn(2, 24, 5, 6, seed=20).contiguous(memory_format=torch.channels_last)
+        residual = randn(2, 24, 5, 6, seed=21).contiguous(memory_format=torch.channels_last)
+        kept = x.clone()
+        expected = norm(x, gamma, residual)
+        assert torch.equal(x, kept)
+        got = norm(x, gamma, residual, x_is_temporary=True)
+        assert torch.equal(got, expected)
+        if kernels.channel_norm_applies(kept, residual, norm.weight, gamma):
+            assert got.data_ptr() == x.data_ptr()
+        nchw = kept.contiguous()
+        assert torch.equal(norm(nchw, x_is_temporary=True), norm(kept.contiguous()))
+        assert torch.equal(nchw, kept)  # the PyTorch path never writes over its input
