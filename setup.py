@@ -9,7 +9,8 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "gemma3n.kernels._native", ["gemma3n/kernels/native.c"],
     depends=[f"gemma3n/kernels/{name}"
-             for name in ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")],
+             for name in ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c",
+                          "depthwise_conv.c")],
     extra_compile_args=["-O3", "-fopenmp", "-fvisibility=hidden", "-std=c11"],
     extra_link_args=["-fopenmp"],
     optional=True,

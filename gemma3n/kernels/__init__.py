@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 12
+ABI_VERSION = 13
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
-INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c")
+INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c",
+                    "depthwise_conv.c")
 _SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in INCLUDED_SOURCES))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
@@ -156,6 +157,8 @@ def _declare(lib) -> None:
     lib.g3n_avx512.argtypes, lib.g3n_avx512.restype = [], i32
     lib.g3n_channel_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32, i32, i32]
     lib.g3n_channel_rms_norm.restype = i32
+    lib.g3n_depthwise_conv.argtypes = [p, p, p, p, i64, i64, i64, i64, *[i32] * 6, i64, i64, i32, i32]
+    lib.g3n_depthwise_conv.restype = i32
     for f in (lib.g3n_gguf_matmul, lib.g3n_gguf_dequantize, lib.g3n_int8_matmul, lib.g3n_int4_matmul,
               lib.g3n_round_activations, lib.g3n_q8_supported, lib.g3n_gguf_matmul_q8, lib.g3n_int8_matmul_q8,
               lib.g3n_int4_matmul_q8, lib.g3n_int4_rows_matmul, lib.g3n_int4_tiles_to_rows, lib.g3n_gguf_matmul_pairs,
@@ -538,4 +541,25 @@ def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, act: bool = False, g
                                        else None), _ptr(residual), out.data_ptr(), x.numel() // c, c, eps, int(act),
                                        torch.get_num_threads(), VECTORISED)
     _check(rc, "channel RMS norm")
+    return out
+
+
+def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], top: int, left: int,
+                   out_size: tuple[int, int]) -> Tensor:
+    """Depthwise conv of x (N, C, H, W) channels-last float32 by weight (C, 1, kh, kw), zero padding `top` / `left`
+    implicit (the bottom and right follow from `out_size`): (N, C, oh, ow) channels-last, each output the bias plus
+    one FMA per tap inside the map in row-major tap order (depthwise_conv.c). Check `channel_norm_applies` (the same
+    conditions on the map) and that weight has one filter per channel first."""
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    if weight.shape != (c, 1, kh, kw) or (bias is not None and bias.shape != (c,)):
+        raise ValueError(f"a depthwise weight (C, 1, kh, kw) and bias (C,) for {c} channels, got "
+                         f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
+    taps = weight.detach().float().reshape(c, kh * kw).t().contiguous()  # [kh * kw][C]: a tap's weights contiguous
+    params = None if bias is None else bias.detach().float().contiguous()
+    out = torch.empty(n, c, *out_size, memory_format=torch.channels_last)
+    rc = native().g3n_depthwise_conv(x.data_ptr(), taps.data_ptr(), _ptr(params), out.data_ptr(), n, h, w, c, kh, kw,
+                                     stride[0], stride[1], top, left, out_size[0], out_size[1],
+                                     torch.get_num_threads(), VECTORISED)
+    _check(rc, "depthwise conv")
     return out

@@ -67,12 +67,16 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow "SAME" padding computed from the input size: for a stride-2 conv on an even input
     the extra pixel goes right/bottom (asymmetric), which PyTorch's symmetric padding cannot express."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def same_pads(self, x: Tensor) -> list[int]:
+        """[left, right, top, bottom] for this input, F.pad's order."""
         pads = []
         for size, k, s, d in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads += [total // 2, total - total // 2]  # (left, right) then (top, bottom)
-        return super().forward(F.pad(x, pads))
+            pads += [total // 2, total - total // 2]
+        return pads
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.same_pads(x)))
 
 
 def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False,
@@ -85,9 +89,15 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 
 
 
 def apply_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """conv(x); a plain 1x1 conv of a channels-last float32 map is the product of its pixels [N*H*W, C_in] with the
-    weight [C_out, C_in], and goes through the library's float32 GEMM where that applies (kernels.f32_gemm_applies),
-    its rows of output already the channels-last map."""
+    """conv(x); for a channels-last float32 map, two kinds go through the library:
+    - a plain 1x1 conv is the product of the pixels [N*H*W, C_in] with the weight [C_out, C_in]: the float32 GEMM
+      where that applies (kernels.f32_gemm_applies), its rows of output already the channels-last map;
+    - a depthwise conv reads the map where it lies, its padding (symmetric, or "SAME"'s extra right / bottom pixel)
+      implicit (kernels.depthwise_conv), where PyTorch's conv needs a padded copy for "SAME"."""
+    if (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and x.dim() == 4 and kernels.VECTORISED and kernels.channel_norm_applies(x, None, conv.weight, conv.bias)):
+        return _depthwise(conv, x)
     if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
             and conv.padding == (0, 0) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         n, c, h, w = x.shape
@@ -99,6 +109,19 @@ def apply_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
                     y.add_(conv.bias)
                 return y.view(n, h, w, conv.out_channels).permute(0, 3, 1, 2)
     return conv(x)
+
+
+def _depthwise(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    h, w = x.shape[-2:]
+    if isinstance(conv, SameConv2d):
+        left, right, top, bottom = conv.same_pads(x)
+    else:
+        (top, left), (bottom, right) = conv.padding, conv.padding
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    out_size = ((h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1)
+    if min(out_size) <= 0:
+        return conv(x)  # a map smaller than the kernel: PyTorch's conv says so
+    return kernels.depthwise_conv(x, conv.weight, conv.bias, (sh, sw), top, left, out_size)
 
 
 class ConvNorm(nn.Module):
@@ -184,7 +207,7 @@ class KeyValueProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.down_conv is not None:
-            x = self.norm(self.down_conv(x), x_is_temporary=True)
+            x = self.norm(apply_conv(self.down_conv, x), x_is_temporary=True)
         return apply_conv(self.proj, x)
 
 

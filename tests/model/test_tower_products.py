@@ -10,7 +10,7 @@ from torch import nn
 
 from gemma3n import kernels
 from gemma3n.model.layers import linear_forward
-from gemma3n.model.vision_blocks import RMSNorm2d, apply_conv
+from gemma3n.model.vision_blocks import RMSNorm2d, SameConv2d, apply_conv, conv2d
 
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -88,3 +88,38 @@ def test_the_norm_of_a_temporary_map_is_written_over_it():
         nchw = kept.contiguous()
         assert torch.equal(norm(nchw, x_is_temporary=True), norm(kept.contiguous()))
         assert torch.equal(nchw, kept)  # the PyTorch path never writes over its input
+
+
+
+@pytest.mark.parametrize("kernel, stride, size, same", [(3, 2, 16, True), (5, 2, 16, True), (5, 2, 15, True),
+                                                        (3, 1, 9, True), (5, 1, 8, False), (3, 2, 11, False)])
+@pytest.mark.parametrize("channels", [44, 72])
+def test_a_depthwise_conv_reads_the_map_with_its_padding_implicit(kernel, stride, size, same, channels, monkeypatch):
+    """The library's depthwise conv against PyTorch's on the same (channels-last) map, "SAME" padding (one more
+    pixel right and bottom than left and top on an even map) and symmetric; channels past a multiple of 8 and of
+    the 32 a pass keeps; with and without bias. The portable loop and the vector one give the same bits."""
+    conv = conv2d(channels, channels, kernel, stride, groups=channels, bias=True, same_padding=same)
+    conv = conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.copy_(randn(channels, 1, kernel, kernel, seed=kernel))
+        conv.bias.copy_(randn(channels, seed=channels))
+        x = randn(2, channels, size, size + 1, seed=size).contiguous(memory_format=torch.channels_last)
+        for with_bias in (True, False):
+            if not with_bias:
+                conv.bias = None
+            expected, got = conv(x), apply_conv(conv, x)
+            assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            if kernels.native() is None:
+                continue
+            dynamic = isinstance(conv, SameConv2d)  # else PyTorch's own symmetric padding
+            left, _, top, _ = conv.same_pads(x) if dynamic else [conv.padding[1], 0, conv.padding[0], 0]
+            by_library = kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride, top, left,
+                                                tuple(expected.shape[-2:]))
+            torch.testing.assert_close(by_library, expected, atol=1e-5, rtol=1e-5)
+            if kernels.native().g3n_vectorised():
+                assert torch.equal(got, by_library)  # the layer took the library's path
+                monkeypatch.setattr(kernels, "VECTORISED", False)
+                assert torch.equal(kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride, top, left,
+                                                          tuple(expected.shape[-2:])), by_library)
+                monkeypatch.setattr(kernels, "VECTORISED", True)

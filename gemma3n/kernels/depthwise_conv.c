@@ -1,0 +1,100 @@
+/* Depthwise 2-D convolution of a channels-last feature map (MobileNet-V5's depthwise convs), with its zero padding
+ * implicit: any top / left padding (the bottom and right follow from the output size), so TensorFlow's "SAME" padding
+ * of a stride-2 conv, one pixel more on the right and bottom than on the left and top, needs no padded copy.
+ *
+ * Why: PyTorch's conv takes only symmetric padding, so the reference pads the map first: on a 768 px image that is
+ * a copy of up to 114 MB per strided conv, freshly allocated (its first touch of each page costs more than the
+ * copy). Here the map is read where it lies.
+ *
+ * Each output is bias (or 0) plus, for each tap in row-major order (ky, then kx) that falls inside the map, one
+ * fused multiply-add of input and weight: taps in the padding add nothing, as zeros do. Vectors span channels, never
+ * a sum, and the portable loop uses fmaf: both give the same bits. PyTorch's kernels sum the taps in an order of
+ * their own, so the outputs differ from theirs in float32 rounding only. Included by native.c. */
+
+#define DW_CHANNELS 32  /* channels a pass keeps in registers: four 8-wide accumulators */
+
+/* out[oy][ox][c] for channels c0 .. c0 + cn - 1 of one output row */
+static void depthwise_row_portable(const float *x, const float *w, const float *bias, float *out, int64_t h,
+                                   int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left,
+                                   int64_t oy, int64_t ow) {
+    for (int64_t ox = 0; ox < ow; ox++) {
+        float *o = out + ox * c;
+        for (int64_t ch = 0; ch < c; ch++) o[ch] = bias ? bias[ch] : 0.0f;
+        for (int ky = 0; ky < kh; ky++) {
+            int64_t iy = oy * sh - top + ky;
+            if (iy < 0 || iy >= h) continue;
+            for (int kx = 0; kx < kw; kx++) {
+                int64_t ix = ox * sw - left + kx;
+                if (ix < 0 || ix >= wd) continue;
+                const float *xp = x + (iy * wd + ix) * c, *wp = w + ((int64_t)ky * kw + kx) * c;
+                for (int64_t ch = 0; ch < c; ch++) o[ch] = fmaf(xp[ch], wp[ch], o[ch]);
+            }
+        }
+    }
+}
+
+#ifdef G3N_X86
+AVX2 static void depthwise_row_avx2(const float *x, const float *w, const float *bias, float *out, int64_t h,
+                                    int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left,
+                                    int64_t oy, int64_t ow) {
+    const int64_t full = c / 8 * 8;
+    for (int64_t ox = 0; ox < ow; ox++) {
+        float *o = out + ox * c;
+        int64_t c0 = 0;
+        for (; c0 < full; c0 += DW_CHANNELS) {
+            const int vecs = full - c0 >= DW_CHANNELS ? DW_CHANNELS / 8 : (int)((full - c0) / 8);
+            __m256 acc[DW_CHANNELS / 8];
+            for (int v = 0; v < vecs; v++) acc[v] = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
+            for (int ky = 0; ky < kh; ky++) {
+                int64_t iy = oy * sh - top + ky;
+                if (iy < 0 || iy >= h) continue;
+                for (int kx = 0; kx < kw; kx++) {
+                    int64_t ix = ox * sw - left + kx;
+                    if (ix < 0 || ix >= wd) continue;
+                    const float *xp = x + (iy * wd + ix) * c + c0, *wp = w + ((int64_t)ky * kw + kx) * c + c0;
+                    for (int v = 0; v < vecs; v++)
+                        acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * v), _mm256_loadu_ps(wp + 8 * v), acc[v]);
+                }
+            }
+            for (int v = 0; v < vecs; v++) _mm256_storeu_ps(o + c0 + 8 * v, acc[v]);
+        }
+        for (int64_t ch = full; ch < c; ch++) {  /* channels past the last multiple of 8: the portable sum */
+            float s = bias ? bias[ch] : 0.0f;
+            for (int ky = 0; ky < kh; ky++) {
+                int64_t iy = oy * sh - top + ky;
+                if (iy < 0 || iy >= h) continue;
+                for (int kx = 0; kx < kw; kx++) {
+                    int64_t ix = ox * sw - left + kx;
+                    if (ix >= 0 && ix < wd) s = fmaf(x[(iy * wd + ix) * c + ch], w[((int64_t)ky * kw + kx) * c + ch], s);
+                }
+            }
+            o[ch] = s;
+        }
+    }
+}
+#endif
+
+/* x [n][h][wd][c] (channels last), w [kh][kw][c], bias [c] or NULL -> out [n][oh][ow][c]; tap (ky, kx) of output
+ * (oy, ox) reads input (oy * sh - top + ky, ox * sw - left + kx), zero outside the map. 0, or -1: bad arguments. */
+EXPORT int g3n_depthwise_conv(const float *x, const float *w, const float *bias, float *out, int64_t n, int64_t h,
+                              int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left, int64_t oh,
+                              int64_t ow, int threads, int vec) {
+    if (n < 0 || h <= 0 || wd <= 0 || c <= 0 || kh <= 0 || kw <= 0 || sh <= 0 || sw <= 0 || top < 0 || left < 0 ||
+        oh < 0 || ow < 0)
+        return -1;
+    vec = vec && have_avx2();
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * oh * ow * c > (1 << 14))
+    for (int64_t row = 0; row < n * oh; row++) {
+        const int64_t b = row / oh, oy = row % oh;
+        const float *xb = x + b * h * wd * c;
+        float *o = out + row * ow * c;
+#ifdef G3N_X86
+        if (vec) {
+            depthwise_row_avx2(xb, w, bias, o, h, wd, c, kh, kw, sh, sw, top, left, oy, ow);
+            continue;
+        }
+#endif
+        depthwise_row_portable(xb, w, bias, o, h, wd, c, kh, kw, sh, sw, top, left, oy, ow);
+    }
+    return 0;
+}
