@@ -228,7 +228,8 @@ class MultiQueryAttention2d(nn.Module):
         # Query channels are head-major (channel = head * head_dim + j); tokens are pixels in row-major order.
         # The .contiguous() calls lay q, k, v out as the reference does, so the same attention kernel runs; the
         # output leaves channels-last, the layout the output projection takes as a GEMM of its pixels.
-        q = self.query(x).reshape(n, self.heads, self.head_dim, h * w).transpose(-1, -2).contiguous()  # (N,h,HW,D)
+        q = self.query(x)  # channels-last as the conv or the GEMM leaves it: pixels by (head, j), one copy below
+        q = q.permute(0, 2, 3, 1).reshape(n, h * w, self.heads, self.head_dim).transpose(1, 2).contiguous()
         k = self.key(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()  # (N, 1, HW', D), broadcast over heads
         v = self.value(x).flatten(2).transpose(1, 2).unsqueeze(1).contiguous()
         o = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim)
@@ -249,8 +250,9 @@ class MobileAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.attn(self.norm(x))
-        if self.layer_scale is not None and self.has_skip:  # x + y * gamma in one pass
-            return torch.addcmul(x, y, self.layer_scale.gamma.view(1, -1, 1, 1))
+        if self.layer_scale is not None and self.has_skip:  # x + y * gamma in one pass, over y (a fresh map)
+            return torch.addcmul(x, y, self.layer_scale.gamma.view(1, -1, 1, 1), out=y if y.shape == x.shape and
+                                 y.stride() == x.stride() and not torch.is_grad_enabled() else None)
         if self.layer_scale is not None:
             y = self.layer_scale(y)
         return y + x if self.has_skip else y
