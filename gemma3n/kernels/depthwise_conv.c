@@ -13,35 +13,33 @@
 
 #define DW_CHANNELS 32  /* channels a pass keeps in registers: four 8-wide accumulators */
 
-/* out[oy][ox][c] for channels c0 .. c0 + cn - 1 of one output row */
-static void depthwise_row_portable(const float *x, const float *w, const float *bias, float *out, int64_t h,
-                                   int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left,
-                                   int64_t oy, int64_t ow) {
-    for (int64_t ox = 0; ox < ow; ox++) {
-        float *o = out + ox * c;
-        for (int64_t ch = 0; ch < c; ch++) o[ch] = bias ? bias[ch] : 0.0f;
-        for (int ky = 0; ky < kh; ky++) {
-            int64_t iy = oy * sh - top + ky;
-            if (iy < 0 || iy >= h) continue;
-            for (int kx = 0; kx < kw; kx++) {
-                int64_t ix = ox * sw - left + kx;
-                if (ix < 0 || ix >= wd) continue;
-                const float *xp = x + (iy * wd + ix) * c, *wp = w + ((int64_t)ky * kw + kx) * c;
-                for (int64_t ch = 0; ch < c; ch++) o[ch] = fmaf(xp[ch], wp[ch], o[ch]);
-            }
+/* out pixel (oy, ox), channels c_from .. c - 1: the portable sum, and the vector loop's channels past its last
+ * multiple of 8 */
+static void depthwise_pixel_portable(const float *x, const float *w, const float *bias, float *o, int64_t h,
+                                     int64_t wd, int64_t c, int64_t c_from, int kh, int kw, int sh, int sw, int top,
+                                     int left, int64_t oy, int64_t ox) {
+    for (int64_t ch = c_from; ch < c; ch++) o[ch] = bias ? bias[ch] : 0.0f;
+    for (int ky = 0; ky < kh; ky++) {
+        int64_t iy = oy * sh - top + ky;
+        if (iy < 0 || iy >= h) continue;
+        for (int kx = 0; kx < kw; kx++) {
+            int64_t ix = ox * sw - left + kx;
+            if (ix < 0 || ix >= wd) continue;
+            const float *xp = x + (iy * wd + ix) * c, *wp = w + ((int64_t)ky * kw + kx) * c;
+            for (int64_t ch = c_from; ch < c; ch++) o[ch] = fmaf(xp[ch], wp[ch], o[ch]);
         }
     }
 }
 
 #ifdef G3N_X86
+/* out row oy, every channel: DW_CHANNELS at a time in registers */
 AVX2 static void depthwise_row_avx2(const float *x, const float *w, const float *bias, float *out, int64_t h,
                                     int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left,
                                     int64_t oy, int64_t ow) {
     const int64_t full = c / 8 * 8;
     for (int64_t ox = 0; ox < ow; ox++) {
         float *o = out + ox * c;
-        int64_t c0 = 0;
-        for (; c0 < full; c0 += DW_CHANNELS) {
+        for (int64_t c0 = 0; c0 < full; c0 += DW_CHANNELS) {
             const int vecs = full - c0 >= DW_CHANNELS ? DW_CHANNELS / 8 : (int)((full - c0) / 8);
             __m256 acc[DW_CHANNELS / 8];
             for (int v = 0; v < vecs; v++) acc[v] = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
@@ -58,18 +56,7 @@ AVX2 static void depthwise_row_avx2(const float *x, const float *w, const float 
             }
             for (int v = 0; v < vecs; v++) _mm256_storeu_ps(o + c0 + 8 * v, acc[v]);
         }
-        for (int64_t ch = full; ch < c; ch++) {  /* channels past the last multiple of 8: the portable sum */
-            float s = bias ? bias[ch] : 0.0f;
-            for (int ky = 0; ky < kh; ky++) {
-                int64_t iy = oy * sh - top + ky;
-                if (iy < 0 || iy >= h) continue;
-                for (int kx = 0; kx < kw; kx++) {
-                    int64_t ix = ox * sw - left + kx;
-                    if (ix >= 0 && ix < wd) s = fmaf(x[(iy * wd + ix) * c + ch], w[((int64_t)ky * kw + kx) * c + ch], s);
-                }
-            }
-            o[ch] = s;
-        }
+        if (full < c) depthwise_pixel_portable(x, w, bias, o, h, wd, c, full, kh, kw, sh, sw, top, left, oy, ox);
     }
 }
 #endif
@@ -94,7 +81,8 @@ EXPORT int g3n_depthwise_conv(const float *x, const float *w, const float *bias,
             continue;
         }
 #endif
-        depthwise_row_portable(xb, w, bias, o, h, wd, c, kh, kw, sh, sw, top, left, oy, ow);
+        for (int64_t ox = 0; ox < ow; ox++)
+            depthwise_pixel_portable(xb, w, bias, o + ox * c, h, wd, c, 0, kh, kw, sh, sw, top, left, oy, ox);
     }
     return 0;
 }
