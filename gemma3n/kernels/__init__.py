@@ -511,9 +511,9 @@ def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
     return _gemm("g3n_gguf_gemm", (ggml_type, raw.data_ptr(), n, k), n, k, x, "GGUF GEMM")
 
 
-def channel_norm_applies(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:
-    """Whether `channel_rms_norm` takes the map x, its residual and its per-channel params: float32 on the CPU,
-    maps channels-last, outside autograd, with the library loaded."""
+def map_kernels_apply(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:
+    """Whether the library's feature-map kernels (`channel_rms_norm`, `depthwise_conv`) take the map x, a residual
+    map and per-channel params: float32 on the CPU, maps channels-last, outside autograd, with the library loaded."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False  # a graph being traced (torch.compile, torch.onnx / torch.export) records the PyTorch ops
     maps = [t for t in (x, residual) if t is not None]
@@ -528,7 +528,7 @@ def channel_rms_norm(x: Tensor, weight: Tensor, eps: float, act: bool = False, g
     """RMS norm over the channels of each pixel of x (N, C, H, W) channels-last, times `weight`, then GELU-tanh
     (act), times the per-channel `gamma`, plus `residual` (same shape and layout as x): one pass over the map,
     written to `out` (x itself allowed: each pixel is read whole before it is written), else to a new map.
-    Check `channel_norm_applies` first."""
+    Check `map_kernels_apply` first."""
     c = x.shape[1]
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual of shape {tuple(residual.shape)} for a map of shape {tuple(x.shape)}")
@@ -548,8 +548,8 @@ def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple
                    out_size: tuple[int, int]) -> Tensor:
     """Depthwise conv of x (N, C, H, W) channels-last float32 by weight (C, 1, kh, kw), zero padding `top` / `left`
     implicit (the bottom and right follow from `out_size`): (N, C, oh, ow) channels-last, each output the bias plus
-    one FMA per tap inside the map in row-major tap order (depthwise_conv.c). Check `channel_norm_applies` (the same
-    conditions on the map) and that weight has one filter per channel first."""
+    one FMA per tap inside the map in row-major tap order (depthwise_conv.c). Check `map_kernels_apply` and that
+    weight has one filter per channel first."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2:]
     if weight.shape != (c, 1, kh, kw) or (bias is not None and bias.shape != (c,)):

@@ -41,7 +41,7 @@ class RMSNorm2d(nn.Module):
         """`x_is_temporary`: the caller holds no other reference to x (a conv's fresh output), so the fused pass may
         write over it: a map of tens of MB not allocated again, whose first touch of each page costs more than the
         norm's arithmetic on a 768 px image."""
-        if kernels.channel_norm_applies(x, residual, self.weight, gamma):
+        if kernels.map_kernels_apply(x, residual, self.weight, gamma):
             return kernels.channel_rms_norm(x, self.weight, self.eps, self.act, gamma, residual,
                                             out=x if x_is_temporary else None)
         x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight.view(1, -1, 1, 1)
@@ -96,7 +96,7 @@ def apply_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
       implicit (kernels.depthwise_conv), where PyTorch's conv needs a padded copy for "SAME"."""
     if (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and x.dim() == 4 and kernels.VECTORISED and kernels.channel_norm_applies(x, None, conv.weight, conv.bias)):
+            and x.dim() == 4 and kernels.VECTORISED and kernels.map_kernels_apply(x, None, conv.weight, conv.bias)):
         return _depthwise(conv, x)
     if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
             and conv.padding == (0, 0) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):

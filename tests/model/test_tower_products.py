@@ -83,7 +83,7 @@ def test_the_norm_of_a_temporary_map_is_written_over_it():
         assert torch.equal(x, kept)
         got = norm(x, gamma, residual, x_is_temporary=True)
         assert torch.equal(got, expected)
-        if kernels.channel_norm_applies(kept, residual, norm.weight, gamma):
+        if kernels.map_kernels_apply(kept, residual, norm.weight, gamma):
             assert got.data_ptr() == x.data_ptr()
         nchw = kept.contiguous()
         assert torch.equal(norm(nchw, x_is_temporary=True), norm(kept.contiguous()))
