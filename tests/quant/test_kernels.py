@@ -81,10 +81,11 @@ def test_gguf_matmul_float_activations(qt, m, code_path, precision):
 
 
 @pytest.mark.parametrize("qt", [Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_0], ids=lambda t: t.name)
-@pytest.mark.parametrize("k", [608, 640])
+@pytest.mark.parametrize("k", [544, 576, 608, 640])
 def test_rows_of_an_odd_number_of_blocks(qt, k, code_path, precision):
-    """Rows of 19 or 20 blocks of 32 (the 512-bit kernels take blocks in pairs; an odd last one alone): each
-    output within float32 rounding of the float64 product, and a row's bits the same alone as in a batch."""
+    """Rows of 17 to 20 blocks of 32 (the 512-bit kernels take Q5_x blocks four at a time and the rest one by one,
+    Q4_0 / Q8_0 blocks in pairs): each output within float32 rounding of the float64 product, and a row's bits the
+    same alone as in a batch."""
     precision("float32")
     n = 40
     raw = torch.from_numpy(random_rows(qt, n, k, seed=k))
