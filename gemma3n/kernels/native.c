@@ -224,6 +224,7 @@ static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int 
 #ifdef G3N_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw")))  /* where have_avx512() */
+#define AVX512_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))  /* where have_avx512_vnni() */
 
 /* half -> float with the F16C instruction (exact, as half_to_float) */
 AVX2 static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
@@ -574,6 +575,15 @@ static int have_avx512(void) {
         cached = have_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     }
     return cached && avx512_allowed;
+}
+/* VNNI's vpdpbusd for the int8-activation kernels (512-bit, so also where have_avx512) */
+static int have_avx512_vnni(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512vnni");
+    }
+    return cached && have_avx512();
 }
 #else
 static int have_avx2(void) { return 0; }
@@ -1102,6 +1112,8 @@ typedef struct {
     int32_t *s16;   /* [k / 16] sums of q per 16 */
     float *fsum;    /* [k / 32] d * sum(q) per block: the block's sum of the rounded x */
     uint16_t *pair; /* [k / 2] (q[2i], q[2i+1]) as one 16-bit pattern (the int4 tile kernel broadcasts it) */
+    int8_t *halves; /* [k] per 128 values (four blocks): each block's first 16 q, then each block's last 16
+                     * (the order q8_legacy_avx512 meets them); values past the last 128 as in q */
 } qx_t;
 
 static void quantize_row(const float *x, int64_t k, qx_t *o) {
@@ -1125,11 +1137,16 @@ static void quantize_row(const float *x, int64_t k, qx_t *o) {
     }
     for (int64_t i = 0; i < k / 2; i++)
         o->pair[i] = (uint16_t)((uint8_t)o->q[2 * i] | ((uint16_t)(uint8_t)o->q[2 * i + 1] << 8));
+    int64_t whole = k / 128 * 128;
+    for (int64_t g = 0; g < whole; g += 128)
+        for (int h = 0; h < 2; h++)
+            for (int b = 0; b < 4; b++) memcpy(o->halves + g + 64 * h + 16 * b, o->q + g + 32 * b + 16 * h, 16);
+    memcpy(o->halves + whole, o->q + whole, (size_t)(k - whole));
 }
 
 /* m rows of x -> one allocation holding their qx_t parts; free with free(blocks). */
 static qx_t *quantize_rows(const float *x, int64_t m, int64_t k) {
-    size_t per = (size_t)k + (size_t)(k / XB) * 8 + (size_t)(k / 16) * 4 + (size_t)k + 64;
+    size_t per = (size_t)k + (size_t)(k / XB) * 8 + (size_t)(k / 16) * 4 + (size_t)k + (size_t)k + 64;
     qx_t *v = (qx_t *)malloc(sizeof(qx_t) * (size_t)m + per * (size_t)m);
     if (!v) return NULL;
     uint8_t *mem = (uint8_t *)(v + m);
@@ -1139,7 +1156,8 @@ static qx_t *quantize_rows(const float *x, int64_t m, int64_t k) {
         v[i].d = (float *)p; p += (k / XB) * 4;
         v[i].fsum = (float *)p; p += (k / XB) * 4;
         v[i].s16 = (int32_t *)p; p += (k / 16) * 4;
-        v[i].q = (int8_t *)p;
+        v[i].q = (int8_t *)p; p += k;
+        v[i].halves = (int8_t *)p;
         quantize_row(x + i * k, k, &v[i]);
     }
     return v;
@@ -1176,7 +1194,8 @@ AVX2 static inline __m256i bits_to_0x10(uint32_t bits) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
-AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+/* One row against one rounded activation row; Q4_0 / Q5_0 from block `first_block` on (row pointing at it). */
+AVX2 static float q8dot_gguf_from(int type, const uint8_t *row, const qx_t *x, int64_t k, int64_t first_block) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps();
     float corr = 0.0f;
@@ -1189,7 +1208,7 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
         break;
     case T_Q4_0: case T_Q5_0: {
         int five = type == T_Q5_0;
-        for (int64_t b = 0; b < k / 32; b++) {
+        for (int64_t b = first_block; b < k / 32; b++) {
             const uint8_t *qs = row + (five ? 6 : 2);
             __m128i raw = _mm_loadu_si128((const __m128i *)qs);
             __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
@@ -1231,6 +1250,58 @@ AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_
         return 0.0f;
     }
     return hsum8(acc) - corr;
+}
+
+/* Q4_0 / Q5_0 against int8 activations with 512-bit vectors and VNNI, four blocks at a time: the blocks' nibbles
+ * side by side, masked once for each block's values 0-15 and once, after a shift, for its values 16-31 (Q5_0: each
+ * fifth bit adds 16 under a byte mask), met by x's rounded values in that order (qx_t.halves) with vpdpbusd; lane
+ * group b sums block b, scaled by the product of the two blocks' scales. The offset (8 or 16) is taken out per
+ * block with x's block sum (qx_t.fsum). Integer sums are exact, so this is the AVX2 kernel's result up to the
+ * order of the float additions. Blocks past the last four are the AVX2 kernel's. */
+AVX512_VNNI static float q8_legacy_avx512(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+    const int five = type == T_Q5_0, bytes = five ? 22 : 18, qs_at = five ? 6 : 2;
+    const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
+    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 acc = _mm512_setzero_ps();
+    __m128 offsets = _mm_setzero_ps();
+    int64_t nb = k / 32, b = 0;
+    for (; b + 4 <= nb; b += 4, row += 4 * bytes) {
+        const uint8_t *r[4] = {row, row + bytes, row + 2 * bytes, row + 3 * bytes};
+        __m512i n = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r[0] + qs_at)));
+        n = _mm512_inserti32x4(n, _mm_loadu_si128((const __m128i *)(r[1] + qs_at)), 1);
+        n = _mm512_inserti32x4(n, _mm_loadu_si128((const __m128i *)(r[2] + qs_at)), 2);
+        n = _mm512_inserti32x4(n, _mm_loadu_si128((const __m128i *)(r[3] + qs_at)), 3);
+        __m512i lo = _mm512_and_si512(n, nib), hi = _mm512_and_si512(_mm512_srli_epi16(n, 4), nib);
+        uint64_t scales = 0;
+        for (int j = 0; j < 4; j++) scales |= (uint64_t)rd16(r[j]) << (16 * j);
+        if (five) {
+            uint64_t low_bits = 0, high_bits = 0;
+            for (int j = 0; j < 4; j++) {
+                uint64_t h = rd32(r[j] + 2);
+                low_bits |= (h & 0xFFFF) << (16 * j);
+                high_bits |= (h >> 16) << (16 * j);
+            }
+            lo = _mm512_mask_add_epi8(lo, (__mmask64)low_bits, lo, sixteen);
+            hi = _mm512_mask_add_epi8(hi, (__mmask64)high_bits, hi, sixteen);
+        }
+        const int8_t *xq = x->halves + 32 * b;
+        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xq));
+        sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512((const void *)(xq + 64)));
+        __m128 dw = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)scales));
+        __m128 dd = _mm_mul_ps(dw, _mm_loadu_ps(x->d + b));
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(quads, _mm512_castps128_ps512(dd)), _mm512_cvtepi32_ps(sums), acc);
+        offsets = _mm_fmadd_ps(dw, _mm_loadu_ps(x->fsum + b), offsets);
+    }
+    offsets = _mm_add_ps(offsets, _mm_movehl_ps(offsets, offsets));
+    offsets = _mm_add_ss(offsets, _mm_movehdup_ps(offsets));
+    float total = _mm512_reduce_add_ps(acc) - (five ? 16.0f : 8.0f) * _mm_cvtss_f32(offsets);
+    if (b < nb) total += q8dot_gguf_from(type, row, x, k, b);
+    return total;
+}
+
+AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+    if ((type == T_Q4_0 || type == T_Q5_0) && have_avx512_vnni()) return q8_legacy_avx512(type, row, x, k);
+    return q8dot_gguf_from(type, row, x, k, 0);
 }
 
 AVX2 static float q8dot_i8(const int8_t *w, const qx_t *x, int64_t k) {

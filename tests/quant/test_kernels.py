@@ -106,6 +106,23 @@ def test_round_activations_definition():
     assert torch.equal(kernels.round_activations(x), expected)
 
 
+@pytest.mark.parametrize("qt", [Q.Q4_0, Q.Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("k", [544, 576, 608, 640])
+def test_int8_activations_rows_of_any_number_of_blocks(qt, k, code_path, precision):
+    """Rows of 17 to 20 blocks (with VNNI the int8-activation kernels take blocks four at a time, the rest one by
+    one): the product of the dequantised weight with the rounded x, and a row's bits the same alone as in a batch."""
+    if not kernels.native().g3n_q8_supported(int(qt)):
+        pytest.skip("no AVX2 here: the float kernels run instead")
+    precision("int8")
+    raw = torch.from_numpy(random_rows(qt, 40, k, seed=k))
+    w = reference_weight(qt, raw.numpy(), 40, k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k))
+    xr = kernels.round_activations(x) if code_path != "portable" else x  # the portable C has float kernels only
+    y = kernels.gguf_matmul(qt, raw, k, x)
+    assert rel_err(y, xr.double() @ w.T) < TOL
+    assert torch.equal(kernels.gguf_matmul(qt, raw, k, x[1:2]), y[1:2])
+
+
 @pytest.mark.parametrize("qt", INT8_ACTIVATION_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 2])
 def test_gguf_matmul_int8_activations(qt, m, precision):
