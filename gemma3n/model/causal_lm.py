@@ -36,7 +36,9 @@ class TiedCausalLM(nn.Module):
         table = self.model.embed_tokens
         # a quantised table (gemma3n.quant.Int8Embedding) is its own head: one copy serves both directions
         logits = table.linear(hidden) if hasattr(table, "linear") else F.linear(hidden, table.weight)
-        return softcap(logits if logits.dtype == torch.float32 else logits.float(), self.config.final_logit_softcapping)
+        # the product's output is a fresh tensor of ours: the cap may write over it
+        return softcap(logits if logits.dtype == torch.float32 else logits.float(), self.config.final_logit_softcapping,
+                       x_is_temporary=True)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False, inputs_embeds: Tensor | None = None) -> Tensor:

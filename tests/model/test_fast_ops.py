@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from gemma3n.model.layers import RMSNorm, RotaryEmbedding, additive_mask, apply_rope, const, rms_norm_no_scale, \
-    rotate, scalar_operand
+    rotate, scalar_operand, softcap
 
 
 def _plain_rms_norm(x, weight, eps, offset):
@@ -62,3 +62,20 @@ def test_scalar_operands_same_bits_as_python_floats(dtype):
         assert torch.equal(x / scalar_operand(value, dtype), x / value)
         assert torch.equal(x + scalar_operand(value, dtype), x + value)
         assert torch.equal(x * const(value, dtype), x * torch.tensor(value, dtype=dtype))
+
+
+def test_softcap_over_a_temporary_same_bits_and_autograd_kept():
+    """The head's cap written over its fresh logits gives the plain expression's bits; where autograd needs the
+    input (fine-tuning), the input is left alone and gradients flow."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 1000, generator=g) * 40
+    plain = torch.tanh(logits / 30.0) * 30.0
+    temporary = logits.clone()
+    out = softcap(temporary, 30.0, x_is_temporary=True)
+    assert torch.equal(out, plain) and out.data_ptr() == temporary.data_ptr()
+    leaf = logits.clone().requires_grad_(True)
+    out = softcap(leaf, 30.0, x_is_temporary=True)
+    assert torch.equal(leaf.detach(), logits) and torch.equal(out.detach(), plain)
+    out.sum().backward()
+    assert torch.allclose(leaf.grad, 1 - torch.tanh(logits / 30.0) ** 2, atol=1e-6)
+    assert softcap(logits, None, x_is_temporary=True) is logits
