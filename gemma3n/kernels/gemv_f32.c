@@ -71,8 +71,9 @@ AVX2 static float dot_q5_exact(int type, const uint8_t *row, const float *xl, co
  * one copy of the nibbles per half, this takes half the shuffles and one vector of scales per four blocks; on an
  * AMD Zen 4 core a row of 640 values ran ~1.5x as fast. The blocks past the last four are the AVX2 kernel's. The
  * same products, summed in another order. */
-AVX512 static float dot_q5_exact_avx512(int type, const uint8_t *row, const float *xp, const float *xs, int64_t nb) {
-    const int has_min = type == T_Q5_1, bytes = has_min ? 24 : 22, bits_at = has_min ? 4 : 2;
+AVX512 static inline __attribute__((always_inline)) float q5_exact_avx512(int has_min, const uint8_t *row,
+                                                                        const float *xp, const float *xs, int64_t nb) {
+    const int type = has_min ? T_Q5_1 : T_Q5_0, bytes = has_min ? 24 : 22, bits_at = has_min ? 4 : 2;
     const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
     const __m512i k0 = _mm512_set1_epi32(0x1F), k1 = _mm512_set1_epi32(0x1F00), k2 = _mm512_set1_epi32(0x1F0000);
     const __m512i k3 = _mm512_set1_epi32(0x1F000000);
@@ -119,6 +120,11 @@ AVX512 static float dot_q5_exact_avx512(int type, const uint8_t *row, const floa
     float total = _mm512_reduce_add_ps(acc) + (has_min ? 1.0f : -16.0f) * _mm_cvtss_f32(offsets);
     if (i < nb) total += dot_q5_exact(type, row, xp, xs + i, nb - i);
     return total;
+}
+
+/* q5_exact_avx512 compiled once per type, so that neither carries the other's branches in its loop */
+AVX512 static float dot_q5_exact_avx512(int type, const uint8_t *row, const float *xp, const float *xs, int64_t nb) {
+    return type == T_Q5_1 ? q5_exact_avx512(1, row, xp, xs, nb) : q5_exact_avx512(0, row, xp, xs, nb);
 }
 
 /* The eight 6-bit scales and minimums of a Q4_K / Q5_K super-block (kquant_scale_min, eight at a time), as bytes. */

@@ -1258,8 +1258,9 @@ AVX2 static float q8dot_gguf_from(int type, const uint8_t *row, const qx_t *x, i
  * group b sums block b, scaled by the product of the two blocks' scales. The offset (8 or 16) is taken out per
  * block with x's block sum (qx_t.fsum). Integer sums are exact, so this is the AVX2 kernel's result up to the
  * order of the float additions. Blocks past the last four are the AVX2 kernel's. */
-AVX512_VNNI static float q8_legacy_avx512(int type, const uint8_t *row, const qx_t *x, int64_t k) {
-    const int five = type == T_Q5_0, bytes = five ? 22 : 18, qs_at = five ? 6 : 2;
+AVX512_VNNI static inline __attribute__((always_inline)) float q8_legacy_avx512_body(int five, const uint8_t *row,
+                                                                                 const qx_t *x, int64_t k) {
+    const int type = five ? T_Q5_0 : T_Q4_0, bytes = five ? 22 : 18, qs_at = five ? 6 : 2;
     const __m512i nib = _mm512_set1_epi8(0x0F), sixteen = _mm512_set1_epi8(0x10);
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc = _mm512_setzero_ps();
@@ -1297,6 +1298,11 @@ AVX512_VNNI static float q8_legacy_avx512(int type, const uint8_t *row, const qx
     float total = _mm512_reduce_add_ps(acc) - (five ? 16.0f : 8.0f) * _mm_cvtss_f32(offsets);
     if (b < nb) total += q8dot_gguf_from(type, row, x, k, b);
     return total;
+}
+
+/* compiled once per type, so that neither carries the other's branches in its loop */
+AVX512_VNNI static float q8_legacy_avx512(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+    return type == T_Q5_0 ? q8_legacy_avx512_body(1, row, x, k) : q8_legacy_avx512_body(0, row, x, k);
 }
 
 AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_t k) {
