@@ -16,27 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from decode_profile import build_revision  # noqa: E402
+from tests.quant.test_kernels import random_rows  # noqa: E402  (random blocks, every scale field finite)
 
 CACHE_OUTGROWN = 40_000_000  # weights cycled per timing: well past a last-level cache
-
-
-def random_blocks(qt, n: int, k: int, rng) -> torch.Tensor:
-    """n rows of k values of GGUF type qt: random bytes with every float16 scale / minimum field finite."""
-    import gguf
-    Q = gguf.GGMLQuantizationType
-    size, nbytes = gguf.GGML_QUANT_SIZES[qt]
-    blocks = rng.integers(0, 256, size=(n, k // size, nbytes), dtype=np.uint8)
-    halves = {Q.Q4_0: [0], Q.Q5_0: [0], Q.Q8_0: [0], Q.Q4_1: [0, 2], Q.Q5_1: [0, 2], Q.Q4_K: [0, 2],
-              Q.Q5_K: [0, 2], Q.Q6_K: [208]}[qt]
-    for at in halves:
-        scale = rng.uniform(-0.05, 0.05, (n, k // size)).astype(np.float16)
-        blocks[:, :, at:at + 2] = scale.view(np.uint8).reshape(n, k // size, 2)
-    return torch.from_numpy(blocks.reshape(n, -1))
 
 
 def main() -> None:
@@ -54,10 +41,10 @@ def main() -> None:
     lib = ctypes.CDLL(str(build_revision(args.baseline)))
     kernels._declare(lib)
     libs[args.baseline] = lib
-    rng = np.random.default_rng(0)
     for shape in args.shape or ["2048x640", "2048x2048"]:
         n, k = (int(v) for v in shape.split("x"))
-        mats = [random_blocks(qt, n, k, rng) for _ in range(max(1, CACHE_OUTGROWN // (n * k)))]
+        mats = [torch.from_numpy(random_rows(qt, n, k, seed=copy))
+                for copy in range(max(1, CACHE_OUTGROWN // (n * k)))]
         x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
         for threads in (1, 2):
             best, outs = {name: float("inf") for name in libs}, {}
