@@ -4,7 +4,8 @@ revision's, with x in float32 (exact, the default) or rounded to int8 (the opt-i
 Random blocks of the type (finite scales), several copies cycled so that together they outgrow the last-level
 cache (as a decode step's weights do), one activation row; the two libraries alternated trial by trial (same run,
 same machine load), the best of the trials kept. Prints, per shape and thread count, G weights/s for this tree and
-the baseline, and the largest relative difference of their outputs (another summation order: ~1e-7, not 0).
+the baseline, and the largest relative difference of their outputs (0 where only the speed changed, ~1e-7 where
+the order of the float additions did).
 
 Run: python bench/kernel_rows.py Q5_0 [--baseline HEAD~1] [--shape 2048x640 --shape 2048x2048] [--int8]
 """
