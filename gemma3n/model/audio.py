@@ -76,11 +76,19 @@ class CumulativeGroupNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, F, C) -> (B, T, F, C)
+    def forward(self, x: Tensor, x_is_temporary: bool = False) -> Tensor:  # (B, T, F, C) -> (B, T, F, C)
+        """`x_is_temporary`: x is the caller's own fresh map (the conv's output), so a float32 x may be written over
+        where autograd does not need it: the same operations in the same order, without the four full-size
+        temporaries (a 30 s clip's first map is ~50 MB, and first touching a fresh one costs more than its
+        arithmetic)."""
         h = x.float()
         per_step = h.shape[2] * h.shape[3]
         count = torch.arange(1, h.shape[1] + 1, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * per_step
         mean = torch.cumsum(h.sum(dim=(2, 3), keepdim=True), dim=1) / count
+        if x_is_temporary and h is x and not (torch.is_grad_enabled() and x.requires_grad):
+            centred = h.sub_(mean)
+            variance = torch.cumsum(centred.pow(2).sum(dim=(2, 3), keepdim=True), dim=1) / count
+            return centred.mul_(torch.rsqrt(variance + self.eps)).mul_(self.weight.float())
         # Each step's squared deviations are taken from its own running mean, then accumulated.
         variance = torch.cumsum((h - mean).pow(2).sum(dim=(2, 3), keepdim=True), dim=1) / count
         return ((h - mean) * torch.rsqrt(variance + self.eps) * self.weight.float()).to(x.dtype)
@@ -98,7 +106,8 @@ class SSCPConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T, F) -> (B, C_out, T', F')
         x = self.conv(F.pad(x, self.padding).to(self.conv.weight.dtype))
-        return F.relu(self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        y = self.norm(x.permute(0, 2, 3, 1), x_is_temporary=True).permute(0, 3, 1, 2)
+        return y.relu_() if y.data_ptr() == x.data_ptr() else F.relu(y)  # the norm wrote over the conv's output
 
 
 class SubsampleConvProjection(nn.Module):

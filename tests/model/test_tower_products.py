@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gemma3n import kernels
+from gemma3n.model.audio import CumulativeGroupNorm, SSCPConvBlock
 from gemma3n.model.layers import linear_forward
 from gemma3n.model.vision_blocks import RMSNorm2d, SameConv2d, apply_conv, conv2d
 
@@ -88,6 +89,32 @@ def test_the_norm_of_a_temporary_map_is_written_over_it():
         nchw = kept.contiguous()
         assert torch.equal(norm(nchw, x_is_temporary=True), norm(kept.contiguous()))
         assert torch.equal(nchw, kept)  # the PyTorch path never writes over its input
+
+
+def test_the_audio_subsampler_norm_of_its_conv_output_is_written_over_it():
+    """CumulativeGroupNorm(x_is_temporary=True) gives the bits of the out-of-place expression, in x's own memory;
+    the SSCP block built on it gives the same output as with a norm that never writes over its input; where
+    autograd needs x, x is left alone and gradients flow."""
+    norm = CumulativeGroupNorm(6, 1e-3)
+    with torch.no_grad():
+        norm.weight.copy_(randn(6, seed=30))
+    x = randn(2, 7, 5, 6, seed=31) * 3 + 1
+    expected = norm(x)
+    temporary = x.clone()
+    got = norm(temporary, x_is_temporary=True)
+    assert torch.equal(got, expected) and got.data_ptr() == temporary.data_ptr()
+    block = SSCPConvBlock(1, 6, (3, 3), (2, 2), 1e-3)
+    features = randn(2, 1, 16, 12, seed=32)
+    plain = SSCPConvBlock(1, 6, (3, 3), (2, 2), 1e-3)
+    plain.load_state_dict(block.state_dict())
+    plain.norm.forward = lambda t, x_is_temporary=False: CumulativeGroupNorm.forward(plain.norm, t)
+    with torch.no_grad():
+        assert torch.equal(block(features), plain(features))
+    leaf = x.clone().requires_grad_(True)
+    out = norm(leaf, x_is_temporary=True)
+    assert torch.equal(leaf.detach(), x) and torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
 
