@@ -85,13 +85,20 @@ class CumulativeGroupNorm(nn.Module):
         per_step = h.shape[2] * h.shape[3]
         count = torch.arange(1, h.shape[1] + 1, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * per_step
         mean = torch.cumsum(h.sum(dim=(2, 3), keepdim=True), dim=1) / count
-        if x_is_temporary and h is x and not (torch.is_grad_enabled() and x.requires_grad):
+        if x_is_temporary and self.may_write_over(x):
             centred = h.sub_(mean)
             variance = torch.cumsum(centred.pow(2).sum(dim=(2, 3), keepdim=True), dim=1) / count
             return centred.mul_(torch.rsqrt(variance + self.eps)).mul_(self.weight.float())
         # Each step's squared deviations are taken from its own running mean, then accumulated.
         variance = torch.cumsum((h - mean).pow(2).sum(dim=(2, 3), keepdim=True), dim=1) / count
         return ((h - mean) * torch.rsqrt(variance + self.eps) * self.weight.float()).to(x.dtype)
+
+    @staticmethod
+    def may_write_over(x: Tensor) -> bool:
+        """Whether forward(x, x_is_temporary=True) writes over x: float32, outside autograd, not being traced (a graph
+        being exported records the plain operations)."""
+        return (x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
+                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 class SSCPConvBlock(nn.Module):
@@ -106,8 +113,9 @@ class SSCPConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, T, F) -> (B, C_out, T', F')
         x = self.conv(F.pad(x, self.padding).to(self.conv.weight.dtype))
+        written_over = self.norm.may_write_over(x)  # the conv's fresh output: the norm, then the ReLU, may take it
         y = self.norm(x.permute(0, 2, 3, 1), x_is_temporary=True).permute(0, 3, 1, 2)
-        return y.relu_() if y.data_ptr() == x.data_ptr() else F.relu(y)  # the norm wrote over the conv's output
+        return y.relu_() if written_over else F.relu(y)
 
 
 class SubsampleConvProjection(nn.Module):
