@@ -13,22 +13,29 @@
 
 #define DW_CHANNELS 32  /* channels a pass keeps in registers: four 8-wide accumulators */
 
+/* The taps [*lo, *hi) of a k-tap kernel at output o (stride s, `before` padding) that read inside [0, size): tap t
+ * reads o * s - before + t. Empty (hi <= lo) where none does. */
+static inline void taps_inside(int64_t o, int s, int before, int k, int64_t size, int *lo, int *hi) {
+    int64_t first = o * s - before;
+    *lo = first < 0 ? (int)(-first < k ? -first : k) : 0;
+    *hi = first + k > size ? (int)(size - first > 0 ? size - first : 0) : k;
+}
+
 /* out pixel (oy, ox), channels c_from .. c - 1: the portable sum, and the vector loop's channels past its last
  * multiple of 8 */
 static void depthwise_pixel_portable(const float *x, const float *w, const float *bias, float *o, int64_t h,
                                      int64_t wd, int64_t c, int64_t c_from, int kh, int kw, int sh, int sw, int top,
                                      int left, int64_t oy, int64_t ox) {
+    int ky0, ky1, kx0, kx1;
+    taps_inside(oy, sh, top, kh, h, &ky0, &ky1);
+    taps_inside(ox, sw, left, kw, wd, &kx0, &kx1);
     for (int64_t ch = c_from; ch < c; ch++) o[ch] = bias ? bias[ch] : 0.0f;
-    for (int ky = 0; ky < kh; ky++) {
-        int64_t iy = oy * sh - top + ky;
-        if (iy < 0 || iy >= h) continue;
-        for (int kx = 0; kx < kw; kx++) {
-            int64_t ix = ox * sw - left + kx;
-            if (ix < 0 || ix >= wd) continue;
-            const float *xp = x + (iy * wd + ix) * c, *wp = w + ((int64_t)ky * kw + kx) * c;
+    for (int ky = ky0; ky < ky1; ky++)
+        for (int kx = kx0; kx < kx1; kx++) {
+            const float *xp = x + ((oy * sh - top + ky) * wd + ox * sw - left + kx) * c;
+            const float *wp = w + ((int64_t)ky * kw + kx) * c;
             for (int64_t ch = c_from; ch < c; ch++) o[ch] = fmaf(xp[ch], wp[ch], o[ch]);
         }
-    }
 }
 
 #ifdef G3N_X86
@@ -37,23 +44,23 @@ AVX2 static void depthwise_row_avx2(const float *x, const float *w, const float 
                                     int64_t wd, int64_t c, int kh, int kw, int sh, int sw, int top, int left,
                                     int64_t oy, int64_t ow) {
     const int64_t full = c / 8 * 8;
+    int ky0, ky1;
+    taps_inside(oy, sh, top, kh, h, &ky0, &ky1);
     for (int64_t ox = 0; ox < ow; ox++) {
         float *o = out + ox * c;
+        int kx0, kx1;
+        taps_inside(ox, sw, left, kw, wd, &kx0, &kx1);
         for (int64_t c0 = 0; c0 < full; c0 += DW_CHANNELS) {
             const int vecs = full - c0 >= DW_CHANNELS ? DW_CHANNELS / 8 : (int)((full - c0) / 8);
             __m256 acc[DW_CHANNELS / 8];
             for (int v = 0; v < vecs; v++) acc[v] = bias ? _mm256_loadu_ps(bias + c0 + 8 * v) : _mm256_setzero_ps();
-            for (int ky = 0; ky < kh; ky++) {
-                int64_t iy = oy * sh - top + ky;
-                if (iy < 0 || iy >= h) continue;
-                for (int kx = 0; kx < kw; kx++) {
-                    int64_t ix = ox * sw - left + kx;
-                    if (ix < 0 || ix >= wd) continue;
-                    const float *xp = x + (iy * wd + ix) * c + c0, *wp = w + ((int64_t)ky * kw + kx) * c + c0;
+            for (int ky = ky0; ky < ky1; ky++)
+                for (int kx = kx0; kx < kx1; kx++) {
+                    const float *xp = x + ((oy * sh - top + ky) * wd + ox * sw - left + kx) * c + c0;
+                    const float *wp = w + ((int64_t)ky * kw + kx) * c + c0;
                     for (int v = 0; v < vecs; v++)
                         acc[v] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * v), _mm256_loadu_ps(wp + 8 * v), acc[v]);
                 }
-            }
             for (int v = 0; v < vecs; v++) _mm256_storeu_ps(o + c0 + 8 * v, acc[v]);
         }
         if (full < c) depthwise_pixel_portable(x, w, bias, o, h, wd, c, full, kh, kw, sh, sw, top, left, oy, ox);
