@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gemma3n.model.audio_attention import LocalRelativeAttention
-from gemma3n.model.layers import RMSNorm, linear_forward
+from gemma3n.model.layers import RMSNorm, linear_forward, may_write_over
 
 # Most norms of the tower use Gemma3nRMSNorm's default eps, not the config's rms_norm_eps (only the light conv's
 # norms read it); the values agree in the released config, but the reference's choice is kept.
@@ -95,10 +95,9 @@ class CumulativeGroupNorm(nn.Module):
 
     @staticmethod
     def may_write_over(x: Tensor) -> bool:
-        """Whether forward(x, x_is_temporary=True) writes over x: float32, outside autograd, not being traced (a graph
-        being exported records the plain operations)."""
-        return (x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)
-                and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+        """Whether forward(x, x_is_temporary=True) writes over x: a float32 x (x.float() is x itself) that
+        layers.may_write_over allows."""
+        return x.dtype == torch.float32 and may_write_over(x)
 
 
 class SSCPConvBlock(nn.Module):

@@ -98,6 +98,13 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def may_write_over(x: Tensor) -> bool:
+    """Whether x, a fresh tensor its caller owns, may be written over: autograd does not need it, and no graph is
+    being traced (torch.compile / torch.export record the plain operations)."""
+    return (not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
 def softcap(x: Tensor, cap: float | None, x_is_temporary: bool = False) -> Tensor:
     """cap * tanh(x / cap); identity when cap is None.
 
@@ -106,7 +113,7 @@ def softcap(x: Tensor, cap: float | None, x_is_temporary: bool = False) -> Tenso
     262k vocabulary each costs more in first-touch page faults than its arithmetic."""
     if cap is None:
         return x
-    if x_is_temporary and not (torch.is_grad_enabled() and x.requires_grad):
+    if x_is_temporary and may_write_over(x):
         return x.div_(cap).tanh_().mul_(cap)
     return torch.tanh(x / cap) * cap
 
