@@ -588,6 +588,7 @@ static int have_avx512_vnni(void) {
 #else
 static int have_avx2(void) { return 0; }
 static int have_avx512(void) { return 0; }
+static int have_avx512_vnni(void) { return 0; }
 #endif
 
 /* What a kernel's `vec` argument allows on this CPU: 0 the portable C, 1 AVX2, 2 AVX2 and AVX-512. */
@@ -1113,7 +1114,8 @@ typedef struct {
     float *fsum;    /* [k / 32] d * sum(q) per block: the block's sum of the rounded x */
     uint16_t *pair; /* [k / 2] (q[2i], q[2i+1]) as one 16-bit pattern (the int4 tile kernel broadcasts it) */
     int8_t *halves; /* [k] per 128 values (four blocks): each block's first 16 q, then each block's last 16
-                     * (the order q8_legacy_avx512 meets them); values past the last 128 as in q */
+                     * (the order q8_legacy_avx512 meets them); values past the last 128 as in q. Filled only
+                     * where have_avx512_vnni(), where that kernel runs */
 } qx_t;
 
 static void quantize_row(const float *x, int64_t k, qx_t *o) {
@@ -1137,6 +1139,7 @@ static void quantize_row(const float *x, int64_t k, qx_t *o) {
     }
     for (int64_t i = 0; i < k / 2; i++)
         o->pair[i] = (uint16_t)((uint8_t)o->q[2 * i] | ((uint16_t)(uint8_t)o->q[2 * i + 1] << 8));
+    if (!have_avx512_vnni()) return;  /* the one reader of `halves` runs only there */
     int64_t whole = k / 128 * 128;
     for (int64_t g = 0; g < whole; g += 128)
         for (int h = 0; h < 2; h++)
