@@ -221,6 +221,9 @@ static void decode_row(int type, const uint8_t *row, int64_t k, float *out, int 
 /* ------------------------------------------------------------------------------------------------------------ */
 /* AVX2 + FMA fused dot products (one weight row with one activation row)                                       */
 
+/* g3n_set_avx512's switch (have_avx512 below): declared for every build, as g3n_set_avx512 is exported by all */
+static int avx512_allowed = 1;
+
 #ifdef G3N_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 #define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw")))  /* where have_avx512() */
@@ -567,7 +570,6 @@ static int have_avx2(void) {
 
 /* 512-bit vectors: used where a kernel is bound by its vector operations and the CPU runs them at full width
  * (AMD Zen 5, Intel server cores); g3n_set_avx512(0) turns them off (the tests compare both paths). */
-static int avx512_allowed = 1;
 static int have_avx512(void) {
     static int cached = -1;
     if (cached < 0) {
