@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import kernels
+from .layers import may_write_over
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -252,7 +253,7 @@ class MobileAttention(nn.Module):
         y = self.attn(self.norm(x))
         if self.layer_scale is not None and self.has_skip:  # x + y * gamma in one pass, over y (a fresh map)
             return torch.addcmul(x, y, self.layer_scale.gamma.view(1, -1, 1, 1), out=y if y.shape == x.shape and
-                                 y.stride() == x.stride() and not torch.is_grad_enabled() else None)
+                                 y.stride() == x.stride() and may_write_over(y) else None)
         if self.layer_scale is not None:
             y = self.layer_scale(y)
         return y + x if self.has_skip else y
