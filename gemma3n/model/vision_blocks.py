@@ -12,11 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .. import kernels
-from .layers import may_write_over
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
+from .layers import gelu_tanh, may_write_over
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
