@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
 INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c",
@@ -144,10 +144,10 @@ def _declare(lib) -> None:
     lib.g3n_int4_matmul_cols_per_row.argtypes = [p, p, i32, i64, i64, i64, p, p, p, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.argtypes = [p, p, i32, i64, i64, i64, i64, i64, p, i32, i32]
     lib.g3n_int4_dequantize_t.restype = i32
-    lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i64, p, i32], i32
-    lib.g3n_gguf_gemm.argtypes, lib.g3n_gguf_gemm.restype = [i32, p, i64, i64, p, i64, p, i32], i32
-    lib.g3n_int8_gemm.argtypes, lib.g3n_int8_gemm.restype = [p, p, i32, i64, i64, p, i64, p, i32], i32
-    lib.g3n_f32_gemm.argtypes, lib.g3n_f32_gemm.restype = [p, i64, i64, p, i64, p, i32], i32
+    lib.g3n_int4_gemm.argtypes, lib.g3n_int4_gemm.restype = [p, p, i32, i64, i64, i64, p, i32, i64, p, i32], i32
+    lib.g3n_gguf_gemm.argtypes, lib.g3n_gguf_gemm.restype = [i32, p, i64, i64, p, i32, i64, p, i32], i32
+    lib.g3n_int8_gemm.argtypes, lib.g3n_int8_gemm.restype = [p, p, i32, i64, i64, p, i32, i64, p, i32], i32
+    lib.g3n_f32_gemm.argtypes, lib.g3n_f32_gemm.restype = [p, i64, i64, p, i32, i64, p, i32], i32
     lib.g3n_q8_supported.argtypes = [i32]
     lib.g3n_gguf_matmul_q8.argtypes = [i32, p, i64, i64, p, p, i64, p, i32]
     lib.g3n_int8_matmul_q8.argtypes = [p, p, i32, i64, i64, p, p, i64, p, i32]
@@ -440,13 +440,19 @@ def int4_dequantize_t(qweight: Tensor, scales_and_zeros: Tensor, group_size: int
 
 
 def _gemm(entry: str, weights: tuple, n: int, k: int, x: Tensor, what: str) -> Tensor | None:
-    """The GEMM entry points' shared call: native `entry`(*weights, x, M, y, threads) -> y [M, n] float32, or None
-    where the library does not take it (no AVX2, or a shape it returns -1 for)."""
+    """The GEMM entry points' shared call: native `entry`(*weights, x, x's type, M, y, threads) -> y [M, n] float32,
+    or None where the library does not take it (no AVX2, or a shape it returns -1 for). x is read in its own dtype
+    where that is float32, bfloat16 or float16 (the widening is exact), so a half-precision model's activations need
+    no float32 copy first."""
     if not VECTORISED:
         return None
-    x = _rows_f32(x, k)
+    x = x.reshape(-1, k)
+    if x.dtype not in SCALE_TYPES:
+        x = x.float()
+    x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    rc = getattr(native(), entry)(*weights, x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+    rc = getattr(native(), entry)(*weights, x.data_ptr(), SCALE_TYPES[x.dtype], x.shape[0], y.data_ptr(),
+                                  torch.get_num_threads())
     if rc == -1:
         return None
     _check(rc, what)

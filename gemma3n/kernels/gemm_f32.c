@@ -13,6 +13,9 @@
  * are the same bits however it is batched or split; they differ from PyTorch's GEMM only in the order of the
  * float32 additions.
  *
+ * x may be float32, bfloat16 or float16: a half-precision model's activations are read as the floats they are (the
+ * widening is exact) while x is packed, instead of from a float32 copy of x made first.
+ *
  * Inputs that are zero in all six rows of a panel are skipped (their products are zeros, which add nothing): Gemma
  * 3n's sparse MLP layers keep 5% of the down projection's inputs per token, so about three quarters of each panel's
  * inputs drop out there. A skipped input could change a sum only from -0 to +0, or hide 0 x inf = NaN; so inputs are
@@ -141,21 +144,23 @@ AVX512 static void gemm_block2_avx512(int mr, int64_t kc, const uint16_t *live, 
     }
 }
 
-/* x [m, k] -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i; rows past m zero): the GEMM reads
- * six rows' values at each k from one cache line, where six rows of x lie k floats apart (with k a multiple of 1024
- * they all fall in the same L1 sets). For each panel and each run of GEMM_KC inputs, the inputs (from the run's
+/* x [m, k] (float32, float16 or bfloat16: xt) -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i;
+ * rows past m zero): the GEMM reads six rows' values at each k from one cache line, where six rows of x lie k floats
+ * apart (with k a multiple of 1024 they all fall in the same L1 sets). For each panel and each run of GEMM_KC inputs, the inputs (from the run's
  * start) at which some row is non-zero go to live[ip * k + run start ...], their count to live_count[ip * runs +
  * run]. */
-static void pack_rows_of_six(const float *x, int64_t m, int64_t k, float *panels, uint16_t *live, int *live_count,
-                             int threads) {
+static void pack_rows_of_six(const void *x, int xt, int64_t m, int64_t k, float *panels, uint16_t *live,
+                             int *live_count, int threads) {
     const int64_t runs = (k + GEMM_KC - 1) / GEMM_KC;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ip = 0; ip < (m + 5) / 6; ip++) {
         float *out = panels + ip * k * 6;
         for (int i = 0; i < 6; i++) {
             int64_t r = 6 * ip + i;
-            if (r < m)
-                for (int64_t p = 0; p < k; p++) out[p * 6 + i] = x[r * k + p];
+            if (r < m && xt == S_F32)
+                for (int64_t p = 0; p < k; p++) out[p * 6 + i] = ((const float *)x)[r * k + p];
+            else if (r < m)
+                for (int64_t p = 0; p < k; p++) out[p * 6 + i] = scale_at(x, xt, r * k + p);
             else
                 for (int64_t p = 0; p < k; p++) out[p * 6 + i] = 0.0f;
         }
@@ -401,8 +406,8 @@ static void gemm_workspace_done(void *block, size_t bytes) {
     if (bytes > GEMM_KEEP_BYTES) free(block);
 }
 
-/* y [m, n] = x [m, k] W^T, W from `weights`; 0, or -2: out of memory */
-AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+/* y [m, n] = x [m, k] W^T, W from `weights`, x of type xt (S_F32, S_F16, S_BF16); 0, or -2: out of memory */
+AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const void *x, int xt, int64_t m, float *y,
                             int threads) {
     const int64_t n_panels = (m + 5) / 6, runs = (k + GEMM_KC - 1) / GEMM_KC;
     /* one block: panels (64-byte aligned, a multiple of 64 bytes long), live lists, live counts, sparse flags */
@@ -416,7 +421,7 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
     uint16_t *live = (uint16_t *)(block + panels_end);
     int *live_count = (int *)(block + live_end);
     char *run_sparse = block + live_end + count_bytes;
-    pack_rows_of_six(x, m, k, panels, live, live_count, threads);
+    pack_rows_of_six(x, xt, m, k, panels, live, live_count, threads);
     /* a run is sparse where some panel has inputs to skip in it; worked out once, not per tile of W */
     for (int64_t run = 0; run < runs; run++) {
         int64_t kc = k - run * GEMM_KC < GEMM_KC ? k - run * GEMM_KC : GEMM_KC;
@@ -461,61 +466,64 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const fl
 
 /* y [m, n] = x [m, k] W^T for W in int4 tiles (n a multiple of 64, k of g); -1: not done here (no AVX2, or a shape
  * it does not take; the caller has its own path), -2: out of memory. */
-EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const float *x,
-                         int64_t m, float *y, int threads) {
+EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const void *x,
+                         int xt, int64_t m, float *y, int threads) {
     if (!have_avx2() || n % TILE || g <= 0 || k % g || m <= 0) return -1;
     int4_source source = {q, sz, st, n, k, g};
     return gemm_packed((gemm_weights){have_avx512() ? int4_pack_strips_avx512 : int4_pack_strips, &source}, n, k, x,
-                       m, y, threads);
+                       xt, m, y, threads);
 }
 
 /* y [m, n] = x [m, k] W^T for W the n GGUF rows at w (k a multiple of 8 and of the type's block): as above. */
-EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
-                         int threads) {
+EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const void *x, int xt, int64_t m,
+                         float *y, int threads) {
     int64_t row_bytes = g3n_gguf_row_bytes(type, k);
     if (!have_avx2() || row_bytes == 0 || k % 8 || GEMM_KC % block_values(type) || m <= 0 || n <= 0) return -1;
     gguf_rows format = {type, w, row_bytes};
     row_source rows = {gguf_decode, &format, n};
-    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, m, y, threads);
+    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, xt, m, y, threads);
 }
 
 /* y [m, n] = x [m, k] W^T for W float32 rows [n, k] (k a multiple of 8): as above. */
-EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const void *x, int xt, int64_t m, float *y,
+                        int threads) {
     if (!have_avx2() || k % 8 || k <= 0 || m <= 0 || n <= 0) return -1;
     f32_rows rows = {w, n, k};
-    return gemm_packed((gemm_weights){f32_pack_strips, &rows}, n, k, x, m, y, threads);
+    return gemm_packed((gemm_weights){f32_pack_strips, &rows}, n, k, x, xt, m, y, threads);
 }
 
 /* y [m, n] = x [m, k] W^T for W int8 rows [n, k] with one scale per row (k a multiple of 8): as above. */
-EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const float *x,
+EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const void *x, int xt,
                          int64_t m, float *y, int threads) {
     if (!have_avx2() || k % 8 || k <= 0 || m <= 0 || n <= 0) return -1;
     int8_rows format = {q, scales, st, k};
     row_source rows = {int8_decode, &format, n};
-    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, m, y, threads);
+    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, xt, m, y, threads);
 }
 
 #else
-EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const float *x,
+EXPORT int g3n_int4_gemm(const uint8_t *q, const void *sz, int st, int64_t n, int64_t k, int64_t g, const void *x,
+                         int xt, int64_t m, float *y, int threads) {
+    (void)q; (void)sz; (void)st; (void)n; (void)k; (void)g; (void)x; (void)xt; (void)m; (void)y;
+    (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const void *x, int xt, int64_t m,
+                         float *y, int threads) {
+    (void)type; (void)w; (void)n; (void)k; (void)x; (void)xt; (void)m; (void)y; (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const void *x, int xt, int64_t m, float *y,
+                        int threads) {
+    (void)w; (void)n; (void)k; (void)x; (void)xt; (void)m; (void)y; (void)threads;
+    return -1;
+}
+
+EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const void *x, int xt,
                          int64_t m, float *y, int threads) {
-    (void)q; (void)sz; (void)st; (void)n; (void)k; (void)g; (void)x; (void)m; (void)y; (void)threads;
-    return -1;
-}
-
-EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
-                         int threads) {
-    (void)type; (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
-    return -1;
-}
-
-EXPORT int g3n_f32_gemm(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
-    (void)w; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
-    return -1;
-}
-
-EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n, int64_t k, const float *x,
-                         int64_t m, float *y, int threads) {
-    (void)q; (void)scales; (void)st; (void)n; (void)k; (void)x; (void)m; (void)y; (void)threads;
+    (void)q; (void)scales; (void)st; (void)n; (void)k; (void)x; (void)xt; (void)m; (void)y; (void)threads;
     return -1;
 }
 #endif

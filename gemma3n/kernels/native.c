@@ -22,7 +22,7 @@
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
-#define G3N_ABI_VERSION 13
+#define G3N_ABI_VERSION 14
 
 /* GGML type ids (ggml.h's enum ggml_type; the GGUF tensor type field). */
 enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12,

@@ -80,7 +80,7 @@ class Int8Linear(nn.Module):
         """Long prompts: the library's GEMM, decoding the rows into its panels (the values of `dequantize`); else
         cache-sized blocks dequantised for PyTorch's GEMM."""
         if flat.device.type == "cpu" and kernels.native() is not None:
-            fused = kernels.int8_gemm(self.qweight, self.scales, flat.float())
+            fused = kernels.int8_gemm(self.qweight, self.scales, flat)
             if fused is not None:
                 return fused.to(flat.dtype)
         return blockwise_matmul(flat, self.dequantize, self.out_features)
@@ -191,7 +191,7 @@ class Int4Linear(nn.Module):
         `dequantize`. None where it cannot run (no library, no AVX2, not on the CPU)."""
         if flat.device.type != "cpu" or kernels.native() is None:
             return None
-        fused = kernels.int4_gemm(self.qweight, self.scales_and_zeros, self.group_size, flat.float())
+        fused = kernels.int4_gemm(self.qweight, self.scales_and_zeros, self.group_size, flat)
         return None if fused is None else fused.to(flat.dtype)
 
     def forward_sparse_inputs(self, x: Tensor, cols: Tensor) -> Tensor:

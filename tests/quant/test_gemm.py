@@ -143,6 +143,43 @@ def test_a_wide_prompt_is_taken_in_chunks_of_runs_with_each_output_unchanged():
         assert_same_on_one_thread(product, x, full)
 
 
+@pytest.mark.parametrize("avx512", [False, True], ids=["avx2", "avx512"])
+def test_half_precision_activations_are_read_as_the_floats_they_are(avx512):
+    """A bfloat16 / float16 model's activations go in as they are, read while x is packed: every output must be the
+    bits the float32 copy of the same x gives (half precision widens to float32 exactly), in every shape the GEMM
+    splits: rows past a 6-row panel, a narrow last strip, two strips at a time, several runs of inputs and a short
+    last one, a prompt taken in chunks of runs, inputs skipped across a panel (zeros of both signs), an infinity,
+    and with AVX2 or 512-bit blocks."""
+    if avx512 and not kernels.set_avx512(True):
+        pytest.skip("this CPU has no AVX-512")
+    kernels.set_avx512(avx512)
+    try:
+        k = 1088
+        w = torch.randn(128, k, generator=torch.Generator().manual_seed(40)) * 0.05
+        packed, sz = int4_quantize(w, 64, torch.bfloat16)
+        q8, scales = int8_quantize(w[:120], torch.float16)
+        raw = torch.from_numpy(random_rows(Q.Q4_K, 120, 1280, seed=41))
+        products = [(lambda x: kernels.int4_gemm(packed, sz, 64, x), k),
+                    (lambda x: kernels.int8_gemm(q8, scales, x), k),
+                    (lambda x: kernels.gguf_gemm(Q.Q4_K, raw, 1280, x), 1280),
+                    (lambda x: kernels.f32_gemm(w[:120], x), k)]
+        for product, width in products:
+            g = torch.Generator().manual_seed(width)
+            for m in (103, 400):
+                x = torch.randn(m, width, generator=g) * 4
+                x[:, 300:700] = torch.where(x[:, 300:700].abs() < 6, 0.0, x[:, 300:700])  # inputs to skip
+                x[1::2, 300:700] *= -1  # and zeros of both signs
+                x[5, 7] = float("inf")  # an output row of infinities and NaNs
+                for dtype in (torch.bfloat16, torch.float16):
+                    xh = x.to(dtype)
+                    y, expected = product(xh), product(xh.float())
+                    assert y.dtype == torch.float32
+                    assert torch.equal(y.isnan(), expected.isnan())
+                    assert torch.equal(y.nan_to_num(0.0), expected.nan_to_num(0.0))
+    finally:
+        kernels.set_avx512(True)
+
+
 def test_inputs_zero_across_a_panel_are_skipped_exactly():
     """x as a sparse MLP's down projection gets it (about 5% of each row non-zero, zeros of both signs): the GEMM
     skips inputs that are zero in all six rows of a panel, and each output is still the float32 product and the same
