@@ -10,7 +10,7 @@ setup(ext_modules=[Extension(
     "gemma3n.kernels._native", ["gemma3n/kernels/native.c"],
     depends=[f"gemma3n/kernels/{name}"
              for name in ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c",
-                          "depthwise_conv.c")],
+                          "depthwise_conv.c", "prompt_rows.c")],
     extra_compile_args=["-O3", "-fopenmp", "-fvisibility=hidden", "-std=c11"],
     extra_link_args=["-fopenmp"],
     optional=True,

@@ -37,7 +37,7 @@ ABI_VERSION = 14
 _SOURCE = Path(__file__).with_name("native.c")
 # the files native.c includes (a build is stale when any of them changed; setup.py lists them too)
 INCLUDED_SOURCES = ("gemv_f32.c", "int4_rows.c", "gemm_f32.c", "decode_blocks.c", "channel_norm.c",
-                    "depthwise_conv.c")
+                    "depthwise_conv.c", "prompt_rows.c")
 _SOURCES = (_SOURCE, *(_SOURCE.with_name(f) for f in INCLUDED_SOURCES))
 # what pip's build compiles (setup.py) and what the cache build uses: the AVX2 code is chosen at run time
 COMPILE_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fvisibility=hidden", "-std=c11"]
@@ -155,6 +155,8 @@ def _declare(lib) -> None:
     lib.g3n_run_plan.argtypes, lib.g3n_run_plan.restype = [p, p], i32  # model/native_decode.py
     lib.g3n_set_avx512.argtypes, lib.g3n_set_avx512.restype = [i32], i32
     lib.g3n_avx512.argtypes, lib.g3n_avx512.restype = [], i32
+    lib.g3n_gaussian_topk.argtypes, lib.g3n_gaussian_topk.restype = [p, p, i32, i64, i64, ctypes.c_float, i32], i32
+    lib.g3n_altup_mix.argtypes, lib.g3n_altup_mix.restype = [p, p, p, i32, i64, i64, i64, i32], i32
     lib.g3n_channel_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32, i32, i32]
     lib.g3n_channel_rms_norm.restype = i32
     lib.g3n_depthwise_conv.argtypes = [p, p, p, p, i64, i64, i64, i64, *[i32] * 6, i64, i64, i32, i32]
@@ -515,6 +517,50 @@ def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
     raw = raw.contiguous()
     n = raw.shape[0]
     return _gemm("g3n_gguf_gemm", (ggml_type, raw.data_ptr(), n, k), n, k, x, "GGUF GEMM")
+
+
+def row_kernels_apply(*tensors: Tensor) -> bool:
+    """Whether the per-token row kernels (`gaussian_topk`, `altup_mix`) take these tensors: float32, bfloat16 or
+    float16 on the CPU, outside autograd and graph tracing (torch.compile / torch.export record the PyTorch ops),
+    with the library loaded."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or native() is None:
+        return False
+    return all(t.dtype in SCALE_TYPES and t.device.type == "cpu" and t.numel() > 0
+               and not (torch.is_grad_enabled() and t.requires_grad) for t in tensors)
+
+
+def gaussian_topk(x: Tensor, z: float) -> Tensor | None:
+    """ReLU(x - (mean + std * z)) over the last dim of x, in x's dtype, in one pass per row (prompt_rows.c): the
+    mean and population std summed in double and rounded once to the dtype, then each operation rounded to it as the
+    PyTorch expression (layers.gaussian_topk) rounds. z as the dtype holds it. Check `row_kernels_apply` first; None
+    where the library does not take the dtype."""
+    n = x.shape[-1]
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty_like(x)
+    rc = native().g3n_gaussian_topk(x.data_ptr(), out.data_ptr(), SCALE_TYPES[x.dtype], x.numel() // n, n, z,
+                                    torch.get_num_threads())
+    if rc == -1:  # float16 where the compiler has no _Float16
+        return None
+    _check(rc, "Gaussian top-k")
+    return out
+
+
+def altup_mix(streams: Tensor, coefs: Tensor) -> Tensor | None:
+    """AltUp's prediction: streams (S, ..., D), coefs (..., S, S) -> (S, ..., D) with stream q = (sum_p coefs[..., q,
+    p] streams[p], rounded to the streams' dtype) + streams[q], rounded to it; the sums taken in double and rounded
+    once to float32 (prompt_rows.c). Check `row_kernels_apply` first; None where the library does not take it."""
+    s, d = streams.shape[0], streams.shape[-1]
+    if coefs.shape != (*streams.shape[1:-1], s, s):
+        raise ValueError(f"coefs of shape {tuple(coefs.shape)} for streams of shape {tuple(streams.shape)}")
+    x = streams if streams.is_contiguous() else streams.contiguous()
+    c = coefs.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    rc = native().g3n_altup_mix(x.data_ptr(), c.data_ptr(), out.data_ptr(), SCALE_TYPES[x.dtype], s,
+                                x[0].numel() // d, d, torch.get_num_threads())
+    if rc == -1:  # float16 where the compiler has no _Float16, or more streams than it takes
+        return None
+    _check(rc, "AltUp prediction")
+    return out
 
 
 def map_kernels_apply(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:

@@ -1539,3 +1539,4 @@ EXPORT int g3n_int4_dequantize_t(const uint8_t *q, const void *sz, int st, int64
 #include "decode_blocks.c"
 #include "channel_norm.c"
 #include "depthwise_conv.c"
+#include "prompt_rows.c"

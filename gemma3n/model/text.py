@@ -180,6 +180,10 @@ class AltUp(nn.Module):
         """x (S, B, T, D) -> predictions P_q = X_q + sum_p c[S*q + p] X_p."""
         r = self.route(x[0])
         coefs = self.prediction_coefs(r).unflatten(-1, (self.streams, self.streams))  # (B, T, q, p)
+        if kernels.row_kernels_apply(x, coefs):  # the same sums and roundings in one pass over the streams
+            mixed = kernels.altup_mix(x, coefs)
+            if mixed is not None:
+                return mixed
         # (B, T, q, p) @ (B, T, p, D) in float32, rounded once to x's dtype: what the reference's bfloat16 matmul
         # computes (float32 sums, one rounding), as one batched float32 GEMM rather than torch's slow bfloat16
         # path for (D, p) @ (p, q) matrices
