@@ -157,6 +157,7 @@ def _declare(lib) -> None:
     lib.g3n_avx512.argtypes, lib.g3n_avx512.restype = [], i32
     lib.g3n_gaussian_topk.argtypes, lib.g3n_gaussian_topk.restype = [p, p, i32, i64, i64, ctypes.c_float, i32], i32
     lib.g3n_altup_mix.argtypes, lib.g3n_altup_mix.restype = [p, p, p, i32, i64, i64, i64, i32], i32
+    lib.g3n_nonzero_rows.argtypes, lib.g3n_nonzero_rows.restype = [p, i32, i64, i64, p, p, p, i32], i64
     lib.g3n_channel_rms_norm.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, i32, i32, i32]
     lib.g3n_channel_rms_norm.restype = i32
     lib.g3n_depthwise_conv.argtypes = [p, p, p, p, i64, i64, i64, i64, *[i32] * 6, i64, i64, i32, i32]
@@ -561,6 +562,22 @@ def altup_mix(streams: Tensor, coefs: Tensor) -> Tensor | None:
         return None
     _check(rc, "AltUp prediction")
     return out
+
+
+def nonzero_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [rows, n] -> (rows_at, pair_rows, cols): the pairs at which x is not zero, row by row with columns
+    ascending (torch.nonzero's order: pair_rows, cols), and rows_at [rows + 1] (int64) where each row's pairs begin.
+    -0 counts as zero, NaN as not. Check `row_kernels_apply` first."""
+    rows, n = x.shape
+    x = x if x.is_contiguous() else x.contiguous()
+    rows_at = torch.empty(rows + 1, dtype=torch.int64)
+    lib, xt, threads = native(), SCALE_TYPES[x.dtype], torch.get_num_threads()
+    total = lib.g3n_nonzero_rows(x.data_ptr(), xt, rows, n, rows_at.data_ptr(), None, None, threads)
+    _check(int(total < 0), "non-zero pairs")
+    pair_rows, cols = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
+    lib.g3n_nonzero_rows(x.data_ptr(), xt, rows, n, rows_at.data_ptr(), pair_rows.data_ptr(), cols.data_ptr(),
+                         threads)
+    return rows_at, pair_rows, cols
 
 
 def map_kernels_apply(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:

@@ -199,3 +199,43 @@ EXPORT int g3n_altup_mix(const void *x, const float *c, void *y, int xt, int64_t
     }
     return 0;
 }
+
+/* whether value i of a row of type xt is other than zero (-0 is zero, NaN is not) */
+static inline int row_nonzero(const void *x, int xt, int64_t i) {
+    if (xt == S_F32) {
+        uint32_t u;
+        memcpy(&u, (const float *)x + i, 4);
+        return (u & 0x7FFFFFFFu) != 0;
+    }
+    return (((const uint16_t *)x)[i] & 0x7FFF) != 0;
+}
+
+/* The (row, column) pairs at which x [rows][n] (type xt) is not zero, row by row, columns ascending: what
+ * torch.nonzero gives for a sparse layer's activations, without its pass over all the values per call of its own.
+ * With `rows_at` only: rows_at[r] = the pairs before row r (rows + 1 entries), the total returned. With `cols` too
+ * (as many entries as that total): the pairs' columns in order, and their rows in `pair_rows` when not NULL. */
+EXPORT int64_t g3n_nonzero_rows(const void *x, int xt, int64_t rows, int64_t n, int64_t *rows_at, int64_t *pair_rows,
+                                int64_t *cols, int threads) {
+    if (rows < 0 || n < 0 || (xt != S_F32 && xt != S_BF16 && xt != S_F16)) return -1;
+    if (!cols) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t count = 0;
+            for (int64_t i = 0; i < n; i++) count += row_nonzero(x, xt, r * n + i);
+            rows_at[r + 1] = count;
+        }
+        rows_at[0] = 0;
+        for (int64_t r = 0; r < rows; r++) rows_at[r + 1] += rows_at[r];
+        return rows_at[rows];
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at = rows_at[r];
+        for (int64_t i = 0; i < n; i++)
+            if (row_nonzero(x, xt, r * n + i)) {
+                if (pair_rows) pair_rows[at] = r;
+                cols[at++] = i;
+            }
+    }
+    return rows_at[rows];
+}

@@ -61,9 +61,8 @@ class MLP(nn.Module):
             if self.sparse_decode and tokens <= self.SPARSE_MAX_TOKENS:
                 return self.sparse_forward(x, gelu_tanh(gate))
             if self.sparse_decode and tokens >= self.PER_TOKEN_MIN_TOKENS:
-                act = gelu_tanh(gate)
-                out = self.per_token_forward(x, act)
-                return self.down_proj(act * self.up_proj(x)) if out is None else out
+                out = self.per_token_forward(x, gate)
+                return self.down_proj(gelu_tanh(gate) * self.up_proj(x)) if out is None else out
         return self.down_proj(gelu_tanh(gate) * self.up_proj(x))
 
     def sparse_forward(self, x: Tensor, act: Tensor) -> Tensor:
@@ -77,26 +76,55 @@ class MLP(nn.Module):
         hidden = act.index_select(-1, active) * rows_product(self.up_proj, x, active)
         return sparse_inputs_product(self.down_proj, hidden, active, act)
 
-    def per_token_forward(self, x: Tensor, act: Tensor) -> Tensor | None:
+    def per_token_forward(self, x: Tensor, gate: Tensor) -> Tensor | None:
         """A prompt's tokens each activate their own ~5% of the units, so their union is most of them; instead each
         token's up projection computes only its own active units (`pairs_product`), and its down projection reads
         only their columns where the layout allows it (`per_row_sparse_inputs_product`; elsewhere the library's
         dense GEMM skips the inputs that are zero across its row panels). The inactive units' products would have
         been multiplied by exact zeros, so the result is the dense one up to the order of the float32 additions.
+        `gate` is the top-k's output before GELU: GELU is taken on the active units alone (`gelu_of_active`).
         None where the up projection has no such path (or too many units are active to gain): the caller computes
         densely."""
-        flat = act.reshape(-1, act.shape[-1])
-        tokens, units = flat.nonzero(as_tuple=True)  # sorted by token, as the kernels like it
+        flat = gate.reshape(-1, gate.shape[-1])
+        offsets, tokens, units = active_pairs(flat)  # sorted by token, as the kernels like it
         if units.numel() * 2 > flat.numel():
             return None
+        act = gelu_of_active(flat[tokens, units])
+        live = act != 0  # a gate so small that its GELU rounds to zero is inactive too, as the dense product has it
+        if not bool(live.all()):
+            tokens, units, act = tokens[live], units[live], act[live]
+            offsets = torch.zeros_like(offsets)
+            torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
         up = pairs_product(self.up_proj, x.reshape(-1, x.shape[-1]), tokens, units)
         if up is None:
             return None
-        hidden = torch.zeros_like(flat).index_put_((tokens, units), flat[tokens, units] * up.to(flat.dtype))
-        offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
+        hidden = torch.zeros_like(flat).index_put_((tokens, units), act * up.to(flat.dtype))
         out = per_row_sparse_inputs_product(self.down_proj, hidden, offsets, units)
-        return self.down_proj(hidden.reshape(act.shape)) if out is None else out.reshape(*act.shape[:-1], -1)
+        return self.down_proj(hidden.reshape(gate.shape)) if out is None else out.reshape(*gate.shape[:-1], -1)
+
+
+def active_pairs(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(offsets, tokens, units): the non-zero entries of a [tokens, units] activation in torch.nonzero's order, and
+    where each token's entries begin (offsets, tokens + 1). The library counts them in one pass per row where it
+    applies; nonzero, bincount and cumsum otherwise."""
+    if kernels.row_kernels_apply(flat):
+        return kernels.nonzero_rows(flat)
+    tokens, units = flat.nonzero(as_tuple=True)
+    offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
+    return offsets, tokens, units
+
+
+# PyTorch's element-wise CPU loops take two vectors a step and finish with its scalar code, whose float32 tanh can
+# differ in the last place: values padded to a multiple of this many take the vector code throughout, as the values
+# of a whole activation tensor do (all but its last few where its size is not a multiple of the step).
+_VECTOR_STEP = 64
+
+
+def gelu_of_active(values: Tensor) -> Tensor:
+    """GELU of a 1-d run of active units, the same bits GELU over their whole rows gives them (see _VECTOR_STEP)."""
+    pad = (-values.numel()) % _VECTOR_STEP
+    return gelu_tanh(torch.cat((values, values.new_zeros(pad))))[:values.numel()] if pad else gelu_tanh(values)
 
 
 def pairs_product(linear: nn.Module, x: Tensor, tokens: Tensor, units: Tensor) -> Tensor | None:

@@ -123,3 +123,18 @@ def test_altup_mix_checks_its_shapes():
     streams = torch.randn(4, 1, 3, 8)
     with pytest.raises(ValueError, match="coefs of shape"):
         kernels.altup_mix(streams, torch.randn(1, 3, 4, 3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nonzero_rows_are_torch_nonzero_with_each_rows_offset(dtype):
+    g = torch.Generator().manual_seed(9)
+    x = torch.where(torch.rand(23, 301, generator=g) < 0.05, torch.randn(23, 301, generator=g), 0.0).to(dtype)
+    x[3] = 0.0  # a row with none
+    x[4] = 1.0  # a row with all
+    x[5, ::7] = -0.0  # negative zeros are zeros
+    x[6, 11] = float("nan")  # NaN is not
+    rows_at, pair_rows, cols = kernels.nonzero_rows(x)
+    tokens, units = x.nonzero(as_tuple=True)
+    assert torch.equal(pair_rows, tokens) and torch.equal(cols, units)
+    assert torch.equal(rows_at, torch.cat([torch.zeros(1, dtype=torch.int64),
+                                           torch.bincount(tokens, minlength=23).cumsum(0)]))

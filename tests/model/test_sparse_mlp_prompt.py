@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gemma3n import kernels
-from gemma3n.model.layers import gaussian_topk
+from gemma3n.model.layers import gaussian_topk, gelu_tanh
 from gemma3n.model.text import MLP, enable_sparse_decode
 from gemma3n.quant import Int4Linear, Int8Linear
 from gemma3n.quant.gguf_modules import GGUFLinear, raw_rows
@@ -105,3 +105,30 @@ def test_short_prompts_and_decode_do_not_take_the_per_token_path(monkeypatch):
             exact = ref(x.double())
             assert float((mlp(x).double() - exact).abs().max() / exact.abs().max()) < 2e-5
     assert calls == []
+
+
+def per_token_with_gelu_over_every_unit(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    """The per-token path as it was first written: GELU over the whole activation, then torch.nonzero, bincount and
+    cumsum for the pairs and each token's offsets."""
+    act = gelu_tanh(gaussian_topk(mlp.gate_proj(x), mlp.z))
+    flat = act.reshape(-1, act.shape[-1])
+    tokens, units = flat.nonzero(as_tuple=True)
+    up = mlp.up_proj.forward_pairs(x.reshape(-1, x.shape[-1]), tokens, units)
+    hidden = torch.zeros_like(flat).index_put_((tokens, units), flat[tokens, units] * up.to(flat.dtype))
+    offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
+    out = mlp.down_proj.forward_sparse_inputs_per_row(hidden, offsets, units)
+    return mlp.down_proj(hidden.reshape(act.shape)) if out is None else out.reshape(*act.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_of_the_active_units_alone_gives_the_same_bits(dtype):
+    """The per-token path takes GELU of the active units only, and their pairs from the library's row counts: the
+    same activations, pairs and offsets as GELU over every unit and torch.nonzero, so the same output bits (float32
+    GELU included, whose scalar tail code rounds differently from its vector code)."""
+    mlp, _ = mlps("int4")
+    mlp = mlp.to(dtype)
+    with torch.inference_mode():
+        for tokens in (kernels.MAX_ROWS + 1, 37, 64):
+            x = torch.randn(1, tokens, DIM, generator=torch.Generator().manual_seed(tokens)).to(dtype)
+            assert torch.equal(mlp(x), per_token_with_gelu_over_every_unit(mlp, x))
