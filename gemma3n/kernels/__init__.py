@@ -486,20 +486,25 @@ def int8_gemm(qweight: Tensor, scales: Tensor, x: Tensor) -> Tensor | None:
 F32_GEMM_MIN_INPUTS, F32_GEMM_MIN_OUTPUTS, F32_GEMM_MIN_ROWS = 512, 1024, 64
 
 
+def _eager_and_no_grad(*tensors: Tensor) -> bool:
+    """Whether a library kernel may stand in for PyTorch's ops on these tensors: no graph is being traced
+    (torch.compile, torch.onnx / torch.export record the PyTorch ops) and autograd needs none of them."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+
+
 def f32_gemm_applies(weight: Tensor, x: Tensor) -> bool:
     """Whether `f32_gemm` takes x (..., K) times this weight [N, K]: both float32 on the CPU, outside autograd and
     graph tracing (torch.compile, torch.export record PyTorch's op), with the library's vector kernels, and at
     least F32_GEMM_MIN_INPUTS / _OUTPUTS / _ROWS in size."""
-    if not VECTORISED or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not VECTORISED or not _eager_and_no_grad(weight, x):
         return False
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.shape[1] % 8:
         return False
     n, k = weight.shape
     return (n >= F32_GEMM_MIN_OUTPUTS and k >= F32_GEMM_MIN_INPUTS and x.numel() >= F32_GEMM_MIN_ROWS * k
             and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and not (torch.is_grad_enabled() and (weight.requires_grad or
-                                                                                  x.requires_grad))
-            and native() is not None)
+            and weight.device.type == "cpu" and native() is not None)
 
 
 def f32_gemm(weight: Tensor, x: Tensor) -> Tensor | None:
@@ -521,13 +526,10 @@ def gguf_gemm(ggml_type: int, raw: Tensor, k: int, x: Tensor) -> Tensor | None:
 
 
 def row_kernels_apply(*tensors: Tensor) -> bool:
-    """Whether the per-token row kernels (`gaussian_topk`, `altup_mix`) take these tensors: float32, bfloat16 or
-    float16 on the CPU, outside autograd and graph tracing (torch.compile / torch.export record the PyTorch ops),
-    with the library loaded."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or native() is None:
-        return False
-    return all(t.dtype in SCALE_TYPES and t.device.type == "cpu" and t.numel() > 0
-               and not (torch.is_grad_enabled() and t.requires_grad) for t in tensors)
+    """Whether the per-token row kernels (`gaussian_topk`, `altup_mix`, `nonzero_rows`) take these tensors:
+    float32, bfloat16 or float16 on the CPU, outside autograd and graph tracing, with the library loaded."""
+    return (native() is not None and _eager_and_no_grad(*tensors)
+            and all(t.dtype in SCALE_TYPES and t.device.type == "cpu" and t.numel() > 0 for t in tensors))
 
 
 def gaussian_topk(x: Tensor, z: float) -> Tensor | None:
@@ -573,7 +575,7 @@ def nonzero_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows_at = torch.empty(rows + 1, dtype=torch.int64)
     lib, xt, threads = native(), SCALE_TYPES[x.dtype], torch.get_num_threads()
     total = lib.g3n_nonzero_rows(x.data_ptr(), xt, rows, n, rows_at.data_ptr(), None, None, threads)
-    _check(int(total < 0), "non-zero pairs")
+    _check(min(int(total), 0), "non-zero pairs")
     pair_rows, cols = torch.empty(total, dtype=torch.int64), torch.empty(total, dtype=torch.int64)
     lib.g3n_nonzero_rows(x.data_ptr(), xt, rows, n, rows_at.data_ptr(), pair_rows.data_ptr(), cols.data_ptr(),
                          threads)
@@ -583,11 +585,9 @@ def nonzero_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def map_kernels_apply(x: Tensor, residual: Tensor | None = None, *params: Tensor | None) -> bool:
     """Whether the library's feature-map kernels (`channel_rms_norm`, `depthwise_conv`) take the map x, a residual
     map and per-channel params: float32 on the CPU, maps channels-last, outside autograd, with the library loaded."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return False  # a graph being traced (torch.compile, torch.onnx / torch.export) records the PyTorch ops
     maps = [t for t in (x, residual) if t is not None]
     tensors = maps + [t for t in params if t is not None]
-    return (native() is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return (native() is not None and _eager_and_no_grad(*tensors)
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in maps))
 

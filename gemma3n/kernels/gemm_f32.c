@@ -146,9 +146,9 @@ AVX512 static void gemm_block2_avx512(int mr, int64_t kc, const uint16_t *live, 
 
 /* x [m, k] (float32, float16 or bfloat16: xt) -> panels of 6 rows, each k x 6 floats (row i of the panel at p * 6 + i;
  * rows past m zero): the GEMM reads six rows' values at each k from one cache line, where six rows of x lie k floats
- * apart (with k a multiple of 1024 they all fall in the same L1 sets). For each panel and each run of GEMM_KC inputs, the inputs (from the run's
- * start) at which some row is non-zero go to live[ip * k + run start ...], their count to live_count[ip * runs +
- * run]. */
+ * apart (with k a multiple of 1024 they all fall in the same L1 sets). For each panel and each run of GEMM_KC
+ * inputs, the inputs (from the run's start) at which some row is non-zero go to live[ip * k + run start ...], their
+ * count to live_count[ip * runs + run]. */
 static void pack_rows_of_six(const void *x, int xt, int64_t m, int64_t k, float *panels, uint16_t *live,
                              int *live_count, int threads) {
     const int64_t runs = (k + GEMM_KC - 1) / GEMM_KC;
@@ -157,7 +157,7 @@ static void pack_rows_of_six(const void *x, int xt, int64_t m, int64_t k, float 
         float *out = panels + ip * k * 6;
         for (int i = 0; i < 6; i++) {
             int64_t r = 6 * ip + i;
-            if (r < m && xt == S_F32)
+            if (r < m && xt == S_F32)  /* the towers' float32 maps: a plain copy, no per-value type switch */
                 for (int64_t p = 0; p < k; p++) out[p * 6 + i] = ((const float *)x)[r * k + p];
             else if (r < m)
                 for (int64_t p = 0; p < k; p++) out[p * 6 + i] = scale_at(x, xt, r * k + p);

@@ -93,8 +93,7 @@ class MLP(nn.Module):
         live = act != 0  # a gate so small that its GELU rounds to zero is inactive too, as the dense product has it
         if not bool(live.all()):
             tokens, units, act = tokens[live], units[live], act[live]
-            offsets = torch.zeros_like(offsets)
-            torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
+            offsets = token_offsets(tokens, flat.shape[0])
         up = pairs_product(self.up_proj, x.reshape(-1, x.shape[-1]), tokens, units)
         if up is None:
             return None
@@ -110,9 +109,14 @@ def active_pairs(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if kernels.row_kernels_apply(flat):
         return kernels.nonzero_rows(flat)
     tokens, units = flat.nonzero(as_tuple=True)
-    offsets = torch.zeros(flat.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(tokens, minlength=flat.shape[0]), 0, out=offsets[1:])
-    return offsets, tokens, units
+    return token_offsets(tokens, flat.shape[0]), tokens, units
+
+
+def token_offsets(tokens: Tensor, n_tokens: int) -> Tensor:
+    """Where each token's entries begin in a list of them sorted by token (n_tokens + 1 offsets)."""
+    offsets = torch.zeros(n_tokens + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(tokens, minlength=n_tokens), 0, out=offsets[1:])
+    return offsets
 
 
 # PyTorch's element-wise CPU loops take two vectors a step and finish with its scalar code, whose float32 tanh can
