@@ -555,6 +555,10 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
             _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i))));
         for (int64_t i = k / 8 * 8; i < k; i++) out[i] = h2f(rd16(row + 2 * i));
         return 1;
+    case T_BF16:  /* the top halves of floats: exact, as bf16_to_float */
+        for (int64_t i = 0; i + 8 <= k; i += 8) _mm256_storeu_ps(out + i, load8_bf16(row + 2 * i));
+        for (int64_t i = k / 8 * 8; i < k; i++) out[i] = bf16_to_float(rd16(row + 2 * i));
+        return 1;
     }
     return 0;
 }

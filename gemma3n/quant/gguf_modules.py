@@ -38,6 +38,11 @@ def supported(ggml_type: int, in_features: int) -> bool:
     return kernels.native() is not None and kernels.gguf_row_bytes(ggml_type, in_features) > 0
 
 
+# The library's GEMM computes 16 outputs at a time; a narrower W (AltUp's router: 4) would waste most of each
+# product, where the row kernels compute each of its rows once per row of x and waste nothing.
+GEMM_MIN_OUTPUTS = 16
+
+
 class GGUFLinear(nn.Module):
     """y = x W^T with W the GGUF blocks of an [out_features, in_features] weight."""
 
@@ -73,7 +78,7 @@ class GGUFLinear(nn.Module):
     def _matmul(self, x: Tensor, rows: Tensor | None) -> Tensor:
         flat = x.reshape(-1, self.in_features)
         n = self.out_features if rows is None else rows.numel()
-        if flat.shape[0] <= kernels.MAX_ROWS or rows is not None:
+        if flat.shape[0] <= kernels.MAX_ROWS or rows is not None or n < GEMM_MIN_OUTPUTS:
             out = kernels.gguf_matmul(self.ggml_type, self.raw, self.in_features, flat, rows)
         else:  # the library's GEMM, decoding the blocks into its panels; else dequantise blocks for PyTorch's
             out = kernels.gguf_gemm(self.ggml_type, self.raw, self.in_features, flat)
