@@ -333,6 +333,193 @@ AVX2 static void rows_pack_strips(const void *source, int64_t row0, int64_t c0, 
             transpose8(scratch + r * kc + p, kc, strips + (r / 16) * kc * 16 + p * 16 + r % 16, 16);
 }
 
+/* 16 registers of 16 + 16 bytes (rows 0, 8, 4, 12, 2, ... 15 in that order, the bit-reversed row numbers) ->
+ * register i holds byte i of rows 0-15 in its low half and byte 16 + i in its high half: four rounds of unpacks
+ * (bytes, pairs, quads, eights), each interleaving register j with j + 8, both halves alike. */
+AVX2 static inline void transpose_bytes16(__m256i v[16]) {
+    __m256i t[16];
+    for (int round = 0; round < 4; round++) {
+        for (int j = 0; j < 8; j++) {
+            __m256i a = v[j], b = v[j + 8];
+            switch (round) {
+            case 0: t[2 * j] = _mm256_unpacklo_epi8(a, b); t[2 * j + 1] = _mm256_unpackhi_epi8(a, b); break;
+            case 1: t[2 * j] = _mm256_unpacklo_epi16(a, b); t[2 * j + 1] = _mm256_unpackhi_epi16(a, b); break;
+            case 2: t[2 * j] = _mm256_unpacklo_epi32(a, b); t[2 * j + 1] = _mm256_unpackhi_epi32(a, b); break;
+            default: t[2 * j] = _mm256_unpacklo_epi64(a, b); t[2 * j + 1] = _mm256_unpackhi_epi64(a, b);
+            }
+        }
+        memcpy(v, t, sizeof t);
+    }
+}
+
+/* The 32 bytes at each of 16 rows' pointers, transposed: v[i] holds byte i of rows 0-15 (low half) and byte 16 + i
+ * (high half). */
+AVX2 static inline void rows_bytes_transposed(const uint8_t *const at[16], __m256i v[16]) {
+    static const int bit_reversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+    for (int i = 0; i < 16; i++) v[i] = _mm256_loadu_si256((const __m256i *)at[bit_reversed[i]]);
+    transpose_bytes16(v);
+}
+
+/* Byte l (0-31) of rows_bytes_transposed's registers */
+AVX2 static inline __m128i byte_column(const __m256i v[16], int l) {
+    return l < 16 ? _mm256_castsi256_si128(v[l]) : _mm256_extracti128_si256(v[l - 16], 1);
+}
+
+/* 16 signed bytes (one per row of a strip) times the rows' scales, rounded to the scale type st (int8 rows'
+ * formats.int8_dequantize; S_F32 for Q8_0's float32 products): the strip's 16 floats at an input */
+AVX2 static inline void int8_column(__m128i q, const float *scales, int st, float *out) {
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+    _mm256_store_ps(out, round_as8(st, _mm256_mul_ps(lo, _mm256_load_ps(scales))));
+    _mm256_store_ps(out + 8, round_as8(st, _mm256_mul_ps(hi, _mm256_load_ps(scales + 8))));
+}
+
+/* 16 nibbles (one per row of a strip) -> d*sc*q - dmin*m for each row, stored as the strip's 16 floats at an input */
+AVX2 static inline void q4_k_column(__m128i q, const float *dsc, const float *mins, float *out) {
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
+    _mm256_store_ps(out, _mm256_fmsub_ps(_mm256_load_ps(dsc), lo, _mm256_load_ps(mins)));
+    _mm256_store_ps(out + 8, _mm256_fmsub_ps(_mm256_load_ps(dsc + 8), hi, _mm256_load_ps(mins + 8)));
+}
+
+/* Q4_K rows straight into a tile's strips, without rows_pack_strips' float rows in scratch and their transpose: per strip
+ * of 16 rows and each 64 inputs of a super-block, the 16 rows' 32 bytes of nibbles are transposed as bytes, and
+ * each byte position gives two inputs' 16 values at once (low and high nibbles). The values are decode_row's: d*sc
+ * and d*sc*q are exact in float32 (11 x 6 x 4 significant bits at most) and so is dmin*m, so the fused multiply-
+ * subtract rounds once, where decode_row's multiply then subtract does. */
+AVX2 static void q4_k_strips(const gguf_rows *w, int64_t row0, int64_t c0, int64_t kc, float *strips) {
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    float dsc[8][16] __attribute__((aligned(32))), mins[8][16] __attribute__((aligned(32)));
+    for (int s = 0; s < GEMM_STRIPS; s++) {
+        for (int64_t b = 0; b < kc / QKK; b++) {
+            const uint8_t *block[16];
+            for (int r = 0; r < 16; r++) {
+                block[r] = w->w + (row0 + 16 * s + r) * w->row_bytes + (c0 / QKK + b) * 144;
+                const float d = h2f(rd16(block[r])), dmin = h2f(rd16(block[r] + 2));
+                for (int j = 0; j < 8; j++) {
+                    int sc, mn;
+                    kquant_scale_min(j, block[r] + 4, &sc, &mn);
+                    dsc[j][r] = d * (float)sc;
+                    mins[j][r] = dmin * (float)mn;
+                }
+            }
+            float *out = strips + s * kc * 16 + b * QKK * 16;
+            for (int c = 0; c < 4; c++, out += 64 * 16) {  /* inputs 64 c ..: low nibbles of 32 bytes, then high */
+                const uint8_t *at[16];
+                __m256i v[16];
+                for (int r = 0; r < 16; r++) at[r] = block[r] + 16 + 32 * c;
+                rows_bytes_transposed(at, v);
+                for (int l = 0; l < 32; l++) {
+                    __m128i q = byte_column(v, l);
+                    q4_k_column(_mm_and_si128(q, nibble), dsc[2 * c], mins[2 * c], out + l * 16);
+                    q4_k_column(_mm_and_si128(_mm_srli_epi16(q, 4), nibble), dsc[2 * c + 1], mins[2 * c + 1],
+                                out + (32 + l) * 16);
+                }
+            }
+        }
+    }
+}
+
+/* Q8_0 rows straight into a tile's strips, as q4_k_strips: per strip and block of 32 inputs, the 16 rows' 32 bytes
+ * transposed, each byte position one input's 16 values q*d (decode_row's one rounded product). */
+AVX2 static void q8_0_strips(const gguf_rows *w, int64_t row0, int64_t c0, int64_t kc, float *strips) {
+    float d[16] __attribute__((aligned(32)));
+    for (int s = 0; s < GEMM_STRIPS; s++)
+        for (int64_t b = 0; b < kc / QK; b++) {
+            const uint8_t *at[16];
+            __m256i v[16];
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *block = w->w + (row0 + 16 * s + r) * w->row_bytes + (c0 / QK + b) * 34;
+                d[r] = h2f(rd16(block));
+                at[r] = block + 2;
+            }
+            rows_bytes_transposed(at, v);
+            float *out = strips + s * kc * 16 + b * QK * 16;
+            for (int l = 0; l < 32; l++) int8_column(byte_column(v, l), d, S_F32, out + l * 16);
+        }
+}
+
+/* Q6_K rows straight into a tile's strips, as q4_k_strips: per strip and half super-block (128 inputs), the 16 rows'
+ * low nibbles (two runs of 32 bytes) and high bits (32 bytes) transposed, each byte position then giving four
+ * inputs' six-bit values; each is (q - 32) * (d*sc), decode_row's one rounded product (d*sc is exact). */
+AVX2 static void q6_k_strips(const gguf_rows *w, int64_t row0, int64_t c0, int64_t kc, float *strips) {
+    const __m128i nibble = _mm_set1_epi8(0x0F), two_bits = _mm_set1_epi8(0x30), offset = _mm_set1_epi8(32);
+    float dsc[16][16] __attribute__((aligned(32)));  /* [scale][row] */
+    for (int s = 0; s < GEMM_STRIPS; s++)
+        for (int64_t b = 0; b < kc / QKK; b++) {
+            const uint8_t *block[16];
+            for (int r = 0; r < 16; r++) {
+                block[r] = w->w + (row0 + 16 * s + r) * w->row_bytes + (c0 / QKK + b) * 210;
+                const float d = h2f(rd16(block[r] + 208));
+                for (int j = 0; j < 16; j++) dsc[j][r] = d * (float)(int8_t)block[r][192 + j];
+            }
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *at[16];
+                __m256i low[16], low2[16], high[16];  /* ql bytes 0-31 and 32-63 of this half, qh bytes 0-31 */
+                for (int r = 0; r < 16; r++) at[r] = block[r] + 64 * h;
+                rows_bytes_transposed(at, low);
+                for (int r = 0; r < 16; r++) at[r] = block[r] + 64 * h + 32;
+                rows_bytes_transposed(at, low2);
+                for (int r = 0; r < 16; r++) at[r] = block[r] + 128 + 32 * h;
+                rows_bytes_transposed(at, high);
+                float *out = strips + s * kc * 16 + (b * QKK + 128 * h) * 16;
+                for (int l = 0; l < 32; l++) {
+                    const __m128i a = byte_column(low, l), c = byte_column(low2, l), hb = byte_column(high, l);
+                    const __m128i q[4] = {
+                        _mm_or_si128(_mm_and_si128(a, nibble), _mm_and_si128(_mm_slli_epi16(hb, 4), two_bits)),
+                        _mm_or_si128(_mm_and_si128(c, nibble), _mm_and_si128(_mm_slli_epi16(hb, 2), two_bits)),
+                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), nibble), _mm_and_si128(hb, two_bits)),
+                        _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), nibble),
+                                     _mm_and_si128(_mm_srli_epi16(hb, 2), two_bits))};
+                    for (int j = 0; j < 4; j++)  /* inputs 32 j + l of this half; scale 2 j + l / 16 */
+                        int8_column(_mm_sub_epi8(q[j], offset), dsc[8 * h + 2 * j + l / 16], S_F32,
+                                    out + (32 * j + l) * 16);
+                }
+            }
+        }
+}
+
+/* GGUF rows into strips: a whole tile of a type above straight from its bytes, else through rows_pack_strips */
+AVX2 static void gguf_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                  float *scratch) {
+    const row_source *rows = source;
+    const gguf_rows *w = rows->format;
+    if (row0 + GEMM_ROWS <= rows->n) {
+        switch (w->type) {
+        case T_Q4_K: q4_k_strips(w, row0, c0, c1 - c0, strips); return;
+        case T_Q6_K: q6_k_strips(w, row0, c0, c1 - c0, strips); return;
+        case T_Q8_0: q8_0_strips(w, row0, c0, c1 - c0, strips); return;
+        }
+    }
+    rows_pack_strips(source, row0, c0, c1, strips, scratch);
+}
+
+/* int8 rows (one scale a row) straight into strips, as q8_0_strips, 32 inputs at a time: formats.
+ * int8_dequantize's q*s rounded to the scale dtype. A run whose inputs are not a multiple of 32, or a tile that ends
+ * past the last row, is left to rows_pack_strips. */
+AVX2 static void int8_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
+                                  float *scratch) {
+    const row_source *rows = source;
+    const int8_rows *w = rows->format;
+    const int64_t kc = c1 - c0;
+    if (row0 + GEMM_ROWS > rows->n || kc % 32) {
+        rows_pack_strips(source, row0, c0, c1, strips, scratch);
+        return;
+    }
+    float scales[16] __attribute__((aligned(32)));
+    for (int s = 0; s < GEMM_STRIPS; s++) {
+        for (int r = 0; r < 16; r++) scales[r] = scale_at(w->scales, w->st, row0 + 16 * s + r);
+        for (int64_t p = 0; p < kc; p += 32) {
+            const uint8_t *at[16];
+            __m256i v[16];
+            for (int r = 0; r < 16; r++) at[r] = (const uint8_t *)(w->q + (row0 + 16 * s + r) * w->k + c0 + p);
+            rows_bytes_transposed(at, v);
+            float *out = strips + s * kc * 16 + p * 16;
+            for (int l = 0; l < 32; l++) int8_column(byte_column(v, l), scales, w->st, out + l * 16);
+        }
+    }
+}
+
 typedef struct { const float *w; int64_t n, k; } f32_rows;
 
 /* float32 rows (an encoder tower's own weights): turned into strips 8 x 8 straight from W, no copy first; rows past
@@ -438,6 +625,13 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const vo
     const int64_t chunk_runs = run_bytes >= GEMM_X_CHUNK_BYTES ? 1 : GEMM_X_CHUNK_BYTES / run_bytes;
     int64_t block_rows = GEMM_X_CHUNK_BYTES / (GEMM_KC * (int64_t)sizeof(float)) / GEMM_MC * GEMM_MC;
     if (run_bytes <= GEMM_X_CHUNK_BYTES || block_rows < GEMM_MC) block_rows = m;
+    /* A narrow W (LAuReL's 64 outputs, a per-layer gate's 256) has too few tiles to keep every thread busy: each
+     * tile's rows of x are then split into parts too, every part packing the tile's strips for itself (a cost
+     * small beside its products). An output's sums do not depend on the split. */
+    const int64_t tiles = (n + GEMM_ROWS - 1) / GEMM_ROWS;
+    int64_t parts = tiles >= 2 * threads ? 1 : (2 * threads + tiles - 1) / tiles;
+    if (parts > (block_rows + 5) / 6) parts = (block_rows + 5) / 6;
+    const int64_t part_rows = ((block_rows + parts - 1) / parts + 5) / 6 * 6;
     #pragma omp parallel num_threads(threads)
     {
         float *strips = aligned_alloc(64, sizeof(float) * GEMM_ROWS * GEMM_KC * 2);  /* strips, then scratch */
@@ -450,10 +644,12 @@ AVX2 static int gemm_packed(gemm_weights weights, int64_t n, int64_t k, const vo
             for (int64_t first = 0; first < runs; first += chunk_runs) {
                 const int64_t last = first + chunk_runs < runs ? first + chunk_runs : runs;
                 #pragma omp for schedule(dynamic)
-                for (int64_t row0 = 0; row0 < n; row0 += GEMM_ROWS) {
-                    if (!strips) continue;
+                for (int64_t unit = 0; unit < tiles * parts; unit++) {
+                    const int64_t row0 = unit / parts * GEMM_ROWS, from = rows + unit % parts * part_rows;
+                    const int64_t to = from + part_rows < rows_end ? from + part_rows : rows_end;
+                    if (!strips || from >= to) continue;
                     for (int64_t run = first; run < last; run++)
-                        gemm_tile_run(weights, n, k, m, rows, rows_end, row0, run, panels, live, live_count, runs,
+                        gemm_tile_run(weights, n, k, m, from, to, row0, run, panels, live, live_count, runs,
                                       run_sparse[run], strips, y);
                 }
             }
@@ -481,7 +677,7 @@ EXPORT int g3n_gguf_gemm(int type, const uint8_t *w, int64_t n, int64_t k, const
     if (!have_avx2() || row_bytes == 0 || k % 8 || GEMM_KC % block_values(type) || m <= 0 || n <= 0) return -1;
     gguf_rows format = {type, w, row_bytes};
     row_source rows = {gguf_decode, &format, n};
-    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, xt, m, y, threads);
+    return gemm_packed((gemm_weights){gguf_pack_strips, &rows}, n, k, x, xt, m, y, threads);
 }
 
 /* y [m, n] = x [m, k] W^T for W float32 rows [n, k] (k a multiple of 8): as above. */
@@ -498,7 +694,7 @@ EXPORT int g3n_int8_gemm(const int8_t *q, const void *scales, int st, int64_t n,
     if (!have_avx2() || k % 8 || k <= 0 || m <= 0 || n <= 0) return -1;
     int8_rows format = {q, scales, st, k};
     row_source rows = {int8_decode, &format, n};
-    return gemm_packed((gemm_weights){rows_pack_strips, &rows}, n, k, x, xt, m, y, threads);
+    return gemm_packed((gemm_weights){int8_pack_strips, &rows}, n, k, x, xt, m, y, threads);
 }
 
 #else

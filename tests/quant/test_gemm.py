@@ -81,8 +81,11 @@ def test_gguf_gemm_multiplies_the_files_weights(qt):
         assert_float32_product(kernels.gguf_gemm(qt, torch.from_numpy(raw), k, x), x, w)
 
 
-def test_each_output_is_the_same_bits_in_any_batch_and_any_threads():
-    k, n = 1088, 128
+@pytest.mark.parametrize("n", [128, 64], ids=["two tiles", "one tile"])
+def test_each_output_is_the_same_bits_in_any_batch_and_any_threads(n):
+    """With fewer tiles of W than twice the threads, each tile's rows of x are split among the threads as well (one
+    64-row tile: LAuReL's left projection): the split must not change an output either."""
+    k = 1088
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
     packed, sz = int4_quantize(w, 64, torch.bfloat16)
     raw = torch.from_numpy(random_rows(Q.Q8_0, n, k, seed=4))
@@ -263,6 +266,21 @@ def test_layers_hand_prompts_to_the_gemm_from_their_thresholds_on():
         else:  # the float32 product rounded once to bfloat16: within 2^-9 of it, relative to the sum of |x w|
             err = (y.double() - x.double() @ w_ref.double().T).abs() / (x.double().abs() @ w_ref.double().abs().T)
             assert float(err.max()) < 2.0 ** -8, (type(layer).__name__, float(err.max()))
+
+
+def test_a_gguf_layer_narrower_than_a_strip_leaves_prompts_to_the_row_kernels():
+    """AltUp's router has 4 outputs: the GEMM would compute 16 a strip and keep 4, so a GGUF layer narrower than
+    GEMM_MIN_OUTPUTS takes any prompt through the row kernels (each row of x as it would be alone)."""
+    from gemma3n.quant.gguf_modules import GEMM_MIN_OUTPUTS, GGUFLinear
+    k = 512
+    for n in (GEMM_MIN_OUTPUTS - 1, GEMM_MIN_OUTPUTS):
+        layer = GGUFLinear(torch.from_numpy(random_rows(Q.BF16, n, k, seed=12)), int(Q.BF16), k, torch.float32)
+        x = torch.randn(130, k, generator=torch.Generator().manual_seed(13))
+        by_rows = torch.cat([kernels.gguf_matmul(int(Q.BF16), layer.raw, k, x[i:i + 1]) for i in range(len(x))])
+        by_gemm = kernels.gguf_gemm(int(Q.BF16), layer.raw, k, x)
+        assert not torch.equal(by_rows, by_gemm)  # other orders of the additions: the two paths are told apart
+        assert torch.equal(layer(x), by_rows if n < GEMM_MIN_OUTPUTS else by_gemm), n
+        assert_float32_product(layer(x), x, layer.dequantize())
 
 
 def test_bad_shapes_are_left_to_the_caller():
