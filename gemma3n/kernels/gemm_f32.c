@@ -298,10 +298,9 @@ AVX2 static void int8_decode(const void *format, int64_t r, int64_t c0, int64_t 
         _mm256_storeu_ps(out + c, round_as8(w->st, _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(q + c)), s)));
 }
 
-/* 8 rows of 8 floats (rows `ld` apart) -> 8 columns, each 8 floats, `out_ld` apart */
-AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int64_t out_ld) {
-    __m256 r[8], t[8];
-    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(in + i * ld);
+/* 8 registers of 8 floats (8 rows) -> 8 columns, each 8 floats, `out_ld` apart */
+AVX2 static inline void transpose8_registers(__m256 r[8], float *out, int64_t out_ld) {
+    __m256 t[8];
     for (int i = 0; i < 8; i += 2) {
         t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
         t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -316,6 +315,13 @@ AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int6
         _mm256_storeu_ps(out + i * out_ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
         _mm256_storeu_ps(out + (i + 4) * out_ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
     }
+}
+
+/* 8 rows of 8 floats (rows `ld` apart) -> 8 columns, each 8 floats, `out_ld` apart */
+AVX2 static inline void transpose8(const float *in, int64_t ld, float *out, int64_t out_ld) {
+    __m256 r[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(in + i * ld);
+    transpose8_registers(r, out, out_ld);
 }
 
 /* Row-stored weights (a row_source): each row's values for these inputs decoded into scratch, then turned into
@@ -479,6 +485,23 @@ AVX2 static void q6_k_strips(const gguf_rows *w, int64_t row0, int64_t c0, int64
         }
 }
 
+/* F16 / BF16 rows straight into a tile's strips: 8 rows of 8 values widened into registers (exactly, as the row
+ * decoders do) and transposed there, without the float rows in scratch. */
+AVX2 static void half_strips(const gguf_rows *w, int64_t row0, int64_t c0, int64_t kc, float *strips) {
+    for (int64_t r = 0; r < GEMM_ROWS; r += 8) {
+        const uint8_t *first = w->w + (row0 + r) * w->row_bytes + 2 * c0;
+        float *out = strips + (r / 16) * kc * 16 + r % 16;
+        for (int64_t p = 0; p < kc; p += 8, out += 8 * 16) {
+            __m256 v[8];
+            for (int i = 0; i < 8; i++) {
+                const uint8_t *at = first + i * w->row_bytes + 2 * p;
+                v[i] = w->type == T_BF16 ? load8_bf16(at) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)at));
+            }
+            transpose8_registers(v, out, 16);
+        }
+    }
+}
+
 /* GGUF rows into strips: a whole tile of a type above straight from its bytes, else through rows_pack_strips */
 AVX2 static void gguf_pack_strips(const void *source, int64_t row0, int64_t c0, int64_t c1, float *strips,
                                   float *scratch) {
@@ -489,6 +512,7 @@ AVX2 static void gguf_pack_strips(const void *source, int64_t row0, int64_t c0, 
         case T_Q4_K: q4_k_strips(w, row0, c0, c1 - c0, strips); return;
         case T_Q6_K: q6_k_strips(w, row0, c0, c1 - c0, strips); return;
         case T_Q8_0: q8_0_strips(w, row0, c0, c1 - c0, strips); return;
+        case T_F16: case T_BF16: half_strips(w, row0, c0, c1 - c0, strips); return;
         }
     }
     rows_pack_strips(source, row0, c0, c1, strips, scratch);
