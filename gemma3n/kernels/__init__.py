@@ -183,7 +183,9 @@ def avx512() -> bool:
 def set_avx512(allowed: bool) -> bool:
     """Allow (the default) or forbid the kernels' 512-bit paths, process-wide; returns whether they now run (the
     CPU has AVX-512 and they are allowed). They compute the same products in another order of the float32
-    additions; the tests compare both paths."""
+    additions; the tests compare both paths. Q4_K's int8-activation kernel is a 512-bit one: without it a Q4_K
+    product keeps float32 activations."""
+    _Q8_TYPES.clear()  # which types have an int8 kernel depends on it
     return bool(native().g3n_set_avx512(int(allowed)))
 
 

@@ -1122,6 +1122,8 @@ typedef struct {
     int8_t *halves; /* [k] per 128 values (four blocks): each block's first 16 q, then each block's last 16
                      * (the order q8_legacy_avx512 meets them); values past the last 128 as in q. Filled only
                      * where have_avx512_vnni(), where that kernel runs */
+    int8_t *kquads; /* [k] per 256 values (a K-quant super-block, eight blocks): blocks 0, 2, 1, 3, 4, 6, 5, 7 (the
+                     * order q8_q4_k_avx512 meets them); filled only where have_avx512_vnni() and 256 divides k */
 } qx_t;
 
 static void quantize_row(const float *x, int64_t k, qx_t *o) {
@@ -1151,11 +1153,15 @@ static void quantize_row(const float *x, int64_t k, qx_t *o) {
         for (int h = 0; h < 2; h++)
             for (int b = 0; b < 4; b++) memcpy(o->halves + g + 64 * h + 16 * b, o->q + g + 32 * b + 16 * h, 16);
     memcpy(o->halves + whole, o->q + whole, (size_t)(k - whole));
+    if (k % QKK) return;
+    static const int kquad_order[8] = {0, 2, 1, 3, 4, 6, 5, 7};
+    for (int64_t g = 0; g < k; g += QKK)
+        for (int b = 0; b < 8; b++) memcpy(o->kquads + g + XB * b, o->q + g + XB * kquad_order[b], XB);
 }
 
 /* m rows of x -> one allocation holding their qx_t parts; free with free(blocks). */
 static qx_t *quantize_rows(const float *x, int64_t m, int64_t k) {
-    size_t per = (size_t)k + (size_t)(k / XB) * 8 + (size_t)(k / 16) * 4 + (size_t)k + (size_t)k + 64;
+    size_t per = (size_t)k + (size_t)(k / XB) * 8 + (size_t)(k / 16) * 4 + (size_t)k + (size_t)k + (size_t)k + 64;
     qx_t *v = (qx_t *)malloc(sizeof(qx_t) * (size_t)m + per * (size_t)m);
     if (!v) return NULL;
     uint8_t *mem = (uint8_t *)(v + m);
@@ -1166,7 +1172,8 @@ static qx_t *quantize_rows(const float *x, int64_t m, int64_t k) {
         v[i].fsum = (float *)p; p += (k / XB) * 4;
         v[i].s16 = (int32_t *)p; p += (k / 16) * 4;
         v[i].q = (int8_t *)p; p += k;
-        v[i].halves = (int8_t *)p;
+        v[i].halves = (int8_t *)p; p += k;
+        v[i].kquads = (int8_t *)p;
         quantize_row(x + i * k, k, &v[i]);
     }
     return v;
@@ -1314,7 +1321,80 @@ AVX512_VNNI static float q8_legacy_avx512(int type, const uint8_t *row, const qx
     return type == T_Q5_0 ? q8_legacy_avx512_body(1, row, x, k) : q8_legacy_avx512_body(0, row, x, k);
 }
 
+AVX2 static inline __m256 kquant_header(const uint8_t *row, const float *xs, float dsc[8], __m256 macc);
+
+/* Q4_K against int8 activations with 512-bit vectors and VNNI: a super-block's nibbles as two registers of 64 bytes
+ * (chunks 0-1, then 2-3), masked for the low nibbles (sub-blocks 2c and 2c + 2 side by side) and shifted for the high
+ * ones (2c + 1, 2c + 3), met by x's rounded values in that order (qx_t.kquads) with vpdpbusd; each half register
+ * sums one sub-block, scaled by d*sc_j times x's block scale. The minimums are taken out per sub-block with x's block
+ * sums (qx_t.fsum), as the float kernel takes them out with the sums of x. Integer sums are exact: this is the
+ * dequantised row times the rounded x up to the float roundings of the scaling and the order of the additions. */
+AVX512_VNNI static float q8_q4_k_avx512(const uint8_t *row, const qx_t *x, int64_t k) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi32(1);
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 macc = _mm256_setzero_ps();
+    float dsc[8];
+    for (int64_t i = 0; i < k / QKK; i++, row += 144) {
+        macc = kquant_header(row, x->fsum + 8 * i, dsc, macc);
+        const __m512 scales = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_loadu_ps(dsc), _mm256_loadu_ps(x->d + 8 * i)));
+        const int8_t *xq = x->kquads + QKK * i;
+        for (int c = 0; c < 4; c += 2, xq += 128) {
+            __m512i n = _mm512_loadu_si512((const void *)(row + 16 + 32 * c));
+            __m512i lo = _mm512_and_si512(n, nib), hi = _mm512_and_si512(_mm512_srli_epi16(n, 4), nib);
+            __m512i low_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xq));
+            __m512i high_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi,
+                                                    _mm512_loadu_si512((const void *)(xq + 64)));
+            __m512i low_subs = _mm512_add_epi32(halves, _mm512_set1_epi32(2 * c));
+            acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(low_subs, scales), _mm512_cvtepi32_ps(low_sums), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_add_epi32(low_subs, one), scales),
+                                   _mm512_cvtepi32_ps(high_sums), acc1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - hsum8(macc);
+}
+
+/* Q6_K against int8 activations with 512-bit vectors and VNNI: a half super-block's 128 six-bit values as two
+ * registers of 64 bytes (values 0-63, then 64-127, put together as dot_q6_k_exact_avx512 does, then masked to six
+ * bits), met by x's rounded values in their own order with vpdpbusd; each four lanes sum one 16-value group, scaled by
+ * d*sc_g times x's block scale. The offset of 32 is taken out per group with x's sums per 16 (qx_t.s16). Integer
+ * sums are exact, as in q8_q4_k_avx512. */
+AVX512_VNNI static float q8_q6_k_avx512(const uint8_t *row, const qx_t *x, int64_t k) {
+    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F), six_bits = _mm512_set1_epi8(0x3F);
+    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i next_quads = _mm512_add_epi32(quads, _mm512_set1_epi32(4));
+    const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m256 offsets = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k / QKK; i++, row += 210) {
+        const __m256 d = _mm256_set1_ps(h2f(rd16(row + 208)));
+        for (int h = 0; h < 2; h++) {
+            const int64_t b = 8 * i + 4 * h;  /* x's blocks b .. b + 3; its groups of 16, 2 b .. 2 b + 7 */
+            const __m256 dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(x->d + b)), pairs);
+            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 192 + 8 * h))));
+            const __m256 group_scales = _mm256_mul_ps(_mm256_mul_ps(d, sc), dx);
+            offsets = _mm256_fmadd_ps(group_scales, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(x->s16 + 2 * b))),
+                                      offsets);
+            const __m512 scales = _mm512_castps256_ps512(group_scales);
+            const __m512i ab = _mm512_loadu_si512((const void *)(row + 64 * h));
+            const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 128 + 32 * h)));
+            const __m512i q0 = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4), six_bits);
+            const __m512i q1 = _mm512_and_si512(
+                _mm512_ternarylogic_epi32(_mm512_srli_epi32(ab, 4), _mm512_srlv_epi64(hb, down), low, 0xE4), six_bits);
+            const int8_t *xq = x->q + XB * b;
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512((const void *)xq));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, _mm512_loadu_si512((const void *)(xq + 64)));
+            acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quads, scales), _mm512_cvtepi32_ps(s0), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(next_quads, scales), _mm512_cvtepi32_ps(s1), acc1);
+        }
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 32.0f * hsum8(offsets);
+}
+
 AVX2 static float q8dot_gguf(int type, const uint8_t *row, const qx_t *x, int64_t k) {
+    if (type == T_Q4_K) return q8_q4_k_avx512(row, x, k);  /* only where q8_gguf_type admits it: VNNI */
+    if (type == T_Q6_K && have_avx512_vnni()) return q8_q6_k_avx512(row, x, k);
     if ((type == T_Q4_0 || type == T_Q5_0) && have_avx512_vnni()) return q8_legacy_avx512(type, row, x, k);
     return q8dot_gguf_from(type, row, x, k, 0);
 }
@@ -1384,11 +1464,11 @@ AVX2 static void q8_int4_tile(const uint8_t *tile, const void *sz, int st, int64
 }
 #endif
 
-/* The types with an int8-activation kernel. Q4_K has none: its float32 kernel (gemv_f32.c, scales and minimums
- * factored out of the block) is faster than one that rounds x (24.9-25.3 against 15.7-18.0 G weights/s a core,
- * bench/RESULTS.md), so with int8 activations a Q4_K product stays exact. */
+/* The types with an int8-activation kernel. Q4_K has one only with VNNI: without it, its float32 kernel (gemv_f32.c,
+ * scales and minimums factored out of the block) was faster than one that rounds x (24.9-25.3 against 15.7-18.0 G
+ * weights/s a core, bench/RESULTS.md), so there a Q4_K product stays exact with int8 activations. */
 static int q8_gguf_type(int type) {
-    return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q6_K;
+    return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q6_K || (type == T_Q4_K && have_avx512_vnni());
 }
 
 EXPORT int g3n_q8_supported(int type) { return have_avx2() && q8_gguf_type(type); }

@@ -58,7 +58,9 @@ def test_int8_activations_agree_with_float_activations(model_270m):
     p, q = torch.log_softmax(exact, -1), torch.log_softmax(fast, -1)
     top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    assert top1 >= 0.93 and kl < 0.01, (top1, kl)  # measured: 97.9%, 0.0018 (Q4_K products stay exact)
+    # measured: 97.9%, 0.0018 where Q4_K products stay exact (no AVX-512 VNNI); 96.9%, 0.0026 with VNNI, where
+    # Q4_K and Q6_K take their 512-bit integer kernels
+    assert top1 >= 0.93 and kl < 0.01, (top1, kl)
 
 
 def test_native_decode_step_equals_the_eager_layers(model_270m):
