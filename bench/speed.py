@@ -37,7 +37,8 @@ fastest Q4 kernels). Only where a probe process shows that the defaults crash on
 once segfaulted on one) is it loaded with use_extra_bufts=False, and its row says so (`--llama-no-extra` forces it).
 Every engine's row states its version and flags (`<engine>_version`, `<engine>_flags`), beside the machine's read
 bandwidth measured in the same rounds. gemma3n runs its default, exact float32 activations; `--also-int8` adds
-gemma3n with the opt-in int8 activations (the setting is switched before each of its measurements).
+gemma3n with the opt-in int8 activations (the setting is switched before each of its measurements), for the 270M
+and for each `--e2b-ours` checkpoint.
 
 Run (270M only):  python bench/speed.py [--trials 5] [--threads 2] [--also-bf16] [--also-int8]
                   [--ours-quantize int8,int4] [--skip transformers,llama.cpp] [--llama-no-extra]
@@ -388,6 +389,8 @@ def bench_e2b(args, reader: ReadBandwidth) -> dict:
         name = f"gemma3n-{label or (path.stem if path.suffix == '.gguf' else path.name)}"
         if name not in skip:
             quantised.append(lambda path=path, name=name: Ours(path, name=name))
+        if args.also_int8 and f"{name}-int8" not in skip:
+            quantised.append(lambda path=path, name=name: Ours(path, name=f"{name}-int8", activations="int8"))
     if args.e2b_gguf and "llama.cpp" not in skip:
         gguf_path = Path(args.e2b_gguf)
         quantised.append(lambda: LlamaCpp(gguf_path, args.threads, name=f"llama.cpp-{gguf_path.stem}",
@@ -438,7 +441,8 @@ if __name__ == "__main__":
     parser.add_argument("--ours-quantize", default="",
                         help="270M: comma-separated quantize= schemes to add as gemma3n variants (e.g. int8,int4)")
     parser.add_argument("--also-int8", action="store_true",
-                        help="270M: add gemma3n with the opt-in int8 activations (the default is exact float32)")
+                        help="add gemma3n with the opt-in int8 activations (the default is exact float32), for the "
+                             "270M and for each --e2b-ours checkpoint")
     parser.add_argument("--llama-no-extra", action="store_true",
                         help="load llama.cpp without its extra (repacked) buffers even where its defaults run")
     parser.add_argument("--skip", default="", help="270M: comma-separated peers to leave out: transformers,llama.cpp")
