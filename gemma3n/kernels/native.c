@@ -1517,6 +1517,17 @@ EXPORT int g3n_int4_matmul_q8(const uint8_t *q, const void *sz, int scale_type, 
                               const float *x, int64_t m, float *y, int threads) {
 #ifdef G3N_X86
     if (!have_avx2() || n % TILE || g < 32 || g % 32 || k % g) return -1;
+    if (have_avx512()) {
+        /* the float kernel's 512-bit path on the rounded x: the same product (the dequantised W times that x, up to
+         * the order of the additions), and on an AMD Zen 4 faster than the integer tiles below (E2B's int4 decode
+         * step: MLP 28.9 against 34.6 ms) */
+        float *rounded = (float *)malloc(sizeof(float) * (size_t)(m * k));
+        if (!rounded) return -2;
+        int rc = g3n_round_activations(x, m, k, rounded);
+        if (rc == 0) rc = g3n_int4_matmul(q, sz, scale_type, n, k, g, NULL, 0, rounded, m, y, threads, 2);
+        free(rounded);
+        return rc;
+    }
     qx_t *qx = quantize_rows(x, m, k);
     if (!qx) return -2;
     #pragma omp parallel for num_threads(threads) schedule(static)
