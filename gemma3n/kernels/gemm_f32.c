@@ -388,8 +388,8 @@ AVX2 static inline void q4_k_column(__m128i q, const float *dsc, const float *mi
     _mm256_store_ps(out + 8, _mm256_fmsub_ps(_mm256_load_ps(dsc + 8), hi, _mm256_load_ps(mins + 8)));
 }
 
-/* Q4_K rows straight into a tile's strips, without rows_pack_strips' float rows in scratch and their transpose: per strip
- * of 16 rows and each 64 inputs of a super-block, the 16 rows' 32 bytes of nibbles are transposed as bytes, and
+/* Q4_K rows straight into a tile's strips, without rows_pack_strips' float rows in scratch and their transpose: per
+ * strip of 16 rows and each 64 inputs of a super-block, the 16 rows' 32 bytes of nibbles are transposed as bytes, and
  * each byte position gives two inputs' 16 values at once (low and high nibbles). The values are decode_row's: d*sc
  * and d*sc*q are exact in float32 (11 x 6 x 4 significant bits at most) and so is dmin*m, so the fused multiply-
  * subtract rounds once, where decode_row's multiply then subtract does. */

@@ -1337,7 +1337,8 @@ AVX512_VNNI static float q8_q4_k_avx512(const uint8_t *row, const qx_t *x, int64
     float dsc[8];
     for (int64_t i = 0; i < k / QKK; i++, row += 144) {
         macc = kquant_header(row, x->fsum + 8 * i, dsc, macc);
-        const __m512 scales = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_loadu_ps(dsc), _mm256_loadu_ps(x->d + 8 * i)));
+        const __m512 scales =
+            _mm512_castps256_ps512(_mm256_mul_ps(_mm256_loadu_ps(dsc), _mm256_loadu_ps(x->d + 8 * i)));
         const int8_t *xq = x->kquads + QKK * i;
         for (int c = 0; c < 4; c += 2, xq += 128) {
             __m512i n = _mm512_loadu_si512((const void *)(row + 16 + 32 * c));
@@ -1372,14 +1373,16 @@ AVX512_VNNI static float q8_q6_k_avx512(const uint8_t *row, const qx_t *x, int64
         for (int h = 0; h < 2; h++) {
             const int64_t b = 8 * i + 4 * h;  /* x's blocks b .. b + 3; its groups of 16, 2 b .. 2 b + 7 */
             const __m256 dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(x->d + b)), pairs);
-            const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 192 + 8 * h))));
+            const __m256 sc =
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + 192 + 8 * h))));
             const __m256 group_scales = _mm256_mul_ps(_mm256_mul_ps(d, sc), dx);
-            offsets = _mm256_fmadd_ps(group_scales, _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(x->s16 + 2 * b))),
-                                      offsets);
+            const __m256i group_sums = _mm256_loadu_si256((const __m256i *)(x->s16 + 2 * b));
+            offsets = _mm256_fmadd_ps(group_scales, _mm256_cvtepi32_ps(group_sums), offsets);
             const __m512 scales = _mm512_castps256_ps512(group_scales);
             const __m512i ab = _mm512_loadu_si512((const void *)(row + 64 * h));
             const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 128 + 32 * h)));
-            const __m512i q0 = _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4), six_bits);
+            const __m512i q0 =
+                _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4), six_bits);
             const __m512i q1 = _mm512_and_si512(
                 _mm512_ternarylogic_epi32(_mm512_srli_epi32(ab, 4), _mm512_srlv_epi64(hb, down), low, 0xE4), six_bits);
             const int8_t *xq = x->q + XB * b;
