@@ -375,15 +375,13 @@ AVX2 static float dot_q6_k_exact(const uint8_t *row, const float *xl, const floa
 }
 
 /* dot_q6_k_exact with 512-bit vectors: a half super-block's 128 values as two registers of 64 bytes (values 0-63,
- * then 64-127: the AVX2 kernel's q[0] and q[1], then q[2] and q[3], side by side), the fifth and sixth bits placed
- * with one 64-bit shift per half register; x in lane order with its groups of 32 in pairs (x_lane_order, vec 2);
- * each 16-value scale picked for its four lanes by one permute. The same products, summed in another order. */
+ * then 64-127: the AVX2 kernel's q[0] and q[1], then q[2] and q[3], side by side: q6_k_half_values); x in lane
+ * order with its groups of 32 in pairs (x_lane_order, vec 2); each 16-value scale picked for its four lanes by one
+ * permute. The same products, summed in another order. */
 AVX512 static float dot_q6_k_exact_avx512(const uint8_t *row, const float *xp, const float *xs16, int64_t nb) {
-    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F);
-    /* each byte's six bits masked in place: bits 6-7 of a byte may hold stray fifth / sixth bits (below) */
+    /* each byte's six bits masked in place: bits 6-7 of a byte may hold stray fifth / sixth bits (q6_k_half_values) */
     const __m512i k0 = _mm512_set1_epi32(0x3F), k1 = _mm512_set1_epi32(0x3F00), k2 = _mm512_set1_epi32(0x3F0000);
     const __m512i k3 = _mm512_set1_epi32(0x3F000000);
-    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), offsets = _mm512_setzero_ps();
     for (int64_t i = 0; i < nb; i++, row += 210, xp += QKK, xs16 += 16) {
@@ -393,13 +391,8 @@ AVX512 static float dot_q6_k_exact_avx512(const uint8_t *row, const float *xp, c
         __m512 dsc = _mm512_mul_ps(_mm512_set1_ps(h2f(rd16(row + 208))), _mm512_cvtepi32_ps(sc));
         offsets = _mm512_fmadd_ps(dsc, _mm512_loadu_ps(xs16), offsets);
         for (int h = 0; h < 2; h++, ql += 64, qh += 32) {
-            __m512i ab = _mm512_loadu_si512((const void *)ql);
-            __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
             __m512i q[2];  /* values 0-63 and 64-127 of this half, 0..63 each */
-            /* bits 0-3 of each byte from the nibbles, bits 4-7 from the shifted high bits (one select each: 0xE4
-             * takes the first operand where the third is set, else the second); bits 6-7 are not the value's */
-            q[0] = _mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4);
-            q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(ab, 4), _mm512_srlv_epi64(hb, down), low, 0xE4);
+            q6_k_half_values(ql, qh, q);
             for (int j = 0; j < 2; j++) {
                 const float *xj = xp + 128 * h + 64 * j;
 #define TERM(k, xv) _mm512_cvtepi32_ps(_mm512_and_si512(q[j], k)), _mm512_loadu_ps(xv)

@@ -563,6 +563,19 @@ AVX2 static int decode_row_avx2(int type, const uint8_t *row, int64_t k, float *
     return 0;
 }
 
+/* A Q6_K half super-block's 128 six-bit values (ql: its 64 bytes of low nibbles, qh: its 32 bytes of high bits) as two
+ * registers of 64 bytes, values 0-63 then 64-127: bits 0-3 of each byte from the nibbles, bits 4-7 from the high
+ * bits shifted into place with one 64-bit shift per half register (one select each: 0xE4 takes the first operand
+ * where the third is set, else the second). Bits 6-7 are not the value's: the callers mask each byte to six bits. */
+AVX512 static inline void q6_k_half_values(const uint8_t *ql, const uint8_t *qh, __m512i q[2]) {
+    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F);
+    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m512i ab = _mm512_loadu_si512((const void *)ql);
+    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qh));
+    q[0] = _mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4);
+    q[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(ab, 4), _mm512_srlv_epi64(hb, down), low, 0xE4);
+}
+
 static int have_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
@@ -1356,13 +1369,11 @@ AVX512_VNNI static float q8_q4_k_avx512(const uint8_t *row, const qx_t *x, int64
 }
 
 /* Q6_K against int8 activations with 512-bit vectors and VNNI: a half super-block's 128 six-bit values as two
- * registers of 64 bytes (values 0-63, then 64-127, put together as dot_q6_k_exact_avx512 does, then masked to six
- * bits), met by x's rounded values in their own order with vpdpbusd; each four lanes sum one 16-value group, scaled by
- * d*sc_g times x's block scale. The offset of 32 is taken out per group with x's sums per 16 (qx_t.s16). Integer
- * sums are exact, as in q8_q4_k_avx512. */
+ * registers of 64 bytes (q6_k_half_values, masked to six bits), met by x's rounded values in their own order with
+ * vpdpbusd; each four lanes sum one 16-value group, scaled by d*sc_g times x's block scale. The offset of 32 is taken
+ * out per group with x's sums per 16 (qx_t.s16). Integer sums are exact, as in q8_q4_k_avx512. */
 AVX512_VNNI static float q8_q6_k_avx512(const uint8_t *row, const qx_t *x, int64_t k) {
-    const __m512i low = _mm512_set1_epi32(0x0F0F0F0F), six_bits = _mm512_set1_epi8(0x3F);
-    const __m512i up = _mm512_setr_epi64(4, 4, 4, 4, 2, 2, 2, 2), down = _mm512_setr_epi64(0, 0, 0, 0, 2, 2, 2, 2);
+    const __m512i six_bits = _mm512_set1_epi8(0x3F);
     const __m512i quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     const __m512i next_quads = _mm512_add_epi32(quads, _mm512_set1_epi32(4));
     const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
@@ -1379,15 +1390,13 @@ AVX512_VNNI static float q8_q6_k_avx512(const uint8_t *row, const qx_t *x, int64
             const __m256i group_sums = _mm256_loadu_si256((const __m256i *)(x->s16 + 2 * b));
             offsets = _mm256_fmadd_ps(group_scales, _mm256_cvtepi32_ps(group_sums), offsets);
             const __m512 scales = _mm512_castps256_ps512(group_scales);
-            const __m512i ab = _mm512_loadu_si512((const void *)(row + 64 * h));
-            const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(row + 128 + 32 * h)));
-            const __m512i q0 =
-                _mm512_and_si512(_mm512_ternarylogic_epi32(ab, _mm512_sllv_epi64(hb, up), low, 0xE4), six_bits);
-            const __m512i q1 = _mm512_and_si512(
-                _mm512_ternarylogic_epi32(_mm512_srli_epi32(ab, 4), _mm512_srlv_epi64(hb, down), low, 0xE4), six_bits);
+            __m512i q[2];
+            q6_k_half_values(row + 64 * h, row + 128 + 32 * h, q);
             const int8_t *xq = x->q + XB * b;
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q0, _mm512_loadu_si512((const void *)xq));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q1, _mm512_loadu_si512((const void *)(xq + 64)));
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q[0], six_bits),
+                                             _mm512_loadu_si512((const void *)xq));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q[1], six_bits),
+                                             _mm512_loadu_si512((const void *)(xq + 64)));
             acc0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(quads, scales), _mm512_cvtepi32_ps(s0), acc0);
             acc1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(next_quads, scales), _mm512_cvtepi32_ps(s1), acc1);
         }
@@ -1471,7 +1480,8 @@ AVX2 static void q8_int4_tile(const uint8_t *tile, const void *sz, int st, int64
  * scales and minimums factored out of the block) was faster than one that rounds x (24.9-25.3 against 15.7-18.0 G
  * weights/s a core, bench/RESULTS.md), so there a Q4_K product stays exact with int8 activations. */
 static int q8_gguf_type(int type) {
-    return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q6_K || (type == T_Q4_K && have_avx512_vnni());
+    return type == T_Q8_0 || type == T_Q4_0 || type == T_Q5_0 || type == T_Q6_K
+           || (type == T_Q4_K && have_avx512_vnni());
 }
 
 EXPORT int g3n_q8_supported(int type) { return have_avx2() && q8_gguf_type(type); }
